@@ -1,0 +1,94 @@
+"""The two workloads every criterion measures: a no-grad forward and a training step.
+
+Both are closures over prepared inputs so that memory, timing and throughput measure exactly
+the same work. Inputs are random token ids from a seeded generator (never zeros: constant
+inputs can hide wrong indexing and run faster than real data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def random_ids(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=gen).to(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over every position (in fp32)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+def forward_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """Inference forward with the weights themselves in `dtype` (how a model is served)."""
+    model.to(dtype=dtype).eval()
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(ids)
+
+    return run
+
+
+class TrainStep:
+    """One optimisation step: fp32 master weights, autocast to `dtype`, loss scaling for fp16,
+    AdamW. Calling it runs forward, backward and the optimizer update; `last_loss` keeps the
+    loss so callers can check it is finite."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype, lr: float = 1e-4):
+        self.model = model.to(dtype=torch.float32).train()
+        self.ids = ids
+        self.dtype = dtype
+        self.device = ids.device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        enabled = dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=enabled)
+        self.last_loss: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        with autocast(self.device, self.dtype):
+            loss = lm_loss(self.model(self.ids), self.ids)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+
+PHASES = ("forward", "train_step")
+
+
+def make_phase(
+    phase: str, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
+) -> Callable[[], None]:
+    if phase == "forward":
+        return forward_fn(model, ids, dtype)
+    if phase == "train_step":
+        return TrainStep(model, ids, dtype)
+    raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")

@@ -1,0 +1,60 @@
+"""Wall time of a device workload: warm-up, then ≥ 10 timed rounds; median and IQR.
+
+On CUDA each round is bracketed by CUDA events (device time, no host clock skew); on the CPU
+by perf_counter. Warm-up keeps compilation, autotuning and allocator growth out of the numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from muse.measure.phases import synchronize
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    median_s: float
+    iqr_s: float
+    min_s: float
+    rounds: int
+    times_s: tuple[float, ...]
+
+
+def summarize(times_s: list[float]) -> TimingStats:
+    arr = np.asarray(times_s, dtype=float)
+    q1, med, q3 = np.percentile(arr, [25, 50, 75])
+    return TimingStats(
+        float(med), float(q3 - q1), float(arr.min()), len(arr), tuple(map(float, arr))
+    )
+
+
+def time_callable(
+    fn: Callable[[], object], device: torch.device | str, warmup: int = 3, rounds: int = 10
+) -> TimingStats:
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds ≥ 1 and warmup ≥ 0, got rounds={rounds}, warmup={warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    if device.type == "cuda":
+        for _ in range(rounds):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return summarize(times)

@@ -1,0 +1,16 @@
+"""Model families by name: `build("transformer", "small", n_layers=2)`, `names()`."""
+
+from muse.models import transformer  # noqa: F401  (registers the baselines)
+from muse.models.config import StrictConfig
+from muse.models.registry import baseline_for, build, config, family, names, presets, resolve
+
+__all__ = [
+    "StrictConfig",
+    "baseline_for",
+    "build",
+    "config",
+    "family",
+    "names",
+    "presets",
+    "resolve",
+]

@@ -1,0 +1,43 @@
+"""Strict configuration dataclasses shared by every model family."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="StrictConfig")
+
+
+@dataclasses.dataclass
+class StrictConfig:
+    """Base for model configs: building from a mapping rejects unknown keys by name.
+
+    A silently ignored key is how the earlier project ran every physics setting as a no-op,
+    so every entry point (presets, overrides, config files) goes through `from_dict`.
+    """
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        check_keys(cls, values)
+        return cls(**values)
+
+    def replace(self: C, **overrides: Any) -> C:
+        check_keys(type(self), overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_keys(cls: type, values: dict[str, Any]) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        raise TypeError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+            f"valid keys: {', '.join(valid)}"
+        )

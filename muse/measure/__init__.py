@@ -1,0 +1,1 @@
+"""Measurement: memory, timing, gradient flow, scaling fit, perplexity, causality."""

@@ -1,0 +1,193 @@
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import torch
+
+from muse.results import (
+    SCHEMA_VERSION,
+    Record,
+    build_document,
+    check_writable,
+    environment_facts,
+    git_facts,
+    read_document,
+    run_name,
+    verdict,
+    write_document,
+)
+
+FACTS = {"git": {"sha": "1a2b3c4d5e6f" + "0" * 28, "dirty": False}, "environment": {"gpu": None}}
+START = datetime(2026, 11, 21, 12, 5, 1, tzinfo=timezone.utc)
+END = datetime(2026, 11, 21, 12, 7, 30, tzinfo=timezone.utc)
+
+
+def make_records():
+    return [
+        Record("memory", "transformer", "small", "peak_vram_forward_bytes", 1.5e9, "bytes",
+               "PASS", params=12_345_678, seq=4096, batch=1, dtype="fp16", device="cuda",
+               threshold=8e9, comparison="<=", case_id="transformer:small-seq4096-fp16",
+               extra={"reserved_bytes": 2e9, "phases": ["forward"]}),
+        Record("scaling", "phase8", "small", "loglog_slope_top", 2.01, "1", "FAIL",
+               threshold=1.15, comparison="<="),
+        Record("memory", "phase2", "small", "peak_vram_forward_bytes", None, "bytes", "OOM"),
+        Record("throughput", "phase2", "small", "tokens_per_s", 1234.5, "tokens/s", "RECORDED"),
+        Record("stability", "phase7", "small", "loss_final", 3.2, "1", "INCONCLUSIVE"),
+    ]
+
+
+def make_doc(records=None):
+    return build_document(records or make_records(), ["pytest", "bench", "--seq", "4096"],
+                          facts=FACTS, started_at=START, finished_at=END)
+
+
+def test_document_fields():
+    doc = make_doc()
+    assert doc["schema_version"] == SCHEMA_VERSION == 1
+    assert doc["run"] == "20261121T120501Z-1a2b3c4"
+    assert doc["command"] == "pytest bench --seq 4096"
+    assert doc["started_at"] == "2026-11-21T12:05:01Z"
+    assert doc["finished_at"] == "2026-11-21T12:07:30Z"
+    assert doc["git"] == FACTS["git"]
+    assert doc["summary"] == {"passed": 1, "failed": 2, "inconclusive": 1, "recorded": 1}
+    assert [r["passed"] for r in doc["records"]] == [True, False, False, None, None]
+
+
+def test_round_trip(tmp_path):
+    records = make_records()
+    path = write_document(make_doc(records), tmp_path / "results")
+    assert path == tmp_path / "results" / "20261121T120501Z-1a2b3c4.json"
+    doc = read_document(path)
+    assert doc["records"] == records
+    assert doc["summary"]["passed"] == 1
+
+
+def test_latest_equals_run_file_and_no_temp_files_remain(tmp_path):
+    path = write_document(make_doc(), tmp_path)
+    latest = tmp_path / "latest.json"
+    assert latest.read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "latest.json"])
+
+
+def test_unwritable_value_leaves_no_file(tmp_path):
+    doc = make_doc()
+    doc["records"][0]["extra"]["bad"] = object()
+    with pytest.raises(TypeError, match="cannot write object"):
+        write_document(doc, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_values_round_trip(tmp_path):
+    records = [
+        Record("gradient_flow", "phase3", "small", "first_layer_grad_norm", v, "1", "FAIL",
+               threshold=1e-5, comparison=">=")
+        for v in (math.nan, math.inf, -math.inf)
+    ]
+    path = write_document(make_doc(records), tmp_path)
+    stored = json.loads(path.read_text())
+    assert [r["value"] for r in stored["records"]] == ["nan", "inf", "-inf"]
+    back = read_document(path)["records"]
+    assert math.isnan(back[0].value)
+    assert back[1].value == math.inf
+    assert back[2].value == -math.inf
+
+
+def test_schema_version_mismatch_raises(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema_version": 2, "records": []}))
+    with pytest.raises(ValueError, match="schema_version 2 is not supported"):
+        read_document(path)
+
+
+def test_unknown_record_key_is_named():
+    d = make_records()[0].to_dict()
+    d["vram_gb"] = 1.5
+    with pytest.raises(ValueError, match="unknown record key.*vram_gb"):
+        Record.from_dict(d)
+
+
+def test_passed_is_derived_not_trusted():
+    d = make_records()[1].to_dict()
+    d["passed"] = True
+    assert Record.from_dict(d).passed is False
+
+
+def test_bad_status_and_comparison_are_rejected():
+    with pytest.raises(ValueError, match="'OK'"):
+        Record("memory", "m", "p", "x", 1.0, "1", "OK")
+    with pytest.raises(ValueError, match="'=='"):
+        Record("memory", "m", "p", "x", 1.0, "1", "PASS", threshold=1.0, comparison="==")
+
+
+@pytest.mark.parametrize(
+    "value, comparison, expected",
+    [
+        (1.0, "<", "PASS"), (2.0, "<", "FAIL"),
+        (2.0, "<=", "PASS"), (2.5, "<=", "FAIL"),
+        (3.0, ">", "PASS"), (2.0, ">", "FAIL"),
+        (2.0, ">=", "PASS"), (1.5, ">=", "FAIL"),
+    ],
+)
+def test_verdict(value, comparison, expected):
+    assert verdict(value, 2.0, comparison) == expected
+
+
+@pytest.mark.parametrize("comparison", ["<", "<=", ">", ">="])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
+def test_verdict_non_finite_fails(value, comparison):
+    assert verdict(value, 2.0, comparison) == "FAIL"
+
+
+def test_verdict_unknown_comparison():
+    with pytest.raises(ValueError, match="'=<'"):
+        verdict(1.0, 2.0, "=<")
+
+
+def test_check_writable(tmp_path):
+    check_writable(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+    # A directory under a regular file cannot exist, even for root.
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile.*is not writable"):
+        check_writable(tmp_path / "afile" / "sub")
+
+
+def test_run_name():
+    assert run_name(START, "1a2b3c4d5e") == "20261121T120501Z-1a2b3c4"
+    assert run_name(START) == "20261121T120501Z"
+    assert run_name(datetime(2026, 11, 21, 12, 5, 1)) == "20261121T120501Z"  # naive = UTC
+
+
+def test_git_facts_outside_a_repository(tmp_path):
+    assert git_facts(cwd=tmp_path) == {"sha": None, "dirty": None}
+
+
+def test_environment_facts():
+    env = environment_facts()
+    assert set(env) >= {"python", "platform", "torch", "torch_cuda", "triton", "cuda_available",
+                        "gpu_count", "gpu_names", "driver", "hostname"}
+    assert env["torch"] == torch.__version__
+    assert env["cuda_available"] == torch.cuda.is_available()
+    assert env["gpu_count"] == len(env["gpu_names"])
+    json.dumps(env)  # must be writable as it stands
+
+
+def test_git_facts_in_this_repository():
+    facts = git_facts(cwd=Path(__file__).parent)
+    if facts["sha"] is None:
+        pytest.skip("not a git checkout, or git is not installed")
+    assert len(facts["sha"]) == 40 and int(facts["sha"], 16) >= 0
+    assert isinstance(facts["dirty"], bool)
+
+
+def test_driver_version_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 550.54.15\necho 550.54.15\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml now raises ImportError
+    assert environment_facts()["driver"] == "550.54.15"

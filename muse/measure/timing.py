@@ -58,3 +58,18 @@ def time_callable(
             fn()
             times.append(time.perf_counter() - t0)
     return summarize(times)
+
+
+def time_sweep(
+    model, seqs, phase: str, dtype: torch.dtype, batch: int, device, warmup: int = 3,
+    rounds: int = 10,
+) -> list[TimingStats]:
+    """One model timed at every seq in turn (fresh random ids and, for training, a fresh
+    optimizer per seq), for the scaling fit."""
+    from muse.measure.phases import make_phase, random_ids
+
+    out = []
+    for seq in seqs:
+        ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
+        out.append(time_callable(make_phase(phase, model, ids, dtype), device, warmup, rounds))
+    return out

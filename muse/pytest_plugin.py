@@ -1,0 +1,352 @@
+"""muse's pytest plugin (entry point `pytest11`): options, validation, parametrization of the
+acceptance criteria over models and seqs, the `record` fixture through which every measured
+number reaches the results file, the terminal summary and the exit status.
+
+Any project that installs muse can write its own criteria with the `case`, `longest_case`,
+`model_case` and `record` fixtures.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from muse.cases import DEFAULT_SEQS, Settings, Thresholds, positive_float, positive_int
+
+SESSION_KEY = pytest.StashKey["MuseSession"]()
+CASE_FIXTURES = ("case", "longest_case", "model_case")
+
+
+@dataclass
+class MuseSession:
+    settings: Settings
+    started_at: datetime
+    records: list = field(default_factory=list)  # list[muse.results.Record]
+    cache: dict = field(default_factory=dict)  # per-session measurements shared by tests
+    results_path: Path | None = None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("muse", "muse acceptance criteria")
+    group.addoption(
+        "--seq",
+        nargs="+",
+        type=positive_int,
+        metavar="N",
+        help=f"sequence lengths (positive ints; default {' '.join(map(str, DEFAULT_SEQS))})",
+    )
+    group.addoption(
+        "--model",
+        nargs="+",
+        metavar="NAME[:PRESET]",
+        help="registered models, optionally with a preset (default: every family)",
+    )
+    group.addoption(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="compute dtype of the criteria (default fp16)",
+    )
+    group.addoption("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    group.addoption(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: CUDA if present, and gpu criteria skip without it; "
+        "cpu: run every criterion on the CPU as a smoke test",
+    )
+    group.addoption(
+        "--results",
+        default="reports/results",
+        metavar="DIR",
+        help="folder of the results files (<run>.json and latest.json)",
+    )
+    group.addoption("--no-results", action="store_true", help="write no results file")
+    t = Thresholds()
+    group.addoption("--vram-limit-gb", type=positive_float, default=t.vram_limit_gb)
+    group.addoption(
+        "--vram-gate-seq",
+        type=positive_int,
+        default=t.vram_gate_seq,
+        help="the VRAM limit applies at seqs ≥ this",
+    )
+    group.addoption("--min-grad", type=positive_float, default=t.min_grad)
+    group.addoption("--max-ppl-degradation", type=positive_float, default=t.max_ppl_degradation)
+    group.addoption("--min-r2", type=positive_float, default=t.min_r2)
+    group.addoption("--max-loglog-slope", type=positive_float, default=t.max_loglog_slope)
+    group.addoption(
+        "--min-speedup",
+        type=positive_float,
+        default=t.min_speedup,
+        help="gate tokens/s over the matched transformer (default: recorded only)",
+    )
+
+
+def settings_from_options(config: pytest.Config) -> Settings:
+    from muse.cases import parse_models, resolve_device
+
+    opt = config.getoption
+    seqs = tuple(opt("seq") or DEFAULT_SEQS)
+    if len(set(seqs)) != len(seqs):
+        raise ValueError(f"--seq lists a length twice: {' '.join(map(str, seqs))}")
+    results = None if opt("no_results") else Path(opt("results"))
+    thresholds = Thresholds(
+        vram_limit_gb=opt("vram_limit_gb"),
+        vram_gate_seq=opt("vram_gate_seq"),
+        min_grad=opt("min_grad"),
+        max_ppl_degradation=opt("max_ppl_degradation"),
+        min_r2=opt("min_r2"),
+        max_loglog_slope=opt("max_loglog_slope"),
+        min_speedup=opt("min_speedup"),
+    )
+    return Settings(
+        models=parse_models(opt("model")),
+        seqs=tuple(sorted(seqs)),
+        dtype=opt("dtype"),
+        batch=opt("batch"),
+        device=resolve_device(opt("device")),
+        device_requested=opt("device"),
+        results_dir=results,
+        thresholds=thresholds,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (or an explicit --device cpu)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    try:
+        settings = settings_from_options(config)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = MuseSession(settings, datetime.now(timezone.utc))
+
+
+def muse_session_of(config: pytest.Config) -> MuseSession:
+    return config.stash[SESSION_KEY]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    settings = muse_session_of(metafunc.config).settings
+    for name, cases in (
+        ("case", settings.cases),
+        ("longest_case", settings.longest_cases),
+        ("model_case", settings.model_cases),
+    ):
+        if name in metafunc.fixturenames:
+            chosen = cases()
+            metafunc.parametrize(name, chosen, ids=[c.id for c in chosen])
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config, items) -> None:
+    muse = muse_session_of(config)
+    if muse.settings.results_dir is None or not any("record" in i.fixturenames for i in items):
+        return
+    from muse.results import check_writable
+
+    try:
+        check_writable(muse.settings.results_dir)
+    except ValueError as exc:
+        pytest.exit(f"--results: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    settings = muse_session_of(item.config).settings
+    if item.get_closest_marker("gpu") and settings.device.type != "cuda":
+        if settings.device_requested != "cpu":
+            pytest.skip("needs CUDA, which is not available; --device cpu runs it on the CPU")
+
+
+def _case_of(item: pytest.Item):
+    funcargs = getattr(item, "funcargs", {})
+    return next((funcargs[n] for n in CASE_FIXTURES if n in funcargs), None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """An out-of-memory fails its own case, with the size it tried, and frees the memory so
+    the run goes on with the next case."""
+    import torch
+
+    try:
+        return (yield)
+    except torch.OutOfMemoryError as exc:
+        case = _case_of(item)
+        message = str(exc).splitlines()[0]
+        traceback.clear_frames(exc.__traceback__)
+        from muse.measure.memory import free_device_memory
+
+        free_device_memory()
+        if case is not None:
+            record_oom(item, case, message)
+        where = (
+            f"{case.id} (batch {case.batch}, seq {case.seq or max(case.seqs)})"
+            if case
+            else item.nodeid
+        )
+        pytest.fail(f"out of memory at {where}: {message}", pytrace=False)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if muse_session_of(item.config).settings.device.type == "cuda":
+        from muse.measure.memory import free_device_memory
+
+        free_device_memory()
+
+
+def criterion_of(item_or_request) -> str:
+    name = Path(str(item_or_request.path)).stem
+    return name.removeprefix("test_")
+
+
+def record_oom(item: pytest.Item, case, message: str) -> None:
+    from muse.results import Record
+
+    muse_session_of(item.config).records.append(
+        Record(
+            criterion=criterion_of(item),
+            model=case.model,
+            preset=case.preset,
+            metric="run",
+            value=None,
+            unit="",
+            status="OOM",
+            seq=case.seq,
+            batch=case.batch,
+            dtype=case.dtype,
+            device=str(case.device),
+            case_id=case.id,
+            extra={"error": message},
+        )
+    )
+
+
+class Recorder:
+    """`record(case, metric, value, unit, threshold=..., comparison=...)` → the Record, with its
+    verdict when a threshold is given. Tests assert `rec.passed`, so the verdict in the results
+    file and pytest's outcome cannot disagree."""
+
+    def __init__(self, request: pytest.FixtureRequest, muse: MuseSession):
+        self.request = request
+        self.muse = muse
+        self.criterion = criterion_of(request)
+
+    def __call__(
+        self,
+        case,
+        metric: str,
+        value,
+        unit: str,
+        *,
+        threshold=None,
+        comparison=None,
+        status: str | None = None,
+        seq: int | None = None,
+        extra: dict | None = None,
+    ):
+        from muse.results import Record, verdict
+
+        if status is None:
+            status = "RECORDED" if threshold is None else verdict(value, threshold, comparison)
+        rec = Record(
+            criterion=self.criterion,
+            model=case.model,
+            preset=case.preset,
+            metric=metric,
+            value=None if value is None else float(value),
+            unit=unit,
+            status=status,
+            params=case.num_params(),
+            seq=seq if seq is not None else case.seq,
+            batch=case.batch,
+            dtype=case.dtype,
+            device=str(case.device),
+            threshold=threshold,
+            comparison=comparison,
+            case_id=case.id,
+            extra=dict(extra or {}),
+        )
+        self.muse.records.append(rec)
+        metadata = self._json_metadata()
+        if metadata is not None:
+            metadata.setdefault("muse", []).append(rec.to_dict())
+        return rec
+
+    def _json_metadata(self) -> dict | None:
+        if not self.request.config.pluginmanager.hasplugin("pytest_jsonreport"):
+            return None
+        if not self.request.config.getoption("json_report", default=False):
+            return None
+        return self.request.getfixturevalue("json_metadata")
+
+
+@pytest.fixture(scope="session")
+def muse_session(pytestconfig: pytest.Config) -> MuseSession:
+    return muse_session_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def muse_settings(muse_session: MuseSession) -> Settings:
+    return muse_session.settings
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest, muse_session: MuseSession) -> Recorder:
+    return Recorder(request, muse_session)
+
+
+def _failed(records) -> list:
+    return [r for r in records if r.status in ("FAIL", "OOM", "ERROR")]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    config = session.config
+    muse = muse_session_of(config)
+    if hasattr(config, "workerinput"):  # an xdist worker hands its records to the controller
+        config.workeroutput["muse_records"] = [r.to_dict() for r in muse.records]
+        return
+    if muse.records and muse.settings.results_dir is not None:
+        from muse.results import build_document, write_document
+
+        doc = build_document(
+            muse.records,
+            [Path(sys.argv[0]).name, *sys.argv[1:]],
+            started_at=muse.started_at,
+            finished_at=datetime.now(timezone.utc),
+        )
+        muse.results_path = write_document(doc, muse.settings.results_dir)
+    if _failed(muse.records) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    from muse.results import Record
+
+    output = getattr(node, "workeroutput", {}) or {}
+    records = muse_session_of(node.config).records
+    records.extend(Record.from_dict(d) for d in output.get("muse_records", []))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    from muse.summary import summary_table
+
+    muse = muse_session_of(config)
+    if not muse.records:
+        return
+    terminalreporter.write_sep("=", "muse acceptance criteria")
+    for line in summary_table(muse.records):
+        terminalreporter.write_line(line)
+    if muse.results_path is not None:
+        terminalreporter.write_line(f"results: {muse.results_path}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    from muse.results import environment_facts
+
+    machine_info["muse"] = environment_facts()

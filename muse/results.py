@@ -145,10 +145,16 @@ def git_facts(cwd=None) -> dict:
     sha = _run(["git", "rev-parse", "HEAD"], cwd)
     # Untracked files do not count: the results being written would make every run dirty.
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd)
-    return {
-        "sha": (sha.strip() or None) if sha is not None else None,
-        "dirty": bool(status.strip()) if status is not None else None,
-    }
+    sha = (sha.strip() or None) if sha is not None else None
+    if sha is None:
+        # A copy of the tree without its history (a remote GPU runner) is told its commit by
+        # whoever copied it; without that the facts stay unknown rather than guessed.
+        env_dirty = os.environ.get("MUSE_GIT_DIRTY")
+        return {
+            "sha": os.environ.get("MUSE_GIT_SHA") or None,
+            "dirty": None if env_dirty is None else env_dirty.lower() in ("1", "true", "yes"),
+        }
+    return {"sha": sha, "dirty": bool(status.strip()) if status is not None else None}
 
 
 def _fact(get):

@@ -1,0 +1,107 @@
+"""`bk_core(a, k, z, mode)`: the one autograd entry point of BK-Core (DESIGN §3.1).
+
+Picks the Triton kernels on CUDA and the PyTorch scan elsewhere; both compute the same forward
+and the same exact adjoint (no clamps, no nan_to_num: a non-finite value is a bug to be seen).
+Arithmetic is complex64 (fp32 accumulation) for fp16/bf16/fp32 inputs and complex128 for fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from muse.ops.bk_core_scan import causal_adjoint, causal_scan
+
+MODES = ("causal", "bidirectional")
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend == "scan":
+        return False
+    if backend == "triton":
+        return True
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', 'scan' or 'triton', got {backend!r}")
+    return x.is_cuda and x.dtype == torch.complex64
+
+
+class _CausalBK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, k: torch.Tensor, backend: str) -> torch.Tensor:
+        triton = _use_triton(alpha, backend)
+        if triton:
+            from muse.ops.bk_core_triton import causal_forward_triton
+
+            g = causal_forward_triton(alpha, k)
+        else:
+            g = causal_scan(alpha, k)
+        ctx.triton = triton
+        ctx.save_for_backward(g, k)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_g: torch.Tensor):
+        g, k = ctx.saved_tensors
+        if ctx.triton:
+            from muse.ops.bk_core_triton import causal_backward_triton
+
+            grad_alpha, grad_k = causal_backward_triton(g, k, grad_g)
+        else:
+            grad_alpha, grad_k = causal_adjoint(g, k, grad_g)
+        return grad_alpha, grad_k, None
+
+
+def check_inputs(a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if a.dim() != 3:
+        raise ValueError(f"a must be (B, N, C), got shape {tuple(a.shape)}")
+    bsz, n, ch = a.shape
+    if n == 0:
+        raise ValueError("a has N = 0 positions: BK-Core needs N ≥ 1")
+    if k.dim() != 3 or k.shape[0] not in (1, bsz) or k.shape[1:] != (n - 1, ch):
+        raise ValueError(
+            f"k must be ({bsz} or 1, {n - 1}, {ch}) for a of shape {tuple(a.shape)}, "
+            f"got {tuple(k.shape)}"
+        )
+    if k.is_complex():
+        raise ValueError("k (the off-diagonal products b·c) must be real and ≥ 0, got complex")
+    if z.shape != (ch,):
+        raise ValueError(f"z must have one shift per channel, shape ({ch},), got {tuple(z.shape)}")
+    if not z.is_complex() or not bool((z.imag > 0).all()):
+        raise ValueError(f"z needs Im z > 0 in every channel, got min Im z = {z.imag.min().item()}")
+    if k.numel() and not bool((k >= 0).all()):
+        raise ValueError(f"k must be ≥ 0 (k = softplus(·) in the models), got min {k.min().item()}")
+
+
+def bk_core(
+    a: torch.Tensor,
+    k: torch.Tensor,
+    z: torch.Tensor,
+    mode: str = "causal",
+    *,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Diagonal of the resolvent of the tridiagonal operator, per sequence and channel.
+
+    a: (B, N, C) diagonal, real or complex (a dissipative −iΓ enters as Im a ≤ 0);
+    k: (B or 1, N−1, C) real off-diagonal products b·c ≥ 0; z: (C,) complex shift, Im z > 0.
+    Returns g: (B, N, C) complex; causal g_i depends on positions ≤ i only. `validate=False`
+    skips the value checks (they synchronise a GPU) for callers whose parameterisation
+    guarantees them (k = softplus, Im z = softplus + 1e-3).
+    """
+    if validate:
+        check_inputs(a, k, z, mode)
+    wide = torch.float64 in (a.dtype, k.dtype) or torch.complex128 in (a.dtype, z.dtype)
+    cdtype, rdtype = (torch.complex128, torch.float64) if wide else (torch.complex64, torch.float32)
+    alpha = a.to(cdtype) - z.to(cdtype)
+    k = k.to(rdtype)
+    left = _CausalBK.apply(alpha, k, backend)
+    if mode == "causal":
+        return left
+    right = _CausalBK.apply(alpha.flip(1), k.flip(1), backend).flip(1)
+    zero = alpha.new_zeros(alpha.shape[0], 1, alpha.shape[2])
+    from_left = torch.cat((zero, k * left[:, :-1]), dim=1)
+    from_right = torch.cat((k * right[:, 1:], zero), dim=1)
+    return 1.0 / (alpha - from_left - from_right)

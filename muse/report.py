@@ -1,0 +1,296 @@
+"""Results → tables (Jinja2 templates in templates/: md, csv, tex per table), REPORT.md and a
+self-contained report.html with the plots of muse.plots embedded."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from muse.results import Record, read_document
+from muse.summary import VERDICTS, format_value
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+NOT_MEASURED = "not measured"
+ALL_SEQS = -1  # the seq of a record that spans every seq (a scaling fit); a real seq is ≥ 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    criterion: str
+    metrics: tuple[str, ...] | None  # None: every metric the results hold for the criterion
+
+
+TABLES = (
+    Spec("memory", "Peak memory", "memory",
+         ("peak_vram_forward_bytes", "peak_vram_train_step_bytes")),
+    Spec("throughput", "Throughput", "throughput",
+         ("forward_tokens_per_s", "train_step_tokens_per_s",
+          "forward_speedup_vs_transformer", "train_step_speedup_vs_transformer")),
+    Spec("scaling", "Scaling with sequence length", "scaling",
+         ("forward_time_s", "train_step_time_s", "forward_linear_r2", "forward_loglog_slope_top",
+          "train_step_linear_r2", "train_step_loglog_slope_top")),
+    Spec("gradient_flow", "Gradient flow", "gradient_flow",
+         ("first_layer_grad_norm", "long_range_grad_norm", "embedding_grad_norm",
+          "nonfinite_grad_tensors")),
+    Spec("stability", "Numerical stability", "stability",
+         ("nonfinite_logits", "nonfinite_grad_tensors", "min_layer_grad_norm",
+          "max_layer_grad_norm")),
+    Spec("perplexity", "Perplexity", "perplexity", None),
+    Spec("config_sweep", "Configuration sweep", "config_sweep", None),
+)
+
+LABELS = {
+    "peak_vram_forward_bytes": "forward peak",
+    "peak_vram_train_step_bytes": "train-step peak",
+    "forward_tokens_per_s": "forward",
+    "train_step_tokens_per_s": "train step",
+    "forward_speedup_vs_transformer": "forward ×transformer",
+    "train_step_speedup_vs_transformer": "train step ×transformer",
+    "forward_time_s": "forward time",
+    "train_step_time_s": "train-step time",
+    "forward_linear_r2": "forward R²",
+    "forward_loglog_slope_top": "forward slope (top)",
+    "train_step_linear_r2": "train-step R²",
+    "train_step_loglog_slope_top": "train-step slope (top)",
+    "first_layer_grad_norm": "first layer ‖∇‖",
+    "long_range_grad_norm": "long-range ‖∂L/∂h₀‖",
+    "embedding_grad_norm": "embedding ‖∇‖",
+    "nonfinite_grad_tensors": "non-finite grads",
+    "nonfinite_logits": "non-finite logits",
+    "min_layer_grad_norm": "min layer ‖∇‖",
+    "max_layer_grad_norm": "max layer ‖∇‖",
+}
+
+
+@dataclass
+class Cell:
+    record: Record | None
+    applies: bool = True  # False: the metric has no value in this row (a fit has no seq)
+    why_missing: str = NOT_MEASURED
+
+    @property
+    def text(self) -> str:
+        r = self.record
+        if not self.applies:
+            return ""
+        if r is None:
+            return self.why_missing
+        if r.status in ("OOM", "ERROR") and r.value is None:
+            return r.status
+        text = format_value(r.value, r.unit)
+        if r.status in VERDICTS:
+            text += f" {r.status}"
+            if r.threshold is not None:
+                text += f" ({r.comparison} {format_value(r.threshold, r.unit)})"
+        return text
+
+    @property
+    def status(self) -> str:
+        if not self.applies:
+            return ""
+        return self.why_missing if self.record is None else self.record.status
+
+
+@dataclass
+class Table:
+    spec: Spec
+    metrics: list[str]
+    rows: list[tuple[str, str, list[Cell]]]  # (model, seq text, cells)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headers(self) -> list[str]:
+        return ["model", "seq", *(LABELS.get(m, m) for m in self.metrics)]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [c.record.status for _, _, cells in self.rows for c in cells if c.record]
+        return {s: statuses.count(s) for s in VERDICTS if s in statuses}
+
+
+def load(paths) -> tuple[list[Record], list[dict]]:
+    """Records of every file in order (a later file's record replaces an earlier one with the same
+    key) and each file's facts without its records."""
+    records, docs = [], []
+    for path in paths:
+        doc = read_document(path)
+        records.extend(doc.pop("records"))
+        docs.append({**doc, "path": str(path)})
+    return records, docs
+
+
+def record_frame(records: list[Record]) -> pd.DataFrame:
+    df = pd.DataFrame(
+        {
+            "criterion": [r.criterion for r in records],
+            "model": [f"{r.model}:{r.preset}" for r in records],
+            "seq": [ALL_SEQS if r.seq is None else r.seq for r in records],
+            "metric": [r.metric for r in records],
+            "record": records,
+        }
+    )
+    return df.drop_duplicates(["criterion", "model", "seq", "metric"], keep="last")
+
+
+def build_table(spec: Spec, df: pd.DataFrame) -> Table:
+    mine = df[df.criterion == spec.criterion]
+    failures = mine[mine.metric == "run"]  # an OOM or error of the whole case
+    measured = mine[mine.metric != "run"]
+    metrics = list(spec.metrics or dict.fromkeys(measured.metric))
+    notes = []
+    if measured.empty:
+        notes.append(f"{NOT_MEASURED}: these results hold no {spec.criterion} records.")
+        metrics = metrics or ["result"]
+    per_seq = {m: bool((measured[measured.metric == m].seq != ALL_SEQS).any()) for m in metrics}
+    grid = measured.pivot(index=["model", "seq"], columns="metric", values="record")
+    keys = set(grid.index) | set(zip(failures.model, failures.seq, strict=True))
+    rows = []
+    # "transformer" before "transformer-eager", and the row of a fit over all seqs last.
+    for model, seq in sorted(keys, key=lambda k: (k[0].split(":"), k[1] == ALL_SEQS, k[1])):
+        failed = failures[(failures.model == model) & (failures.seq == seq)]
+        why = f"{NOT_MEASURED} ({failed.record.iloc[0].status})" if len(failed) else NOT_MEASURED
+        cells = []
+        for m in metrics:
+            rec = grid.at[(model, seq), m] if (model, seq) in grid.index and m in grid else None
+            rec = rec if isinstance(rec, Record) else None  # pivot fills holes with NaN
+            applies = rec is not None or per_seq.get(m, True) == (seq != ALL_SEQS)
+            cells.append(Cell(rec, applies, why))
+        rows.append((model, "all" if seq == ALL_SEQS else str(seq), cells))
+    for model in sorted(set(df.model) - {k[0] for k in keys}, key=lambda m: m.split(":")):
+        rows.append((model, "", [Cell(None) for _ in metrics]))
+    return Table(spec, metrics, rows, notes)
+
+
+def verdict_counts(records: list[Record]) -> list[dict]:
+    """Per criterion, how many verdicts of each kind."""
+    out = {}
+    for r in records:
+        if r.status in VERDICTS:
+            out.setdefault(r.criterion, dict.fromkeys(VERDICTS, 0))[r.status] += 1
+    return [{"criterion": c, **counts} for c, counts in out.items()]
+
+
+def verdict_rows(records: list[Record]) -> list[dict]:
+    return [
+        {
+            "criterion": r.criterion,
+            "model": f"{r.model}:{r.preset}",
+            "seq": "all" if r.seq is None else str(r.seq),
+            "metric": r.metric,
+            "value": format_value(r.value, r.unit),
+            "threshold": "" if r.threshold is None
+            else f"{r.comparison} {format_value(r.threshold, r.unit)}",
+            "status": r.status,
+        }
+        for r in records
+        if r.status in VERDICTS
+    ]
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else repr(value) if isinstance(value, float) else str(value)
+    if any(c in text for c in ',"\n'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _tex(text) -> str:
+    text = str(text).replace("\\", "\x00")
+    for a in "&%$#_{}":
+        text = text.replace(a, "\\" + a)
+    text = text.replace("\x00", r"\textbackslash{}")
+    for a, b in (("<=", "$\\le$"), (">=", "$\\ge$"), ("<", "$<$"), (">", "$>$"),
+                 ("×", "$\\times$"), ("²", "$^2$"), ("‖", "$\\|$"), ("∇", "$\\nabla$"),
+                 ("∂", "$\\partial$"), ("₀", "$_0$"), ("—", "---"), ("–", "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def environment(templates: Path | None = None) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates or TEMPLATES)),
+        autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(csv=_csv_cell, tex=_tex, md=_md, isnan=lambda x: x != x)
+    return env
+
+
+def facts_of(docs: list[dict]) -> list[dict]:
+    out = []
+    for d in docs:
+        env, git = d.get("environment") or {}, d.get("git") or {}
+        gpus = env.get("gpu_names") or []
+        sha = git.get("sha")
+        out.append({
+            "path": d["path"],
+            "run": d.get("run"),
+            "command": d.get("command"),
+            "started_at": d.get("started_at"),
+            "finished_at": d.get("finished_at"),
+            "git": "unknown (not recorded)" if not sha
+            else sha + (" (dirty)" if git.get("dirty") else ""),
+            "gpu": ", ".join(gpus) if gpus else "none (CPU)",
+            "software": ", ".join(
+                f"{k} {env[k]}" for k in ("python", "torch", "torch_cuda", "triton", "driver")
+                if env.get(k)
+            ),
+            "platform": env.get("platform") or "unknown",
+            "summary": d.get("summary") or {},
+        })
+    return out
+
+
+def render(paths, out, *, history=None, templates: Path | None = None) -> dict[str, Path]:
+    """Writes tables/*.{md,csv,tex}, plots/*.png, REPORT.md and report.html under out."""
+    from muse import plots
+
+    out = Path(out)
+    records, docs = load(paths)
+    env = environment(templates)
+    tables = [build_table(spec, record_frame(records)) for spec in TABLES]
+    written = {}
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    rendered_md = {}
+    for t in tables:
+        for fmt in ("md", "csv", "tex"):
+            text = env.get_template(f"{t.spec.name}.{fmt}.j2").render(table=t)
+            path = out / "tables" / f"{t.spec.name}.{fmt}"
+            path.write_text(text, encoding="utf-8")
+            written[f"{t.spec.name}.{fmt}"] = path
+        rendered_md[t.spec.name] = env.get_template(f"{t.spec.name}.md.j2").render(table=t)
+    figures = plots.all_figures(records, history)
+    (out / "plots").mkdir(exist_ok=True)
+    for name, png in figures.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+        written[f"{name}.png"] = out / "plots" / f"{name}.png"
+    context = {
+        "facts": facts_of(docs),
+        "tables": tables,
+        "table_md": rendered_md,
+        "verdicts": verdict_rows(records),
+        "verdict_counts": verdict_counts(records),
+        "statuses": VERDICTS,
+        "plots": [(name, plots.CAPTIONS[name]) for name in figures],
+        "missing_plots": [c for n, c in plots.CAPTIONS.items() if n not in figures],
+        "images": {n: base64.b64encode(png).decode("ascii") for n, png in figures.items()},
+        "failed": sum(r.passed is False for r in records),
+    }
+    for name in ("REPORT.md", "report.html"):
+        (out / name).write_text(env.get_template(f"{name}.j2").render(**context), encoding="utf-8")
+        written[name] = out / name
+    return written
+

@@ -1,17 +1,18 @@
-"""`muse` command line: `muse info` now; `train`, `eval`, `report`, `compare` and `generate`
-arrive with their issues and say so until then."""
+"""`muse` command line: `muse info`, `muse report`, `muse compare`; `train`, `eval` and
+`generate` arrive with their issues and say so until then."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from muse.compare import parse_gate
 
 PLANNED = {
     "train": "the trainer (issue: quality — corpora, tokenizers, trainer, PPL gate)",
     "eval": "perplexity evaluation (issue: quality — corpora, tokenizers, trainer, PPL gate)",
-    "report": "report rendering (issue: reports and gates)",
-    "compare": "the regression gate between two results files (issue: reports and gates)",
     "generate": "text generation",
 }
 
@@ -41,12 +42,65 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from muse.report import render
+
+    for path in args.results:
+        if not path.is_file():
+            args.parser.error(f"results file {str(path)!r} does not exist")
+    written = render(args.results, args.out, history=args.history, templates=args.templates)
+    print(f"wrote {len(written)} files under {args.out}: REPORT.md, report.html, tables/, plots/")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from muse.compare import compare as deltas_of
+    from muse.compare import table
+    from muse.results import read_document
+
+    docs = []
+    for path in (args.old, args.new):
+        try:
+            docs.append(read_document(path))
+        except (OSError, ValueError) as exc:
+            args.parser.error(f"cannot read results file {str(path)!r}: {exc}")
+    deltas = deltas_of(docs[0]["records"], docs[1]["records"], args.fail)
+    for line in table(deltas):
+        print(line)
+    regressions = [d for d in deltas if d.regressed]
+    if not deltas:
+        print("no vram, tokens/s or ppl records to compare")
+    elif regressions:
+        print(f"{len(regressions)} regression(s) beyond tolerance")
+    elif args.fail:
+        print(f"no regression beyond {', '.join(map(str, args.fail))}")
+    return 1 if regressions else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="registered models, presets, parameter counts")
     p.add_argument("--json", action="store_true", help="machine-readable, with environment facts")
     p.set_defaults(func=info)
+    p = sub.add_parser("report", help="results → tables, plots, REPORT.md and report.html")
+    p.add_argument("results", nargs="*", type=Path, default=[Path("reports/results/latest.json")],
+                   metavar="RESULTS.json",
+                   help="results files; a later file's record replaces an earlier one with the same"
+                   " key (default reports/results/latest.json)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
+    p.add_argument("--history", type=Path, help="training history.json for the loss/PPL plot")
+    p.add_argument("--templates", type=Path, help="folder of Jinja2 templates (default templates/)")
+    p.set_defaults(func=report, parser=p)
+    p = sub.add_parser(
+        "compare", help="the regression gate: deltas of memory, tokens/s and ppl between two runs"
+    )
+    p.add_argument("old", type=Path, metavar="OLD.json")
+    p.add_argument("new", type=Path, metavar="NEW.json")
+    p.add_argument("--fail", action="append", type=parse_gate, default=[], metavar="KIND:PCT%",
+                   help="exit 1 when KIND gets worse by more than PCT: vram:5%% (any bytes metric"
+                   " rising), tokens_per_s:-5%% (falling), ppl:2%% (rising); repeatable")
+    p.set_defaults(func=compare, parser=p)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)

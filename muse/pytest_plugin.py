@@ -350,3 +350,28 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from muse.results import environment_facts
 
     machine_info["muse"] = environment_facts()
+
+
+BENCHMARK_STORAGE_DEFAULT = "file://./.benchmarks"  # pytest-benchmark's own default
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Saved benchmarks go to one storage folder per GPU kind (.benchmarks/nvidia-h200/, …, or
+    .benchmarks/cpu/), so --benchmark-compare never compares an H100 run with an H200 one.
+    pytest-benchmark opens its storage in its pytest_configure, after this hook; an explicit
+    --benchmark-storage is left alone."""
+    import re
+
+    storage = config.getoption("benchmark_storage", default=None)
+    saving = any(config.getoption(o, default=None) for o in (
+        "benchmark_save", "benchmark_autosave", "benchmark_compare", "benchmark_compare_fail"))
+    if storage != BENCHMARK_STORAGE_DEFAULT or not saving:
+        return
+    kind = "cpu"
+    if config.getoption("device", default="auto") != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            kind = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    config.option.benchmark_storage = f"{BENCHMARK_STORAGE_DEFAULT}/{kind or 'gpu'}"

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI runners and GPU nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from muse.measure.scaling import fit_scaling  # noqa: E402
 from muse.results import Record  # noqa: E402
@@ -80,6 +81,7 @@ def memory(records: list[Record]) -> bytes | None:
         ax.axhline(limit / 1e9, color="crimson", lw=1, ls=":", label=f"limit {limit / 1e9:g} GB")
     _seq_axis(ax, {s for p in [*fwd.values(), *train.values()] for s, _ in p})
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, 1, 10: not 10⁰
     ax.set_ylabel("peak allocated memory (GB)")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -105,14 +107,22 @@ def throughput(records: list[Record]) -> bytes | None:
     for ax, phase in zip(axes, PHASES, strict=True):
         for label, points in data[phase].items():
             ax.plot(*zip(*points, strict=True), "o-", color=colors[label], label=label)
-        for label, ratios in _series(records, f"{phase}_speedup_vs_transformer").items():
+        ratios_of = _series(records, f"{phase}_speedup_vs_transformer")
+        for label, ratios in ratios_of.items():
             seq = crossover(ratios)
-            if seq is not None:
+            if seq is None:
+                faster = ratios[-1][1] > 1
+                ax.text(0.98, 0.03, f"{label}: no crossover in this range\n"
+                        f"({'faster' if faster else 'slower'} than the transformer throughout)",
+                        transform=ax.transAxes, ha="right", fontsize=7,
+                        color=colors.get(label, "k"))
+            else:
                 ax.axvline(seq, color=colors.get(label, "k"), ls=":", lw=1.2)
                 ax.annotate(f"{label} crosses\ntransformer ≈ {seq:,.0f}", (seq, 0.95),
                             xycoords=("data", "axes fraction"), fontsize=7, va="top")
         _seq_axis(ax, {s for p in data[phase].values() for s, _ in p})
         ax.set_title(phase.replace("_", " "))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}k"))
         ax.set_ylabel("tokens/s")
         ax.legend(fontsize=8)
     return _png(fig)
@@ -132,8 +142,11 @@ def scaling(records: list[Record]) -> bytes | None:
             if len(points) >= 3:
                 fit = fit_scaling(list(seqs), list(times))
                 grid = np.geomspace(seqs[0], seqs[-1], 50)
-                ax.plot(grid, fit.linear_intercept_s + fit.linear_slope_s * grid, "--",
-                        color=colors[label], lw=1, alpha=0.8)
+                line = fit.linear_intercept_s + fit.linear_slope_s * grid
+                # A superlinear control fits a negative intercept: only the positive part can
+                # be drawn on a log axis.
+                ax.plot(grid[line > 0], line[line > 0], "--", color=colors[label], lw=1,
+                        alpha=0.8)
                 name += f": R² {fit.linear_r2:.3f}, top slope {fit.loglog_slope_top:.2f}"
             ax.plot(seqs, times, "^" if control else "o", color=colors[label], label=name)
             if control:
@@ -141,6 +154,8 @@ def scaling(records: list[Record]) -> bytes | None:
                 ax.plot(seqs, guide, color="grey", ls=":", lw=1, label="∝ N² from the control")
         _seq_axis(ax, {s for p in data[phase].values() for s, _ in p})
         ax.set_yscale("log")
+        low = min(t for p in data[phase].values() for _, t in p)
+        ax.set_ylim(bottom=low / 2)  # the clipped fits would otherwise stretch the axis down
         ax.set_title(f"{phase.replace('_', ' ')} (dashed: linear fit t = a + bN)")
         ax.set_ylabel("median time (s)")
         ax.legend(fontsize=7)

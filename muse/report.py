@@ -91,6 +91,21 @@ class Cell:
         return text
 
     @property
+    def value_text(self) -> str:
+        """The value alone, and below it verdict_text: a narrow cell for the HTML table."""
+        r = self.record
+        if r is None or r.status not in VERDICTS or r.value is None:
+            return self.text
+        return format_value(r.value, r.unit)
+
+    @property
+    def verdict_text(self) -> str:
+        r = self.record
+        if r is None or r.status not in VERDICTS or r.value is None:
+            return ""
+        return self.text.removeprefix(self.value_text).strip()
+
+    @property
     def status(self) -> str:
         if not self.applies:
             return ""
@@ -264,14 +279,18 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
     tables = [build_table(spec, record_frame(records)) for spec in TABLES]
     written = {}
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    rendered_md = {}
+    rendered_md, abouts = {}, {}
     for t in tables:
         for fmt in ("md", "csv", "tex"):
             text = env.get_template(f"{t.spec.name}.{fmt}.j2").render(table=t)
             path = out / "tables" / f"{t.spec.name}.{fmt}"
             path.write_text(text, encoding="utf-8")
             written[f"{t.spec.name}.{fmt}"] = path
-        rendered_md[t.spec.name] = env.get_template(f"{t.spec.name}.md.j2").render(table=t)
+        template = env.get_template(f"{t.spec.name}.md.j2")
+        rendered_md[t.spec.name] = template.render(table=t)
+        if "about" in template.blocks:  # the same prose heads the table in the HTML
+            about = template.blocks["about"](template.new_context({"table": t}))
+            abouts[t.spec.name] = "".join(about).strip().replace("`", "")
     figures = plots.all_figures(records, history)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in figures.items():
@@ -281,6 +300,7 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
         "facts": facts_of(docs),
         "tables": tables,
         "table_md": rendered_md,
+        "about": abouts,
         "verdicts": verdict_rows(records),
         "verdict_counts": verdict_counts(records),
         "statuses": VERDICTS,

@@ -99,7 +99,8 @@ def test_html_is_self_contained(out):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 4
     assert 'src="plots/' not in html and "http" not in html
-    assert '<td class="FAIL">11.167 GB FAIL (&lt; 8.000 GB)</td>' in html
+    assert '<td class="FAIL">11.167 GB<br><span class="verdict">FAIL (&lt; 8.000 GB)</span>' in html
+    assert "O(N²) control: when it passes too" in html  # each table says what it measures
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "gradient.png", "memory.png", "scaling.png", "throughput.png"]
 

@@ -1,0 +1,337 @@
+"""muse.measure on the CPU: timing statistics, the memory probe's refusal, gradient flow (against
+direct autograd and a model that cannot see its context), fp16 loss scaling, causality, the
+workloads, and the git facts a results file carries. No assertion is made on a timing."""
+
+import copy
+import dataclasses
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muse import models
+from muse.measure.causality import causal_leak
+from muse.measure.gradient import backward_probe, gradient_flow, position_buckets
+from muse.measure.memory import peak_memory
+from muse.measure.phases import TrainStep, lm_loss, random_ids, torch_dtype
+from muse.measure.timing import summarize, time_callable
+from muse.results import git_facts
+
+VOCAB = 97
+
+
+def tiny_transformer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build("transformer", "tiny", vocab_size=VOCAB)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(actual).all()
+    return float((actual - expected).norm() / expected.norm())
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    vocab_size: int = VOCAB
+    d_model: int = 16
+
+
+class PerTokenLM(nn.Module):
+    """Ignores its context: the logits at t are a function of token t alone."""
+
+    def __init__(self, config: ToyConfig | None = None):
+        super().__init__()
+        self.config = config = config or ToyConfig()
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(config.d_model, 32), nn.GELU(), nn.Linear(32, config.d_model))
+            for _ in range(2)
+        )
+        self.head = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class PeekingLM(PerTokenLM):
+    """Leaks: the logits at t are computed from token t+1 (the last position wraps to 0)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids.roll(-1, dims=1))
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+
+def test_summarize_gives_numpy_median_and_iqr():
+    times = [0.5, 0.1, 0.4, 0.2, 0.3, 10.0, 0.25]
+    stats = summarize(times)
+    q1, q3 = np.percentile(times, [25, 75])
+    assert stats.median_s == np.median(times) == 0.3
+    assert stats.iqr_s == pytest.approx(q3 - q1, rel=1e-15)
+    assert stats.iqr_s == pytest.approx(0.45 - 0.225, rel=1e-12)  # linear interpolation
+    assert stats.min_s == 0.1
+    assert stats.rounds == 7
+    assert stats.times_s == tuple(times)
+
+
+@pytest.mark.parametrize("warmup, rounds", [(0, 1), (3, 10), (2, 5)])
+def test_time_callable_calls_warmup_plus_rounds_times(warmup, rounds):
+    calls = []
+    stats = time_callable(lambda: calls.append(1), "cpu", warmup=warmup, rounds=rounds)
+    assert len(calls) == warmup + rounds
+    assert stats.rounds == rounds == len(stats.times_s)
+    assert all(t >= 0 for t in stats.times_s)
+
+
+@pytest.mark.parametrize("warmup, rounds", [(3, 0), (-1, 10)])
+def test_time_callable_rejects_bad_counts(warmup, rounds):
+    calls = []
+    with pytest.raises(ValueError, match="rounds"):
+        time_callable(lambda: calls.append(1), "cpu", warmup=warmup, rounds=rounds)
+    assert not calls
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def test_peak_memory_refuses_the_cpu_by_name():
+    calls = []
+    with pytest.raises(ValueError, match="cpu"):
+        peak_memory(lambda: calls.append(1), "cpu")
+    assert not calls
+
+
+# -- gradient flow ---------------------------------------------------------------------------
+
+
+def test_gradient_flow_sees_no_long_range_signal_in_a_context_free_model():
+    torch.manual_seed(0)
+    model = PerTokenLM()
+    flow = gradient_flow(model, random_ids(VOCAB, 2, 64, "cpu", seed=1))
+    assert flow.finite
+    # The parameter gradient of layer 0 is non-zero (the last token's own path)...
+    assert flow.first_layer_grad_norm > 0
+    assert len(flow.layer_grad_norms) == 2 and all(g > 0 for g in flow.layer_grad_norms)
+    # ...but nothing before the last position reaches the loss: exactly zero, not small.
+    assert flow.long_range_grad_norm == 0.0
+    assert all(b.max_grad_norm == 0.0 for b in flow.buckets[:-1])
+    assert flow.buckets[-1].max_grad_norm > 0
+
+
+def direct_h0_grad_norms(model: nn.Module, ids: torch.Tensor, target: torch.Tensor):
+    """‖∂L_last/∂h₀[t]‖ averaged over the batch, with h₀ made a leaf by swapping embed's output."""
+    leaf = {}
+
+    def swap(_module, _inputs, output):
+        leaf["h0"] = output.detach().requires_grad_()
+        return leaf["h0"]
+
+    handle = model.embed.register_forward_hook(swap)
+    try:
+        loss = F.cross_entropy(model(ids)[:, -1], target)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(loss, leaf["h0"])
+    return grad.norm(dim=-1).mean(dim=0)
+
+
+def test_gradient_flow_matches_direct_autograd_for_the_transformer():
+    model = tiny_transformer().double()
+    ids = random_ids(VOCAB, 2, 64, "cpu", seed=1)
+    reference64 = copy.deepcopy(model)
+    flow = gradient_flow(model, ids, seed=0)
+    # gradient_flow runs the model in float32 (fp32 master weights; the cast is in place).
+    assert next(model.parameters()).dtype == torch.float32
+    assert flow.finite and flow.loss_scale == 1.0
+    assert flow.long_range_grad_norm > 0
+
+    # The same target gradient_flow draws from its seed.
+    target = torch.randint(0, VOCAB, (2,), generator=torch.Generator().manual_seed(0))
+    per_position32 = direct_h0_grad_norms(model, ids, target)
+    per_position64 = direct_h0_grad_norms(reference64, ids, target)
+    assert len(flow.buckets) == 8 and flow.buckets[0].stop == 8
+    # float32 vs float32: the same operations, only summation order may differ.
+    assert flow.long_range_grad_norm == pytest.approx(float(per_position32[:8].mean()), rel=1e-6)
+    for bucket in flow.buckets:
+        chunk = per_position32[bucket.start : bucket.stop]
+        assert bucket.mean_grad_norm == pytest.approx(float(chunk.mean()), rel=1e-6)
+        assert bucket.max_grad_norm == pytest.approx(float(chunk.max()), rel=1e-6)
+    # float32 vs the float64 model: float32 rounding through two layers, well inside 1e-4.
+    assert flow.long_range_grad_norm == pytest.approx(float(per_position64[:8].mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64], ids=lambda n: f"N{n}")
+def test_position_buckets_partition_the_positions(n):
+    per_position = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    buckets = position_buckets(per_position, 8)
+    assert len(buckets) == min(n, 8)
+    assert buckets[0].start == 0 and buckets[-1].stop == n
+    for a, b in zip(buckets[:-1], buckets[1:], strict=True):
+        assert a.stop == b.start
+    for b in buckets:
+        assert b.stop > b.start
+        chunk = per_position[b.start : b.stop]
+        assert b.mean_grad_norm == pytest.approx(float(chunk.mean()), rel=1e-6)
+        assert b.max_grad_norm == float(chunk.max())
+
+
+def _cpu_fp16_autocast_works() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = nn.Linear(4, 4)(torch.randn(2, 4))
+    except (RuntimeError, AssertionError):
+        return False
+    return out.dtype == torch.float16
+
+
+needs_cpu_fp16 = pytest.mark.skipif(
+    not _cpu_fp16_autocast_works(), reason="this torch build has no fp16 autocast on the CPU"
+)
+
+
+def _is_power_of_two(x: float) -> bool:
+    mantissa, _ = np.frexp(x)
+    return x > 0 and mantissa == 0.5
+
+
+@needs_cpu_fp16
+def test_fp16_backward_probe_scales_and_unscales_the_gradients():
+    model16, model32 = tiny_transformer(), tiny_transformer()
+    ids = random_ids(VOCAB, 2, 33, "cpu", seed=1)
+    probe16 = backward_probe(model16, ids, torch.float16, lm_loss)
+    probe32 = backward_probe(model32, ids, torch.float32, lm_loss)
+    assert probe32.loss_scale == 1.0
+    assert _is_power_of_two(probe16.loss_scale) and probe16.loss_scale <= 2**16
+    assert probe16.finite and not probe16.nonfinite_params
+    # fp16 matmuls carry ~1e-3 relative error (observed ≤ 1e-3 here); the scale, if not
+    # divided out, would be off by a factor of up to 65536.
+    assert probe16.loss == pytest.approx(probe32.loss, rel=1e-3)
+    assert rel_err(probe16.h0_grad, probe32.h0_grad) <= 1e-2
+    grads32 = dict(model32.named_parameters())
+    for name, p in model16.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert rel_err(p.grad, grads32[name].grad) <= 1e-2, name
+
+
+@needs_cpu_fp16
+def test_fp16_backward_probe_halves_the_scale_on_overflow():
+    torch.manual_seed(0)
+    model16 = PerTokenLM()
+    model32 = copy.deepcopy(model16)
+    ids = random_ids(VOCAB, 2, 16, "cpu", seed=1)
+
+    def big_loss(logits, _ids):
+        # ∂loss/∂logits = 8·scale: 2¹⁹ at the starting scale, above fp16's 65504.
+        return 8.0 * logits.float().sum()
+
+    probe16 = backward_probe(model16, ids, torch.float16, big_loss)
+    probe32 = backward_probe(model32, ids, torch.float32, big_loss)
+    assert probe16.finite
+    assert _is_power_of_two(probe16.loss_scale) and probe16.loss_scale <= 2**12
+    assert probe32.loss_scale == 1.0
+    assert rel_err(probe16.h0_grad, probe32.h0_grad) <= 1e-2
+    grads32 = dict(model32.named_parameters())
+    for name, p in model16.named_parameters():
+        assert rel_err(p.grad, grads32[name].grad) <= 1e-2, name
+
+
+# -- causality -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 16, 31])
+def test_causal_leak_finds_a_model_reading_the_next_token(t):
+    torch.manual_seed(0)
+    model = PeekingLM().double()
+    assert causal_leak(model, random_ids(VOCAB, 2, 33, "cpu", seed=1), t) > 1e-3
+
+
+@pytest.mark.parametrize("t", [0, 16, 31])
+def test_causal_leak_of_the_transformer_is_zero(t):
+    model = tiny_transformer().double().eval()
+    assert causal_leak(model, random_ids(VOCAB, 2, 33, "cpu", seed=1), t) == 0.0
+
+
+@pytest.mark.parametrize("t", [-1, 32, 33])
+def test_causal_leak_rejects_t_outside_the_sequence(t):
+    model = PerTokenLM()
+    with pytest.raises(ValueError, match="t must be in"):
+        causal_leak(model, random_ids(VOCAB, 2, 33, "cpu"), t)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def test_random_ids_are_seeded_varied_and_in_range():
+    a = random_ids(VOCAB, 3, 200, "cpu", seed=7)
+    assert a.dtype == torch.long and a.shape == (3, 200)
+    assert torch.equal(a, random_ids(VOCAB, 3, 200, "cpu", seed=7))
+    assert not torch.equal(a, random_ids(VOCAB, 3, 200, "cpu", seed=8))
+    assert int(a.min()) >= 0 and int(a.max()) < VOCAB
+    assert a.unique().numel() > VOCAB // 2
+
+
+def test_torch_dtype_names_the_valid_dtypes():
+    assert torch_dtype("fp16") is torch.float16
+    assert torch_dtype("bf16") is torch.bfloat16
+    assert torch_dtype("fp32") is torch.float32
+    with pytest.raises(ValueError, match="fp8") as err:
+        torch_dtype("fp8")
+    for valid in ("fp16", "bf16", "fp32"):
+        assert valid in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)],
+    ids=["fp32", "bf16", "fp16"],
+)
+def test_train_step_updates_the_weights_and_keeps_a_finite_loss(dtype):
+    model = tiny_transformer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = TrainStep(model, random_ids(VOCAB, 2, 33, "cpu", seed=1), dtype, lr=1e-2)
+    assert step.last_loss is None
+    losses = []
+    for _ in range(4):
+        step()
+        losses.append(float(step.last_loss))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0]  # the same batch four times: the loss goes down
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == list(before)
+    assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+
+
+# -- git facts -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside_git(tmp_path, monkeypatch):
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "MUSE_GIT_SHA", "MUSE_GIT_DIRTY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    probe = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True)
+    assert probe.returncode != 0, "tmp_path unexpectedly lies inside a git repository"
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "dirty_env, dirty", [("1", True), ("true", True), ("0", False), ("no", False)]
+)
+def test_git_facts_come_from_the_environment_outside_a_repository(
+    outside_git, monkeypatch, dirty_env, dirty
+):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("MUSE_GIT_SHA", sha)
+    monkeypatch.setenv("MUSE_GIT_DIRTY", dirty_env)
+    assert git_facts(cwd=outside_git) == {"sha": sha, "dirty": dirty}
+
+
+def test_git_facts_are_unknown_without_a_repository_or_environment(outside_git):
+    assert git_facts(cwd=outside_git) == {"sha": None, "dirty": None}

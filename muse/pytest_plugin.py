@@ -8,7 +8,6 @@ Any project that installs muse can write its own criteria with the `case`, `long
 
 from __future__ import annotations
 
-import sys
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -144,6 +143,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(session: pytest.Session, config, items) -> None:
     muse = muse_session_of(config)
+    if hasattr(config, "workerinput"):  # the xdist controller checks, before workers start
+        return
     if muse.settings.results_dir is None or not any("record" in i.fixturenames for i in items):
         return
     from muse.results import check_writable
@@ -152,6 +153,20 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items) -> Non
         check_writable(muse.settings.results_dir)
     except ValueError as exc:
         pytest.exit(f"--results: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under xdist the controller collects nothing itself: check --results here, where a usage
+    error can still stop the run cleanly."""
+    config = session.config
+    muse = muse_session_of(config)
+    if config.pluginmanager.hasplugin("dsession") and muse.settings.results_dir is not None:
+        from muse.results import check_writable
+
+        try:
+            check_writable(muse.settings.results_dir)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--results: {exc}") from None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -188,7 +203,7 @@ def pytest_runtest_call(item: pytest.Item):
             if case
             else item.nodeid
         )
-        pytest.fail(f"out of memory at {where}: {message}", pytrace=False)
+        raise pytest.fail.Exception(f"out of memory at {where}: {message}", pytrace=False) from None
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
@@ -314,10 +329,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
         doc = build_document(
             muse.records,
-            [Path(sys.argv[0]).name, *sys.argv[1:]],
+            ["pytest", *config.invocation_params.args],
             started_at=muse.started_at,
             finished_at=datetime.now(timezone.utc),
         )
+        doc["settings"] = muse.settings.describe()
         muse.results_path = write_document(doc, muse.settings.results_dir)
     if _failed(muse.records) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -48,11 +48,10 @@ class TransformerConfig(StrictConfig):
 
 def rotary_tables(n: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, ...]:
     # RoFormer (Su et al. 2021): rotate channel pairs by position·θ_j, θ_j = base^(−2j/d).
-    # Built per call from the length, so any N works; computed in fp32 then cast.
-    inv_freq = base ** (
-        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
-    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
+    # Built per call from the length, so any N works; angles in at least fp32 (fp64 for fp64).
+    ct = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=ct) / head_dim)
+    angles = torch.outer(torch.arange(n, device=device, dtype=ct), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -66,7 +65,8 @@ def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    return torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype) @ v
 
 
 class CausalSelfAttention(nn.Module):

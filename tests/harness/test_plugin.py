@@ -117,11 +117,6 @@ def test_unwritable_results_is_no_error_when_nothing_records(pytester):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugin bug: under xdist the --results check runs in the workers, whose pytest.exit "
-    "in pytest_collection_modifyitems crashes the run (INTERNALERROR, exit 3)",
-)
 def test_unwritable_results_under_xdist_is_a_usage_error(pytester):
     pytester.makepyfile(test_memory=PASSING)
     (pytester.path / "a_file").write_text("not a folder")
@@ -324,11 +319,6 @@ def test_no_results_writes_nothing(pytester):
     assert "results: " not in result.stdout.str()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugin bug: pytest_sessionfinish builds the document without Settings.describe(), so "
-    "the results file does not say which models, seqs and thresholds the run used",
-)
 def test_results_file_carries_the_settings(pytester):
     pytester.makepyfile(test_memory=RECORDING)
     run(pytester, *TINY, "--seq", "128", "64", "--min-grad", "1e-3")
@@ -339,11 +329,6 @@ def test_results_file_carries_the_settings(pytester):
 
 
 @pytest.mark.parametrize("runner", ["inprocess", "subprocess"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugin bug: the command is rebuilt from sys.argv, which is the caller's argv under "
-    "pytest.main() and '__main__.py …' under python -m pytest",
-)
 def test_results_file_command_is_this_sessions_command(pytester, runner):
     pytester.makepyfile(test_memory=RECORDING)
     args = ["--results", str(results_dir(pytester)), *TINY, "--seq", "64"]

@@ -18,15 +18,6 @@ from muse.models.transformer import (
 
 VOCAB = 97
 
-SOFTMAX_FP32_BUG = (
-    "bug: eager_causal_attention (muse/models/transformer.py) runs the softmax in float32 "
-    "(`scores.float()`) whatever the input dtype, so float64 eager attention is only "
-    "float32-accurate (~1e-8 relative)"
-)
-ROTARY_FP32_BUG = (
-    "bug: rotary_tables (muse/models/transformer.py) computes the angles and cos/sin in "
-    "float32 whatever the requested dtype, so float64 tables carry ~1e-7 relative error"
-)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -48,7 +39,6 @@ def exact_tables(n: int, head_dim: int, base: float = 10000.0):
 # -- SDPA vs eager ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=SOFTMAX_FP32_BUG)
 def test_sdpa_and_eager_agree_in_float64():
     sdpa = tiny("transformer").eval()
     eager = tiny("transformer-eager", seed=1).eval()
@@ -116,7 +106,6 @@ def test_rotary_tables_match_float64_angles_to_float32_precision():
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=ROTARY_FP32_BUG)
 def test_rotary_tables_are_float64_accurate_in_float64():
     cos, sin = rotary_tables(16, 8, 10000.0, "cpu", torch.float64)
     ref_cos, ref_sin = exact_tables(16, 8)
@@ -153,7 +142,7 @@ def naive_causal_attention(attn: CausalSelfAttention, x: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize(
     "attention",
-    ["sdpa", pytest.param("eager", marks=pytest.mark.xfail(strict=True, reason=SOFTMAX_FP32_BUG))],
+    ["sdpa", "eager"],
 )
 def test_causal_attention_matches_a_per_position_loop(attention):
     torch.manual_seed(0)

@@ -160,3 +160,21 @@ class Case:
         if seq is None:
             raise ValueError(f"case {self.id} sweeps every seq: pass seq explicitly")
         return random_ids(model.config.vocab_size, self.batch, seq, self.device, seed)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """A kernel benchmark case (no model): `bk_core:triton-seq65536-c64`."""
+
+    model: str  # the op
+    preset: str  # the implementation, e.g. "triton" or "scan"
+    seq: int | None
+    batch: int
+    channels: int
+    dtype: str
+    device: torch.device
+
+    @property
+    def id(self) -> str:
+        seq = f"-seq{self.seq}" if self.seq is not None else ""
+        return f"{self.model}:{self.preset}{seq}-c{self.channels}"

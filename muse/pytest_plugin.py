@@ -275,7 +275,7 @@ class Recorder:
             value=None if value is None else float(value),
             unit=unit,
             status=status,
-            params=case.num_params(),
+            params=case.num_params() if hasattr(case, "num_params") else None,
             seq=seq if seq is not None else case.seq,
             batch=case.batch,
             dtype=case.dtype,

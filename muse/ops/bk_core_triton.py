@@ -90,17 +90,33 @@ def _tile(pid_n, pid_c, N, C, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def _last_row(x, last):
+    return tl.sum(tl.where(last, x, 0.0), axis=0)
+
+
+@triton.jit
 def _tile_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
                  CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     step, pos, col, mask = _tile(pid_n, pid_c, N, C, CHUNK, BLOCK_C, BACKWARD)
-    m = _elements(x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD)
-    p = tl.associative_scan(m, 0, _combine)
+    m0, m1, m2, m3, m4, m5, m6, m7 = _elements(
+        x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD
+    )
+    p0, p1, p2, p3, p4, p5, p6, p7 = tl.associative_scan(
+        (m0, m1, m2, m3, m4, m5, m6, m7), 0, _combine
+    )
     last = (tl.arange(0, CHUNK) == CHUNK - 1)[:, None]
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     base = tot_ptr + ((pid_n * B + b) * C + cols) * 8
-    for j in tl.static_range(8):
-        tl.store(base + j, tl.sum(tl.where(last, p[j], 0.0), axis=0), mask=cols < C)
+    ok = cols < C
+    tl.store(base + 0, _last_row(p0, last), mask=ok)
+    tl.store(base + 1, _last_row(p1, last), mask=ok)
+    tl.store(base + 2, _last_row(p2, last), mask=ok)
+    tl.store(base + 3, _last_row(p3, last), mask=ok)
+    tl.store(base + 4, _last_row(p4, last), mask=ok)
+    tl.store(base + 5, _last_row(p5, last), mask=ok)
+    tl.store(base + 6, _last_row(p6, last), mask=ok)
+    tl.store(base + 7, _last_row(p7, last), mask=ok)
 
 
 @triton.jit
@@ -109,23 +125,44 @@ def _scan_totals(tot_ptr, B, C, NCH, TB: tl.constexpr, BLOCK_C: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     zero = tl.zeros([1, BLOCK_C], tl.float32)
-    carry = (zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero)
+    c0, c1, c2, c3, c4, c5, c6, c7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
+    full = tl.zeros([TB, BLOCK_C], tl.float32)
+    last = (tl.arange(0, TB) == TB - 1)[:, None]
     for start in range(0, NCH, TB):
         rows = start + tl.arange(0, TB)[:, None]
         mask = (rows < NCH) & (cols[None, :] < C)
-        ptrs = tot_ptr + ((rows * B + b) * C + cols[None, :]) * 8
-        ident = tl.zeros([TB, BLOCK_C], tl.float32)
-        t = (tl.load(ptrs + 0, mask=mask, other=1.0), tl.load(ptrs + 1, mask=mask, other=0.0),
-             tl.load(ptrs + 2, mask=mask, other=0.0), tl.load(ptrs + 3, mask=mask, other=0.0),
-             tl.load(ptrs + 4, mask=mask, other=0.0), tl.load(ptrs + 5, mask=mask, other=0.0),
-             tl.load(ptrs + 6, mask=mask, other=1.0), tl.load(ptrs + 7, mask=mask, other=0.0))
-        t = tuple(x + ident for x in t)
-        s = tl.associative_scan(t, 0, _combine)
-        s = _combine(*carry, *s)
-        for j in tl.static_range(8):
-            tl.store(ptrs + j, s[j], mask=mask)
-        last = (tl.arange(0, TB) == TB - 1)[:, None]
-        carry = tuple(tl.sum(tl.where(last, x, 0.0), axis=0)[None, :] for x in s)
+        q = tot_ptr + ((rows * B + b) * C + cols[None, :]) * 8
+        t0, t1, t2, t3, t4, t5, t6, t7 = tl.associative_scan(
+            (tl.load(q + 0, mask=mask, other=1.0) + full, tl.load(q + 1, mask=mask, other=0.0),
+             tl.load(q + 2, mask=mask, other=0.0), tl.load(q + 3, mask=mask, other=0.0),
+             tl.load(q + 4, mask=mask, other=0.0), tl.load(q + 5, mask=mask, other=0.0),
+             tl.load(q + 6, mask=mask, other=1.0), tl.load(q + 7, mask=mask, other=0.0)),
+            0, _combine,
+        )
+        s0, s1, s2, s3, s4, s5, s6, s7 = _combine(
+            c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
+        )
+        tl.store(q + 0, s0, mask=mask)
+        tl.store(q + 1, s1, mask=mask)
+        tl.store(q + 2, s2, mask=mask)
+        tl.store(q + 3, s3, mask=mask)
+        tl.store(q + 4, s4, mask=mask)
+        tl.store(q + 5, s5, mask=mask)
+        tl.store(q + 6, s6, mask=mask)
+        tl.store(q + 7, s7, mask=mask)
+        c0 = _last_row(s0, last)[None, :]
+        c1 = _last_row(s1, last)[None, :]
+        c2 = _last_row(s2, last)[None, :]
+        c3 = _last_row(s3, last)[None, :]
+        c4 = _last_row(s4, last)[None, :]
+        c5 = _last_row(s5, last)[None, :]
+        c6 = _last_row(s6, last)[None, :]
+        c7 = _last_row(s7, last)[None, :]
+
+
+@triton.jit
+def _row(ptr, mask, other: tl.constexpr):
+    return tl.load(ptr, mask=mask, other=other)[None, :]
 
 
 @triton.jit
@@ -133,21 +170,26 @@ def _tile_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bst
                   CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     step, pos, col, mask = _tile(pid_n, pid_c, N, C, CHUNK, BLOCK_C, BACKWARD)
-    m = _elements(x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD)
-    p = tl.associative_scan(m, 0, _combine)
+    m0, m1, m2, m3, m4, m5, m6, m7 = _elements(
+        x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD
+    )
+    p0, p1, p2, p3, p4, p5, p6, p7 = tl.associative_scan(
+        (m0, m1, m2, m3, m4, m5, m6, m7), 0, _combine
+    )
     # carry-in: the inclusive total of the previous chunk, identity for the first
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     has = (cols < C) & ((cols * 0 + pid_n) > 0)
     cp = tot_ptr + (((pid_n - 1) * B + b) * C + cols) * 8
-    carry = tuple(
-        tl.load(cp + j, mask=has, other=1.0 if (j == 0 or j == 6) else 0.0)[None, :]
-        for j in tl.static_range(8)
+    _, _, p2, p3, _, _, p6, p7 = _combine(
+        _row(cp + 0, has, 1.0), _row(cp + 1, has, 0.0), _row(cp + 2, has, 0.0),
+        _row(cp + 3, has, 0.0), _row(cp + 4, has, 0.0), _row(cp + 5, has, 0.0),
+        _row(cp + 6, has, 1.0), _row(cp + 7, has, 0.0),
+        p0, p1, p2, p3, p4, p5, p6, p7,
     )
-    p = _combine(*carry, *p)
     # ratio P01 / P11
-    den = p[6] * p[6] + p[7] * p[7]
-    rr = (p[2] * p[6] + p[3] * p[7]) / den
-    ri = (p[3] * p[6] - p[2] * p[7]) / den
+    den = p6 * p6 + p7 * p7
+    rr = (p2 * p6 + p3 * p7) / den
+    ri = (p3 * p6 - p2 * p7) / den
     off = (b * N + pos) * C + col
     if BACKWARD:
         # λ_p is rr + i·ri; ∂L/∂α_p = −conj(g_p²) λ_p; ∂L/∂k_{p−1} = Re(conj(g_{p−1} g_p²) λ_p)

@@ -1,14 +1,16 @@
 """BK-Core on the GPU: Triton kernels for the causal forward and its exact adjoint.
 
-Both are one projective scan of 2×2 complex matrices (see bk_core_scan.py):
-- forward, positions in order: M_p = [[0, 1], [−k_{p−1}, α_p]], g_p = P01 / P11;
-- adjoint, positions reversed: the affine step λ_p = ḡ_p + c_p λ_{p+1} with
-  c_p = conj(k_p g_{p+1}²) is the matrix [[c_p, ḡ_p], [0, 1]] acting on (λ, 1), so the same
-  normalised scan gives λ_p = P01 / P11 while keeping the running products of c in range.
-The scan runs in three launches so that every (chunk × channel-block) tile is its own program:
-(1) each tile's total product, (2) an in-order scan of the tile totals per channel,
-(3) each tile rescanned with its carry-in, and written. Inputs are read twice (1.6× the bytes
-of a single pass), the price of not serialising the tiles. Everything accumulates in fp32.
+The sequence is cut into sub-chunks of L positions, one thread per (sub-chunk, channel), with
+channels contiguous in memory so every load of a step is coalesced. Three launches:
+(1) each sub-chunk's product of its 2×2 step matrices, walked in order (forward
+    M_p = [[0, 1], [−k_{p−1}, α_p]]; adjoint, from the right, the affine step
+    λ_p = ḡ_p + c_p λ_{p+1}, c_p = conj(k_p g_{p+1}²), as [[c_p, ḡ_p], [0, 1]]), each product
+    divided by its largest entry after every step (projective: the ratio P01/P11 is unchanged);
+(2) an in-order associative scan of those totals per channel;
+(3) each thread runs the recurrence itself from the value carried in at its boundary and writes
+    g (forward) or ∂α, ∂k (adjoint).
+Inputs are read twice (launches 1 and 3), the price of not serialising the sub-chunks.
+Everything accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 128  # positions per tile
-BLOCK_C = 16  # channels per tile
-TOTALS_BLOCK = 64  # chunk totals scanned per step in launch (2)
+CHUNK = 128  # positions one thread walks in order (a sub-chunk)
+SUB = 8  # sub-chunks per program
+BLOCK_C = 16  # channels per program (contiguous in memory)
+TOTALS_BLOCK = 256  # sub-chunk totals scanned per step in launch (2)
 
 
 @triton.jit
@@ -53,70 +56,84 @@ def _combine(e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i,
 
 
 @triton.jit
-def _elements(x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride,
-              BACKWARD: tl.constexpr):
-    """The tile's matrices; identity where masked so padding does not change any product."""
-    zero = mask.to(tl.float32) * 0.0  # full tile shape (pos alone is a column)
-    one = zero + 1.0
-    off = (b * N + pos) * C + col
-    if BACKWARD:
-        # x = g; element p: [[conj(k_p g_{p+1}²), ḡ_p], [0, 1]]
-        has_next = mask & (pos < N - 1)
-        kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
-        gr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
-        gi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
-        g2r, g2i = _cmul(gr, gi, gr, gi)
-        bar = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
-        bai = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
-        m00r = tl.where(mask, kp * g2r, one)
-        m00i = -kp * g2i
-        return m00r, m00i, bar, bai, zero, zero, one, zero
-    # x = alpha; element p: [[0, 1], [−k_{p−1}, α_p]]
-    has_prev = mask & (pos >= 1)
-    kprev = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
-    ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
-    ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-    return tl.where(mask, zero, one), zero, tl.where(mask, one, zero), zero, -kprev, zero, ar, ai
+def _normalise(m0, m1, m2, m3, m4, m5, m6, m7):
+    s = tl.maximum(tl.maximum(tl.maximum(tl.abs(m0), tl.abs(m1)), tl.maximum(tl.abs(m2), tl.abs(m3))),
+                   tl.maximum(tl.maximum(tl.abs(m4), tl.abs(m5)), tl.maximum(tl.abs(m6), tl.abs(m7))))
+    inv = 1.0 / s
+    return m0 * inv, m1 * inv, m2 * inv, m3 * inv, m4 * inv, m5 * inv, m6 * inv, m7 * inv
 
 
 @triton.jit
-def _tile(pid_n, pid_c, N, C, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
-          BACKWARD: tl.constexpr):
-    step = pid_n * CHUNK + tl.arange(0, CHUNK)[:, None]
+def _positions(pid_n, t, N, C, L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
+               BACKWARD: tl.constexpr):
+    """Step t of every sub-chunk of this program: a [SUB, BLOCK_C] tile, one row per sub-chunk,
+    channels contiguous in memory (coalesced loads); the adjoint walks from the right."""
+    step = (pid_n * SUB + tl.arange(0, SUB))[:, None] * L + t
+    pos = (N - 1 - step) if BACKWARD else step
+    return pos, step < N
+
+
+@triton.jit
+def _chunk_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
+                  L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BACKWARD: tl.constexpr):
+    """Launch (1): each sub-chunk's product of its L step matrices, one thread per
+    (sub-chunk, channel) walking its positions in order — one structured 2×2 update a step."""
+    pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    pos = (N - 1 - step) if BACKWARD else step  # the adjoint runs from the right
-    mask = (step < N) & (col < C)
-    return step, pos, col, mask
+    zero = tl.zeros([SUB, BLOCK_C], tl.float32)
+    m0, m1, m2, m3, m4, m5, m6, m7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
+    for t in range(L):
+        pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
+        mask = in_seq & (col < C)
+        off = (b * N + pos) * C + col
+        if BACKWARD:
+            # [[c, ḡ], [0, 1]] @ M with c = conj(k_p g_{p+1}²): row 1 of M is unchanged
+            has_next = mask & (pos < N - 1)
+            kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
+            gr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
+            gi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
+            g2r, g2i = _cmul(gr, gi, gr, gi)
+            cr, ci = kp * g2r, -kp * g2i
+            br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
+            bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
+            n0, n1 = _cmul(cr, ci, m0, m1)
+            x2, x3 = _cmul(cr, ci, m2, m3)
+            y2, y3 = _cmul(br, bi, m6, m7)
+            n2, n3 = x2 + y2, x3 + y3
+            n4, n5, n6, n7 = m4, m5, m6, m7
+        else:
+            # [[0, 1], [−k_{p−1}, α_p]] @ M: row 0 becomes row 1, row 1 becomes −k·row0 + α·row1
+            has_prev = mask & (pos >= 1)
+            kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
+            ar = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
+            ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+            n0, n1, n2, n3 = m4, m5, m6, m7
+            x4, x5 = _cmul(ar, ai, m4, m5)
+            x6, x7 = _cmul(ar, ai, m6, m7)
+            n4, n5 = x4 - kq * m0, x5 - kq * m1
+            n6, n7 = x6 - kq * m2, x7 - kq * m3
+        n0, n1, n2, n3, n4, n5, n6, n7 = _normalise(n0, n1, n2, n3, n4, n5, n6, n7)
+        m0, m1 = tl.where(mask, n0, m0), tl.where(mask, n1, m1)
+        m2, m3 = tl.where(mask, n2, m2), tl.where(mask, n3, m3)
+        m4, m5 = tl.where(mask, n4, m4), tl.where(mask, n5, m5)
+        m6, m7 = tl.where(mask, n6, m6), tl.where(mask, n7, m7)
+    chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
+    ok = (chunk * L < N) & (col < C)
+    base = tot_ptr + ((chunk * B + b) * C + col) * 8
+    tl.store(base + 0, m0, mask=ok)
+    tl.store(base + 1, m1, mask=ok)
+    tl.store(base + 2, m2, mask=ok)
+    tl.store(base + 3, m3, mask=ok)
+    tl.store(base + 4, m4, mask=ok)
+    tl.store(base + 5, m5, mask=ok)
+    tl.store(base + 6, m6, mask=ok)
+    tl.store(base + 7, m7, mask=ok)
 
 
 @triton.jit
 def _last_row(x, last):
     return tl.sum(tl.where(last, x, 0.0), axis=0)
-
-
-@triton.jit
-def _tile_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
-                 CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
-    pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    step, pos, col, mask = _tile(pid_n, pid_c, N, C, CHUNK, BLOCK_C, BACKWARD)
-    m0, m1, m2, m3, m4, m5, m6, m7 = _elements(
-        x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD
-    )
-    p0, p1, p2, p3, p4, p5, p6, p7 = tl.associative_scan(
-        (m0, m1, m2, m3, m4, m5, m6, m7), 0, _combine
-    )
-    last = (tl.arange(0, CHUNK) == CHUNK - 1)[:, None]
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    base = tot_ptr + ((pid_n * B + b) * C + cols) * 8
-    ok = cols < C
-    tl.store(base + 0, _last_row(p0, last), mask=ok)
-    tl.store(base + 1, _last_row(p1, last), mask=ok)
-    tl.store(base + 2, _last_row(p2, last), mask=ok)
-    tl.store(base + 3, _last_row(p3, last), mask=ok)
-    tl.store(base + 4, _last_row(p4, last), mask=ok)
-    tl.store(base + 5, _last_row(p5, last), mask=ok)
-    tl.store(base + 6, _last_row(p6, last), mask=ok)
-    tl.store(base + 7, _last_row(p7, last), mask=ok)
 
 
 @triton.jit
@@ -161,91 +178,100 @@ def _scan_totals(tot_ptr, B, C, NCH, TB: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _row(ptr, mask, other: tl.constexpr):
-    return tl.load(ptr, mask=mask, other=other)[None, :]
-
-
-@triton.jit
-def _tile_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bstride,
-                  CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
+def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bstride,
+                   L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BACKWARD: tl.constexpr):
+    """Launch (3): from the value carried in at its boundary (the ratio P01/P11 of the previous
+    sub-chunks' product; 0 for the first), each thread runs the recurrence itself over its L
+    positions: g_p = 1/(α_p − k_{p−1} g_{p−1}) forward, λ_p = ḡ_p + c_p λ_{p+1} backward."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    step, pos, col, mask = _tile(pid_n, pid_c, N, C, CHUNK, BLOCK_C, BACKWARD)
-    m0, m1, m2, m3, m4, m5, m6, m7 = _elements(
-        x_ptr, k_ptr, gg_ptr, pos, col, mask, b, N, C, k_bstride, BACKWARD
-    )
-    p0, p1, p2, p3, p4, p5, p6, p7 = tl.associative_scan(
-        (m0, m1, m2, m3, m4, m5, m6, m7), 0, _combine
-    )
-    # carry-in: the inclusive total of the previous chunk, identity for the first
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    has = (cols < C) & ((cols * 0 + pid_n) > 0)
-    cp = tot_ptr + (((pid_n - 1) * B + b) * C + cols) * 8
-    _, _, p2, p3, _, _, p6, p7 = _combine(
-        _row(cp + 0, has, 1.0), _row(cp + 1, has, 0.0), _row(cp + 2, has, 0.0),
-        _row(cp + 3, has, 0.0), _row(cp + 4, has, 0.0), _row(cp + 5, has, 0.0),
-        _row(cp + 6, has, 1.0), _row(cp + 7, has, 0.0),
-        p0, p1, p2, p3, p4, p5, p6, p7,
-    )
-    # ratio P01 / P11
+    col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
+    has = (chunk > 0) & (chunk * L < N) & (col < C)
+    cp = tot_ptr + (((chunk - 1) * B + b) * C + col) * 8
+    p2 = tl.load(cp + 2, mask=has, other=0.0)
+    p3 = tl.load(cp + 3, mask=has, other=0.0)
+    p6 = tl.load(cp + 6, mask=has, other=1.0)
+    p7 = tl.load(cp + 7, mask=has, other=0.0)
     den = p6 * p6 + p7 * p7
-    rr = (p2 * p6 + p3 * p7) / den
-    ri = (p3 * p6 - p2 * p7) / den
-    off = (b * N + pos) * C + col
-    if BACKWARD:
-        # λ_p is rr + i·ri; ∂L/∂α_p = −conj(g_p²) λ_p; ∂L/∂k_{p−1} = Re(conj(g_{p−1} g_p²) λ_p)
-        gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
-        gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-        g2r, g2i = _cmul(gr, gi, gr, gi)
-        ar, ai = _cmul(g2r, -g2i, rr, ri)
-        tl.store(out_ptr + 2 * off, -ar, mask=mask)
-        tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
-        has_prev = mask & (pos >= 1)
-        pr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
-        pi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
-        qr, qi = _cmul(pr, pi, g2r, g2i)
-        gk = qr * rr + qi * ri  # Re(conj(q) λ)
-        tl.store(gk_ptr + (b * (N - 1) + pos - 1) * C + col, gk, mask=has_prev)
-    else:
-        tl.store(out_ptr + 2 * off, rr, mask=mask)
-        tl.store(out_ptr + 2 * off + 1, ri, mask=mask)
+    vr = (p2 * p6 + p3 * p7) / den
+    vi = (p3 * p6 - p2 * p7) / den
+    for t in range(L):
+        pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
+        mask = in_seq & (col < C)
+        off = (b * N + pos) * C + col
+        if BACKWARD:
+            has_next = mask & (pos < N - 1)
+            kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
+            hr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
+            hi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
+            h2r, h2i = _cmul(hr, hi, hr, hi)
+            br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
+            bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
+            tr, ti = _cmul(kp * h2r, -kp * h2i, vr, vi)
+            vr, vi = br + tr, bi + ti  # λ_p
+            gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
+            gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+            g2r, g2i = _cmul(gr, gi, gr, gi)
+            ar, ai = _cmul(g2r, -g2i, vr, vi)
+            tl.store(out_ptr + 2 * off, -ar, mask=mask)
+            tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
+            has_prev = mask & (pos >= 1)
+            qr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
+            qi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
+            qr, qi = _cmul(qr, qi, g2r, g2i)
+            tl.store(gk_ptr + (b * (N - 1) + pos - 1) * C + col, qr * vr + qi * vi,
+                     mask=has_prev)  # Re(conj(g_{p−1} g_p²) λ_p)
+        else:
+            has_prev = mask & (pos >= 1)
+            kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
+            ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
+            ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+            dr, di = ar - kq * vr, ai - kq * vi
+            den = dr * dr + di * di
+            vr, vi = dr / den, -di / den  # g_p
+            tl.store(out_ptr + 2 * off, vr, mask=mask)
+            tl.store(out_ptr + 2 * off + 1, vi, mask=mask)
 
 
-def _launch(x, k, grad_g, backward: bool, chunk: int = CHUNK, block_c: int = BLOCK_C):
+def _launch(x, k, grad_g, backward: bool, chunk: int = CHUNK, block_c: int = BLOCK_C,
+            sub: int = SUB):
     bsz, n, ch = x.shape
     x_r = torch.view_as_real(x.contiguous())
     k = k.contiguous()
     gg_r = torch.view_as_real(grad_g.resolve_conj().contiguous()) if backward else x_r
     k_bstride = 0 if k.shape[0] == 1 else k.stride(0)
     n_chunks = triton.cdiv(n, chunk)
-    grid = (n_chunks, bsz, triton.cdiv(ch, block_c))
+    grid = (triton.cdiv(n_chunks, sub), bsz, triton.cdiv(ch, block_c))
     totals = torch.empty(n_chunks, bsz, ch, 8, device=x.device, dtype=torch.float32)
-    _tile_totals[grid](x_r, k, gg_r, totals, bsz, n, ch, k_bstride,
-                       CHUNK=chunk, BLOCK_C=block_c, BACKWARD=backward)
+    _chunk_totals[grid](x_r, k, gg_r, totals, bsz, n, ch, k_bstride,
+                        L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward)
     _scan_totals[(bsz, triton.cdiv(ch, block_c))](totals, bsz, ch, n_chunks,
                                                     TB=TOTALS_BLOCK, BLOCK_C=block_c)
     out = torch.empty_like(x_r)
     grad_k = torch.empty(bsz, max(n - 1, 0), ch, device=x.device, dtype=torch.float32)
-    _tile_outputs[grid](x_r, k, gg_r, totals, out, grad_k, bsz, n, ch, k_bstride,
-                        CHUNK=chunk, BLOCK_C=block_c, BACKWARD=backward)
+    _chunk_outputs[grid](x_r, k, gg_r, totals, out, grad_k, bsz, n, ch, k_bstride,
+                         L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward)
     return torch.view_as_complex(out), grad_k
 
 
 def causal_forward_triton(
-    alpha: torch.Tensor, k: torch.Tensor, chunk: int = CHUNK, block_c: int = BLOCK_C
+    alpha: torch.Tensor, k: torch.Tensor, chunk: int = CHUNK, block_c: int = BLOCK_C,
+    sub: int = SUB,
 ) -> torch.Tensor:
     """alpha (B, N, C) complex64, k (B|1, N−1, C) float32 → g (B, N, C) complex64.
     `chunk` and `block_c` (powers of two) set the tile; small tiles keep TRITON_INTERPRET fast."""
     if alpha.dtype != torch.complex64:
         raise ValueError(f"the Triton path computes in complex64, got {alpha.dtype}")
-    return _launch(alpha, k.to(torch.float32), None, False, chunk, block_c)[0]
+    return _launch(alpha, k.to(torch.float32), None, False, chunk, block_c, sub)[0]
 
 
 def causal_backward_triton(
     g: torch.Tensor, k: torch.Tensor, grad_g: torch.Tensor, chunk: int = CHUNK,
-    block_c: int = BLOCK_C,
+    block_c: int = BLOCK_C, sub: int = SUB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_alpha, grad_k = _launch(
-        g, k.to(torch.float32), grad_g.to(torch.complex64), True, chunk, block_c
+        g, k.to(torch.float32), grad_g.to(torch.complex64), True, chunk, block_c, sub
     )
     if k.shape[0] == 1 and grad_k.shape[0] > 1:
         grad_k = grad_k.sum(dim=0, keepdim=True)

@@ -46,19 +46,14 @@ def _combine(e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i,
     a, b = _cmul(l10r, l10i, e01r, e01i)
     c, d = _cmul(l11r, l11i, e11r, e11i)
     m11r, m11i = a + c, b + d
-    s = tl.maximum(tl.maximum(tl.maximum(tl.abs(m00r), tl.abs(m00i)),
-                              tl.maximum(tl.abs(m01r), tl.abs(m01i))),
-                   tl.maximum(tl.maximum(tl.abs(m10r), tl.abs(m10i)),
-                              tl.maximum(tl.abs(m11r), tl.abs(m11i))))
-    inv = 1.0 / s
-    return (m00r * inv, m00i * inv, m01r * inv, m01i * inv,
-            m10r * inv, m10i * inv, m11r * inv, m11i * inv)
+    return _normalise(m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i)
 
 
 @triton.jit
 def _normalise(m0, m1, m2, m3, m4, m5, m6, m7):
-    s = tl.maximum(tl.maximum(tl.maximum(tl.abs(m0), tl.abs(m1)), tl.maximum(tl.abs(m2), tl.abs(m3))),
-                   tl.maximum(tl.maximum(tl.abs(m4), tl.abs(m5)), tl.maximum(tl.abs(m6), tl.abs(m7))))
+    s01 = tl.maximum(tl.maximum(tl.abs(m0), tl.abs(m1)), tl.maximum(tl.abs(m2), tl.abs(m3)))
+    s23 = tl.maximum(tl.maximum(tl.abs(m4), tl.abs(m5)), tl.maximum(tl.abs(m6), tl.abs(m7)))
+    s = tl.maximum(s01, s23)
     inv = 1.0 / s
     return m0 * inv, m1 * inv, m2 * inv, m3 * inv, m4 * inv, m5 * inv, m6 * inv, m7 * inv
 

@@ -15,14 +15,15 @@ Everything accumulates in fp32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-CHUNK = 128  # positions one thread walks in order (a sub-chunk)
 SUB = 8  # sub-chunks per program
 BLOCK_C = 16  # channels per program (contiguous in memory)
-TOTALS_BLOCK = 256  # sub-chunk totals scanned per step in launch (2)
+UNROLL = 8  # steps unrolled so their (independent) loads are in flight together
 
 
 @triton.jit
@@ -71,48 +72,50 @@ def _positions(pid_n, t, N, C, L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.c
 @triton.jit
 def _chunk_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
                   L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BACKWARD: tl.constexpr):
+                  BACKWARD: tl.constexpr, U: tl.constexpr):
     """Launch (1): each sub-chunk's product of its L step matrices, one thread per
     (sub-chunk, channel) walking its positions in order — one structured 2×2 update a step."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     zero = tl.zeros([SUB, BLOCK_C], tl.float32)
     m0, m1, m2, m3, m4, m5, m6, m7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
-    for t in range(L):
-        pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
-        mask = in_seq & (col < C)
-        off = (b * N + pos) * C + col
-        if BACKWARD:
-            # [[c, ḡ], [0, 1]] @ M with c = conj(k_p g_{p+1}²): row 1 of M is unchanged
-            has_next = mask & (pos < N - 1)
-            kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
-            gr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
-            gi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
-            g2r, g2i = _cmul(gr, gi, gr, gi)
-            cr, ci = kp * g2r, -kp * g2i
-            br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
-            bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
-            n0, n1 = _cmul(cr, ci, m0, m1)
-            x2, x3 = _cmul(cr, ci, m2, m3)
-            y2, y3 = _cmul(br, bi, m6, m7)
-            n2, n3 = x2 + y2, x3 + y3
-            n4, n5, n6, n7 = m4, m5, m6, m7
-        else:
-            # [[0, 1], [−k_{p−1}, α_p]] @ M: row 0 becomes row 1, row 1 becomes −k·row0 + α·row1
-            has_prev = mask & (pos >= 1)
-            kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
-            ar = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
-            ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-            n0, n1, n2, n3 = m4, m5, m6, m7
-            x4, x5 = _cmul(ar, ai, m4, m5)
-            x6, x7 = _cmul(ar, ai, m6, m7)
-            n4, n5 = x4 - kq * m0, x5 - kq * m1
-            n6, n7 = x6 - kq * m2, x7 - kq * m3
-        n0, n1, n2, n3, n4, n5, n6, n7 = _normalise(n0, n1, n2, n3, n4, n5, n6, n7)
-        m0, m1 = tl.where(mask, n0, m0), tl.where(mask, n1, m1)
-        m2, m3 = tl.where(mask, n2, m2), tl.where(mask, n3, m3)
-        m4, m5 = tl.where(mask, n4, m4), tl.where(mask, n5, m5)
-        m6, m7 = tl.where(mask, n6, m6), tl.where(mask, n7, m7)
+    for t0 in range(0, L, U):
+        for u in tl.static_range(U):
+            t = t0 + u
+            pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
+            mask = in_seq & (col < C)
+            off = (b * N + pos) * C + col
+            if BACKWARD:
+                # [[c, ḡ], [0, 1]] @ M with c = conj(k_p g_{p+1}²): row 1 of M is unchanged
+                has_next = mask & (pos < N - 1)
+                kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
+                gr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
+                gi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
+                g2r, g2i = _cmul(gr, gi, gr, gi)
+                cr, ci = kp * g2r, -kp * g2i
+                br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
+                bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
+                n0, n1 = _cmul(cr, ci, m0, m1)
+                x2, x3 = _cmul(cr, ci, m2, m3)
+                y2, y3 = _cmul(br, bi, m6, m7)
+                n2, n3 = x2 + y2, x3 + y3
+                n4, n5, n6, n7 = m4, m5, m6, m7
+            else:
+                # [[0, 1], [−k_{p−1}, α_p]] @ M: row 0 becomes row 1, row 1 becomes −k·row0 + α·row1
+                has_prev = mask & (pos >= 1)
+                kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
+                ar = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
+                ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+                n0, n1, n2, n3 = m4, m5, m6, m7
+                x4, x5 = _cmul(ar, ai, m4, m5)
+                x6, x7 = _cmul(ar, ai, m6, m7)
+                n4, n5 = x4 - kq * m0, x5 - kq * m1
+                n6, n7 = x6 - kq * m2, x7 - kq * m3
+            n0, n1, n2, n3, n4, n5, n6, n7 = _normalise(n0, n1, n2, n3, n4, n5, n6, n7)
+            m0, m1 = tl.where(mask, n0, m0), tl.where(mask, n1, m1)
+            m2, m3 = tl.where(mask, n2, m2), tl.where(mask, n3, m3)
+            m4, m5 = tl.where(mask, n4, m4), tl.where(mask, n5, m5)
+            m6, m7 = tl.where(mask, n6, m6), tl.where(mask, n7, m7)
     chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
     ok = (chunk * L < N) & (col < C)
     base = tot_ptr + ((chunk * B + b) * C + col) * 8
@@ -127,55 +130,39 @@ def _chunk_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
 
 
 @triton.jit
-def _last_row(x, last):
-    return tl.sum(tl.where(last, x, 0.0), axis=0)
-
-
-@triton.jit
-def _scan_totals(tot_ptr, B, C, NCH, TB: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Inclusive scan of the tile totals along the chunk axis, in place, with a running carry."""
+def _scan_totals(tot_ptr, B, C, NCH, BLOCK_C: tl.constexpr, U: tl.constexpr):
+    """Launch (2): inclusive product of the sub-chunk totals in order, in place, one thread per
+    channel; the unrolled steps let the loads of U totals be in flight together."""
     b, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    zero = tl.zeros([1, BLOCK_C], tl.float32)
+    zero = tl.zeros([BLOCK_C], tl.float32)
     c0, c1, c2, c3, c4, c5, c6, c7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
-    full = tl.zeros([TB, BLOCK_C], tl.float32)
-    last = (tl.arange(0, TB) == TB - 1)[:, None]
-    for start in range(0, NCH, TB):
-        rows = start + tl.arange(0, TB)[:, None]
-        mask = (rows < NCH) & (cols[None, :] < C)
-        q = tot_ptr + ((rows * B + b) * C + cols[None, :]) * 8
-        t0, t1, t2, t3, t4, t5, t6, t7 = tl.associative_scan(
-            (tl.load(q + 0, mask=mask, other=1.0) + full, tl.load(q + 1, mask=mask, other=0.0),
-             tl.load(q + 2, mask=mask, other=0.0), tl.load(q + 3, mask=mask, other=0.0),
-             tl.load(q + 4, mask=mask, other=0.0), tl.load(q + 5, mask=mask, other=0.0),
-             tl.load(q + 6, mask=mask, other=1.0), tl.load(q + 7, mask=mask, other=0.0)),
-            0, _combine,
-        )
-        s0, s1, s2, s3, s4, s5, s6, s7 = _combine(
-            c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
-        )
-        tl.store(q + 0, s0, mask=mask)
-        tl.store(q + 1, s1, mask=mask)
-        tl.store(q + 2, s2, mask=mask)
-        tl.store(q + 3, s3, mask=mask)
-        tl.store(q + 4, s4, mask=mask)
-        tl.store(q + 5, s5, mask=mask)
-        tl.store(q + 6, s6, mask=mask)
-        tl.store(q + 7, s7, mask=mask)
-        c0 = _last_row(s0, last)[None, :]
-        c1 = _last_row(s1, last)[None, :]
-        c2 = _last_row(s2, last)[None, :]
-        c3 = _last_row(s3, last)[None, :]
-        c4 = _last_row(s4, last)[None, :]
-        c5 = _last_row(s5, last)[None, :]
-        c6 = _last_row(s6, last)[None, :]
-        c7 = _last_row(s7, last)[None, :]
+    for i0 in range(0, NCH, U):
+        for u in tl.static_range(U):
+            i = i0 + u
+            mask = (cols < C) & ((cols * 0 + i) < NCH)
+            q = tot_ptr + ((i * B + b) * C + cols) * 8
+            c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
+                c0, c1, c2, c3, c4, c5, c6, c7,
+                tl.load(q + 0, mask=mask, other=1.0), tl.load(q + 1, mask=mask, other=0.0),
+                tl.load(q + 2, mask=mask, other=0.0), tl.load(q + 3, mask=mask, other=0.0),
+                tl.load(q + 4, mask=mask, other=0.0), tl.load(q + 5, mask=mask, other=0.0),
+                tl.load(q + 6, mask=mask, other=1.0), tl.load(q + 7, mask=mask, other=0.0),
+            )
+            tl.store(q + 0, c0, mask=mask)
+            tl.store(q + 1, c1, mask=mask)
+            tl.store(q + 2, c2, mask=mask)
+            tl.store(q + 3, c3, mask=mask)
+            tl.store(q + 4, c4, mask=mask)
+            tl.store(q + 5, c5, mask=mask)
+            tl.store(q + 6, c6, mask=mask)
+            tl.store(q + 7, c7, mask=mask)
 
 
 @triton.jit
 def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bstride,
                    L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BACKWARD: tl.constexpr):
+                   BACKWARD: tl.constexpr, U: tl.constexpr):
     """Launch (3): from the value carried in at its boundary (the ratio P01/P11 of the previous
     sub-chunks' product; 0 for the first), each thread runs the recurrence itself over its L
     positions: g_p = 1/(α_p − k_{p−1} g_{p−1}) forward, λ_p = ḡ_p + c_p λ_{p+1} backward."""
@@ -191,47 +178,59 @@ def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bs
     den = p6 * p6 + p7 * p7
     vr = (p2 * p6 + p3 * p7) / den
     vi = (p3 * p6 - p2 * p7) / den
-    for t in range(L):
-        pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
-        mask = in_seq & (col < C)
-        off = (b * N + pos) * C + col
-        if BACKWARD:
-            has_next = mask & (pos < N - 1)
-            kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
-            hr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
-            hi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
-            h2r, h2i = _cmul(hr, hi, hr, hi)
-            br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
-            bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
-            tr, ti = _cmul(kp * h2r, -kp * h2i, vr, vi)
-            vr, vi = br + tr, bi + ti  # λ_p
-            gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
-            gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-            g2r, g2i = _cmul(gr, gi, gr, gi)
-            ar, ai = _cmul(g2r, -g2i, vr, vi)
-            tl.store(out_ptr + 2 * off, -ar, mask=mask)
-            tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
-            has_prev = mask & (pos >= 1)
-            qr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
-            qi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
-            qr, qi = _cmul(qr, qi, g2r, g2i)
-            tl.store(gk_ptr + (b * (N - 1) + pos - 1) * C + col, qr * vr + qi * vi,
-                     mask=has_prev)  # Re(conj(g_{p−1} g_p²) λ_p)
-        else:
-            has_prev = mask & (pos >= 1)
-            kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
-            ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
-            ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-            dr, di = ar - kq * vr, ai - kq * vi
-            den = dr * dr + di * di
-            vr, vi = dr / den, -di / den  # g_p
-            tl.store(out_ptr + 2 * off, vr, mask=mask)
-            tl.store(out_ptr + 2 * off + 1, vi, mask=mask)
+    for t0 in range(0, L, U):
+        for u in tl.static_range(U):
+            t = t0 + u
+            pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
+            mask = in_seq & (col < C)
+            off = (b * N + pos) * C + col
+            if BACKWARD:
+                has_next = mask & (pos < N - 1)
+                kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
+                hr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
+                hi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
+                h2r, h2i = _cmul(hr, hi, hr, hi)
+                br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
+                bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
+                tr, ti = _cmul(kp * h2r, -kp * h2i, vr, vi)
+                vr, vi = br + tr, bi + ti  # λ_p
+                gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
+                gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+                g2r, g2i = _cmul(gr, gi, gr, gi)
+                ar, ai = _cmul(g2r, -g2i, vr, vi)
+                tl.store(out_ptr + 2 * off, -ar, mask=mask)
+                tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
+                has_prev = mask & (pos >= 1)
+                qr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
+                qi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
+                qr, qi = _cmul(qr, qi, g2r, g2i)
+                tl.store(gk_ptr + (b * (N - 1) + pos - 1) * C + col, qr * vr + qi * vi,
+                         mask=has_prev)  # Re(conj(g_{p−1} g_p²) λ_p)
+            else:
+                has_prev = mask & (pos >= 1)
+                kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
+                ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
+                ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+                dr, di = ar - kq * vr, ai - kq * vi
+                den = dr * dr + di * di
+                vr, vi = dr / den, -di / den  # g_p
+                tl.store(out_ptr + 2 * off, vr, mask=mask)
+                tl.store(out_ptr + 2 * off + 1, vi, mask=mask)
 
 
-def _launch(x, k, grad_g, backward: bool, chunk: int = CHUNK, block_c: int = BLOCK_C,
+def default_chunk(n: int) -> int:
+    """Positions per thread: about √N balances the in-order walk of launches (1, 3) against
+    the in-order walk over the N/L totals of launch (2)."""
+    return min(1024, max(UNROLL, triton.next_power_of_2(math.isqrt(max(n, 1)))))
+
+
+def _launch(x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int = BLOCK_C,
             sub: int = SUB):
     bsz, n, ch = x.shape
+    chunk = chunk or default_chunk(n)
+    unroll = min(UNROLL, chunk)
+    if chunk % unroll:
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
     x_r = torch.view_as_real(x.contiguous())
     k = k.contiguous()
     gg_r = torch.view_as_real(grad_g.resolve_conj().contiguous()) if backward else x_r
@@ -240,29 +239,30 @@ def _launch(x, k, grad_g, backward: bool, chunk: int = CHUNK, block_c: int = BLO
     grid = (triton.cdiv(n_chunks, sub), bsz, triton.cdiv(ch, block_c))
     totals = torch.empty(n_chunks, bsz, ch, 8, device=x.device, dtype=torch.float32)
     _chunk_totals[grid](x_r, k, gg_r, totals, bsz, n, ch, k_bstride,
-                        L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward)
+                        L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward, U=unroll)
     _scan_totals[(bsz, triton.cdiv(ch, block_c))](totals, bsz, ch, n_chunks,
-                                                    TB=TOTALS_BLOCK, BLOCK_C=block_c)
+                                                    BLOCK_C=block_c, U=UNROLL)
     out = torch.empty_like(x_r)
     grad_k = torch.empty(bsz, max(n - 1, 0), ch, device=x.device, dtype=torch.float32)
     _chunk_outputs[grid](x_r, k, gg_r, totals, out, grad_k, bsz, n, ch, k_bstride,
-                         L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward)
+                         L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward, U=unroll)
     return torch.view_as_complex(out), grad_k
 
 
 def causal_forward_triton(
-    alpha: torch.Tensor, k: torch.Tensor, chunk: int = CHUNK, block_c: int = BLOCK_C,
+    alpha: torch.Tensor, k: torch.Tensor, chunk: int | None = None, block_c: int = BLOCK_C,
     sub: int = SUB,
 ) -> torch.Tensor:
     """alpha (B, N, C) complex64, k (B|1, N−1, C) float32 → g (B, N, C) complex64.
-    `chunk` and `block_c` (powers of two) set the tile; small tiles keep TRITON_INTERPRET fast."""
+    `chunk` (positions per thread, default ≈ √N) and `block_c` (powers of two) set the tile;
+    small tiles keep TRITON_INTERPRET fast."""
     if alpha.dtype != torch.complex64:
         raise ValueError(f"the Triton path computes in complex64, got {alpha.dtype}")
     return _launch(alpha, k.to(torch.float32), None, False, chunk, block_c, sub)[0]
 
 
 def causal_backward_triton(
-    g: torch.Tensor, k: torch.Tensor, grad_g: torch.Tensor, chunk: int = CHUNK,
+    g: torch.Tensor, k: torch.Tensor, grad_g: torch.Tensor, chunk: int | None = None,
     block_c: int = BLOCK_C, sub: int = SUB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_alpha, grad_k = _launch(

@@ -219,9 +219,10 @@ def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bs
 
 
 def default_chunk(n: int) -> int:
-    """Positions per thread: about √N balances the in-order walk of launches (1, 3) against
-    the in-order walk over the N/L totals of launch (2)."""
-    return min(1024, max(UNROLL, triton.next_power_of_2(math.isqrt(max(n, 1)))))
+    """Positions per thread: about √N/2 balances the in-order walk of launches (1, 3) against
+    the in-order walk over the N/L totals of launch (2) (measured on an H200: √N/2 beat √N
+    and √N/4 at N = 64k and 1M, reports/bk_core_tuning.md)."""
+    return min(512, max(UNROLL, triton.next_power_of_2(math.isqrt(max(n, 1))) // 2))
 
 
 def _launch(x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int = BLOCK_C,

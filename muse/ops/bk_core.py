@@ -68,7 +68,9 @@ def check_inputs(a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, mode: str) -
         raise ValueError("k (the off-diagonal products b·c) must be real and ≥ 0, got complex")
     if z.shape != (ch,):
         raise ValueError(f"z must have one shift per channel, shape ({ch},), got {tuple(z.shape)}")
-    if not z.is_complex() or not bool((z.imag > 0).all()):
+    if not z.is_complex():
+        raise ValueError(f"z must be complex with Im z > 0, got real dtype {z.dtype}")
+    if not bool((z.imag > 0).all()):
         raise ValueError(f"z needs Im z > 0 in every channel, got min Im z = {z.imag.min().item()}")
     if k.numel() and not bool((k >= 0).all()):
         raise ValueError(f"k must be ≥ 0 (k = softplus(·) in the models), got min {k.min().item()}")

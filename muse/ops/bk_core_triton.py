@@ -23,7 +23,6 @@ import triton.language as tl
 
 SUB = 8  # sub-chunks per program
 BLOCK_C = 16  # channels per program (contiguous in memory)
-UNROLL = 8  # steps unrolled so their (independent) loads are in flight together
 
 
 @triton.jit
@@ -32,8 +31,9 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
-def _combine(e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i,
-             l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i):
+def _combine(
+    e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i, l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i
+):
     # later @ earlier, divided by its largest |Re| or |Im|: projective, so g = P01/P11 holds.
     a, b = _cmul(l00r, l00i, e00r, e00i)
     c, d = _cmul(l01r, l01i, e10r, e10i)
@@ -60,62 +60,193 @@ def _normalise(m0, m1, m2, m3, m4, m5, m6, m7):
 
 
 @triton.jit
-def _positions(pid_n, t, N, C, L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
-               BACKWARD: tl.constexpr):
+def _positions(pid_n, t, N, C, col, L: tl.constexpr, SUB: tl.constexpr, BACKWARD: tl.constexpr):
     """Step t of every sub-chunk of this program: a [SUB, BLOCK_C] tile, one row per sub-chunk,
     channels contiguous in memory (coalesced loads); the adjoint walks from the right."""
     step = (pid_n * SUB + tl.arange(0, SUB))[:, None] * L + t
     pos = (N - 1 - step) if BACKWARD else step
-    return pos, step < N
+    return pos, (step < N) & (col < C)
 
 
 @triton.jit
-def _chunk_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
-                  L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BACKWARD: tl.constexpr, U: tl.constexpr):
+def _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pos, mask):
+    has_prev = mask & (pos >= 1)
+    kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
+    off = (b * N + pos) * C + col
+    ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
+    ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+    return ar, ai, kq
+
+
+@triton.jit
+def _bwd_in(x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pos, mask):
+    """c_p = conj(k_p g_{p+1}²), ḡ_p, g_p and g_{p−1} for step p of the adjoint."""
+    off = (b * N + pos) * C + col
+    has_next = mask & (pos < N - 1)
+    kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
+    hr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
+    hi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
+    br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
+    bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
+    gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
+    gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
+    has_prev = mask & (pos >= 1)
+    qr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
+    qi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
+    h2r, h2i = _cmul(hr, hi, hr, hi)
+    return kp * h2r, -kp * h2i, br, bi, gr, gi, qr, qi
+
+
+@triton.jit
+def _keep(mask, n0, n1, n2, n3, n4, n5, n6, n7, m0, m1, m2, m3, m4, m5, m6, m7):
+    n0, n1, n2, n3, n4, n5, n6, n7 = _normalise(n0, n1, n2, n3, n4, n5, n6, n7)
+    return (
+        tl.where(mask, n0, m0),
+        tl.where(mask, n1, m1),
+        tl.where(mask, n2, m2),
+        tl.where(mask, n3, m3),
+        tl.where(mask, n4, m4),
+        tl.where(mask, n5, m5),
+        tl.where(mask, n6, m6),
+        tl.where(mask, n7, m7),
+    )
+
+
+@triton.jit
+def _fwd_mul(m0, m1, m2, m3, m4, m5, m6, m7, ar, ai, kq, mask):
+    # [[0, 1], [−k_{p−1}, α_p]] @ M: row 0 becomes row 1, row 1 becomes α·row1 − k·row0
+    x4, x5 = _cmul(ar, ai, m4, m5)
+    x6, x7 = _cmul(ar, ai, m6, m7)
+    return _keep(
+        mask,
+        m4,
+        m5,
+        m6,
+        m7,
+        x4 - kq * m0,
+        x5 - kq * m1,
+        x6 - kq * m2,
+        x7 - kq * m3,
+        m0,
+        m1,
+        m2,
+        m3,
+        m4,
+        m5,
+        m6,
+        m7,
+    )
+
+
+@triton.jit
+def _bwd_mul(m0, m1, m2, m3, m4, m5, m6, m7, cr, ci, br, bi, mask):
+    # [[c, ḡ], [0, 1]] @ M: row 1 is unchanged
+    n0, n1 = _cmul(cr, ci, m0, m1)
+    x2, x3 = _cmul(cr, ci, m2, m3)
+    y2, y3 = _cmul(br, bi, m6, m7)
+    return _keep(mask, n0, n1, x2 + y2, x3 + y3, m4, m5, m6, m7, m0, m1, m2, m3, m4, m5, m6, m7)
+
+
+@triton.jit
+def _fwd_out(out_ptr, b, N, C, col, pos, mask, vr, vi, ar, ai, kq):
+    dr, di = ar - kq * vr, ai - kq * vi
+    den = dr * dr + di * di
+    vr, vi = dr / den, -di / den  # g_p = 1/(α_p − k_{p−1} g_{p−1})
+    off = (b * N + pos) * C + col
+    tl.store(out_ptr + 2 * off, vr, mask=mask)
+    tl.store(out_ptr + 2 * off + 1, vi, mask=mask)
+    return vr, vi
+
+
+@triton.jit
+def _bwd_out(out_ptr, gk_ptr, b, N, C, col, pos, mask, vr, vi, cr, ci, br, bi, gr, gi, qr, qi):
+    tr, ti = _cmul(cr, ci, vr, vi)
+    vr, vi = br + tr, bi + ti  # λ_p = ḡ_p + c_p λ_{p+1}
+    g2r, g2i = _cmul(gr, gi, gr, gi)
+    ar, ai = _cmul(g2r, -g2i, vr, vi)  # ∂L/∂α_p = −conj(g_p²) λ_p
+    off = (b * N + pos) * C + col
+    tl.store(out_ptr + 2 * off, -ar, mask=mask)
+    tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
+    q2r, q2i = _cmul(qr, qi, g2r, g2i)  # ∂L/∂k_{p−1} = Re(conj(g_{p−1} g_p²) λ_p)
+    tl.store(
+        gk_ptr + (b * (N - 1) + pos - 1) * C + col, q2r * vr + q2i * vi, mask=mask & (pos >= 1)
+    )
+    return vr, vi
+
+
+# Launches (1) and (3) walk 4 steps at a time: the 4 steps' loads are issued before any of
+# their arithmetic or stores, so each thread keeps 4 loads in flight instead of waiting out a
+# full memory latency per step (the compiler cannot hoist loads above possibly aliasing stores).
+
+
+@triton.jit
+def _chunk_totals(
+    x_ptr,
+    k_ptr,
+    gg_ptr,
+    tot_ptr,
+    B,
+    N,
+    C,
+    k_bstride,
+    L: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     """Launch (1): each sub-chunk's product of its L step matrices, one thread per
-    (sub-chunk, channel) walking its positions in order — one structured 2×2 update a step."""
+    (sub-chunk, channel) walking its positions in order."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     zero = tl.zeros([SUB, BLOCK_C], tl.float32)
     m0, m1, m2, m3, m4, m5, m6, m7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
-    for t0 in range(0, L, U):
-        for u in tl.static_range(U):
-            t = t0 + u
-            pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
-            mask = in_seq & (col < C)
-            off = (b * N + pos) * C + col
-            if BACKWARD:
-                # [[c, ḡ], [0, 1]] @ M with c = conj(k_p g_{p+1}²): row 1 of M is unchanged
-                has_next = mask & (pos < N - 1)
-                kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
-                gr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
-                gi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
-                g2r, g2i = _cmul(gr, gi, gr, gi)
-                cr, ci = kp * g2r, -kp * g2i
-                br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
-                bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
-                n0, n1 = _cmul(cr, ci, m0, m1)
-                x2, x3 = _cmul(cr, ci, m2, m3)
-                y2, y3 = _cmul(br, bi, m6, m7)
-                n2, n3 = x2 + y2, x3 + y3
-                n4, n5, n6, n7 = m4, m5, m6, m7
-            else:
-                # [[0, 1], [−k_{p−1}, α_p]] @ M: row 0 becomes row 1, row 1 becomes −k·row0 + α·row1
-                has_prev = mask & (pos >= 1)
-                kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
-                ar = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
-                ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-                n0, n1, n2, n3 = m4, m5, m6, m7
-                x4, x5 = _cmul(ar, ai, m4, m5)
-                x6, x7 = _cmul(ar, ai, m6, m7)
-                n4, n5 = x4 - kq * m0, x5 - kq * m1
-                n6, n7 = x6 - kq * m2, x7 - kq * m3
-            n0, n1, n2, n3, n4, n5, n6, n7 = _normalise(n0, n1, n2, n3, n4, n5, n6, n7)
-            m0, m1 = tl.where(mask, n0, m0), tl.where(mask, n1, m1)
-            m2, m3 = tl.where(mask, n2, m2), tl.where(mask, n3, m3)
-            m4, m5 = tl.where(mask, n4, m4), tl.where(mask, n5, m5)
-            m6, m7 = tl.where(mask, n6, m6), tl.where(mask, n7, m7)
+    for t in range(0, L, 4):
+        pa, ka = _positions(pid_n, t, N, C, col, L, SUB, BACKWARD)
+        pb, kb = _positions(pid_n, t + 1, N, C, col, L, SUB, BACKWARD)
+        pc, kc = _positions(pid_n, t + 2, N, C, col, L, SUB, BACKWARD)
+        pd, kd = _positions(pid_n, t + 3, N, C, col, L, SUB, BACKWARD)
+        if BACKWARD:
+            a0, a1, a2, a3, _, _, _, _ = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pa, ka
+            )
+            b0, b1, b2, b3, _, _, _, _ = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pb, kb
+            )
+            c0, c1, c2, c3, _, _, _, _ = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pc, kc
+            )
+            d0, d1, d2, d3, _, _, _, _ = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pd, kd
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _bwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, a3, ka
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _bwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, b0, b1, b2, b3, kb
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _bwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, c0, c1, c2, c3, kc
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _bwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, d0, d1, d2, d3, kd
+            )
+        else:
+            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka)
+            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb)
+            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc)
+            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd)
+            m0, m1, m2, m3, m4, m5, m6, m7 = _fwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, ka
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _fwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, b0, b1, b2, kb
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _fwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, c0, c1, c2, kc
+            )
+            m0, m1, m2, m3, m4, m5, m6, m7 = _fwd_mul(
+                m0, m1, m2, m3, m4, m5, m6, m7, d0, d1, d2, kd
+            )
     chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
     ok = (chunk * L < N) & (col < C)
     base = tot_ptr + ((chunk * B + b) * C + col) * 8
@@ -130,39 +261,73 @@ def _chunk_totals(x_ptr, k_ptr, gg_ptr, tot_ptr, B, N, C, k_bstride,
 
 
 @triton.jit
-def _scan_totals(tot_ptr, B, C, NCH, BLOCK_C: tl.constexpr, U: tl.constexpr):
+def _total(tot_ptr, i, B, b, C, cols, NCH):
+    mask = (cols < C) & ((cols * 0 + i) < NCH)
+    q = tot_ptr + ((i * B + b) * C + cols) * 8
+    return (
+        tl.load(q + 0, mask=mask, other=1.0),
+        tl.load(q + 1, mask=mask, other=0.0),
+        tl.load(q + 2, mask=mask, other=0.0),
+        tl.load(q + 3, mask=mask, other=0.0),
+        tl.load(q + 4, mask=mask, other=0.0),
+        tl.load(q + 5, mask=mask, other=0.0),
+        tl.load(q + 6, mask=mask, other=1.0),
+        tl.load(q + 7, mask=mask, other=0.0),
+    )
+
+
+@triton.jit
+def _store_total(tot_ptr, i, B, b, C, cols, NCH, c0, c1, c2, c3, c4, c5, c6, c7):
+    mask = (cols < C) & ((cols * 0 + i) < NCH)
+    q = tot_ptr + ((i * B + b) * C + cols) * 8
+    tl.store(q + 0, c0, mask=mask)
+    tl.store(q + 1, c1, mask=mask)
+    tl.store(q + 2, c2, mask=mask)
+    tl.store(q + 3, c3, mask=mask)
+    tl.store(q + 4, c4, mask=mask)
+    tl.store(q + 5, c5, mask=mask)
+    tl.store(q + 6, c6, mask=mask)
+    tl.store(q + 7, c7, mask=mask)
+
+
+@triton.jit
+def _scan_totals(tot_ptr, B, C, NCH, BLOCK_C: tl.constexpr):
     """Launch (2): inclusive product of the sub-chunk totals in order, in place, one thread per
-    channel; the unrolled steps let the loads of U totals be in flight together."""
+    channel, two totals loaded ahead."""
     b, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     zero = tl.zeros([BLOCK_C], tl.float32)
     c0, c1, c2, c3, c4, c5, c6, c7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
-    for i0 in range(0, NCH, U):
-        for u in tl.static_range(U):
-            i = i0 + u
-            mask = (cols < C) & ((cols * 0 + i) < NCH)
-            q = tot_ptr + ((i * B + b) * C + cols) * 8
-            c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
-                c0, c1, c2, c3, c4, c5, c6, c7,
-                tl.load(q + 0, mask=mask, other=1.0), tl.load(q + 1, mask=mask, other=0.0),
-                tl.load(q + 2, mask=mask, other=0.0), tl.load(q + 3, mask=mask, other=0.0),
-                tl.load(q + 4, mask=mask, other=0.0), tl.load(q + 5, mask=mask, other=0.0),
-                tl.load(q + 6, mask=mask, other=1.0), tl.load(q + 7, mask=mask, other=0.0),
-            )
-            tl.store(q + 0, c0, mask=mask)
-            tl.store(q + 1, c1, mask=mask)
-            tl.store(q + 2, c2, mask=mask)
-            tl.store(q + 3, c3, mask=mask)
-            tl.store(q + 4, c4, mask=mask)
-            tl.store(q + 5, c5, mask=mask)
-            tl.store(q + 6, c6, mask=mask)
-            tl.store(q + 7, c7, mask=mask)
+    for i in range(0, NCH, 2):
+        a0, a1, a2, a3, a4, a5, a6, a7 = _total(tot_ptr, i, B, b, C, cols, NCH)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _total(tot_ptr, i + 1, B, b, C, cols, NCH)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
+            c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7
+        )
+        _store_total(tot_ptr, i, B, b, C, cols, NCH, c0, c1, c2, c3, c4, c5, c6, c7)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
+            c0, c1, c2, c3, c4, c5, c6, c7, b0, b1, b2, b3, b4, b5, b6, b7
+        )
+        _store_total(tot_ptr, i + 1, B, b, C, cols, NCH, c0, c1, c2, c3, c4, c5, c6, c7)
 
 
 @triton.jit
-def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bstride,
-                   L: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BACKWARD: tl.constexpr, U: tl.constexpr):
+def _chunk_outputs(
+    x_ptr,
+    k_ptr,
+    gg_ptr,
+    tot_ptr,
+    out_ptr,
+    gk_ptr,
+    B,
+    N,
+    C,
+    k_bstride,
+    L: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     """Launch (3): from the value carried in at its boundary (the ratio P01/P11 of the previous
     sub-chunks' product; 0 for the first), each thread runs the recurrence itself over its L
     positions: g_p = 1/(α_p − k_{p−1} g_{p−1}) forward, λ_p = ḡ_p + c_p λ_{p+1} backward."""
@@ -178,60 +343,61 @@ def _chunk_outputs(x_ptr, k_ptr, gg_ptr, tot_ptr, out_ptr, gk_ptr, B, N, C, k_bs
     den = p6 * p6 + p7 * p7
     vr = (p2 * p6 + p3 * p7) / den
     vi = (p3 * p6 - p2 * p7) / den
-    for t0 in range(0, L, U):
-        for u in tl.static_range(U):
-            t = t0 + u
-            pos, in_seq = _positions(pid_n, t, N, C, L, SUB, BLOCK_C, BACKWARD)
-            mask = in_seq & (col < C)
-            off = (b * N + pos) * C + col
-            if BACKWARD:
-                has_next = mask & (pos < N - 1)
-                kp = tl.load(k_ptr + b * k_bstride + pos * C + col, mask=has_next, other=0.0)
-                hr = tl.load(x_ptr + 2 * (off + C), mask=has_next, other=0.0)
-                hi = tl.load(x_ptr + 2 * (off + C) + 1, mask=has_next, other=0.0)
-                h2r, h2i = _cmul(hr, hi, hr, hi)
-                br = tl.load(gg_ptr + 2 * off, mask=mask, other=0.0)
-                bi = tl.load(gg_ptr + 2 * off + 1, mask=mask, other=0.0)
-                tr, ti = _cmul(kp * h2r, -kp * h2i, vr, vi)
-                vr, vi = br + tr, bi + ti  # λ_p
-                gr = tl.load(x_ptr + 2 * off, mask=mask, other=0.0)
-                gi = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-                g2r, g2i = _cmul(gr, gi, gr, gi)
-                ar, ai = _cmul(g2r, -g2i, vr, vi)
-                tl.store(out_ptr + 2 * off, -ar, mask=mask)
-                tl.store(out_ptr + 2 * off + 1, -ai, mask=mask)
-                has_prev = mask & (pos >= 1)
-                qr = tl.load(x_ptr + 2 * (off - C), mask=has_prev, other=0.0)
-                qi = tl.load(x_ptr + 2 * (off - C) + 1, mask=has_prev, other=0.0)
-                qr, qi = _cmul(qr, qi, g2r, g2i)
-                tl.store(gk_ptr + (b * (N - 1) + pos - 1) * C + col, qr * vr + qi * vi,
-                         mask=has_prev)  # Re(conj(g_{p−1} g_p²) λ_p)
-            else:
-                has_prev = mask & (pos >= 1)
-                kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
-                ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
-                ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-                dr, di = ar - kq * vr, ai - kq * vi
-                den = dr * dr + di * di
-                vr, vi = dr / den, -di / den  # g_p
-                tl.store(out_ptr + 2 * off, vr, mask=mask)
-                tl.store(out_ptr + 2 * off + 1, vi, mask=mask)
+    for t in range(0, L, 4):
+        pa, ka = _positions(pid_n, t, N, C, col, L, SUB, BACKWARD)
+        pb, kb = _positions(pid_n, t + 1, N, C, col, L, SUB, BACKWARD)
+        pc, kc = _positions(pid_n, t + 2, N, C, col, L, SUB, BACKWARD)
+        pd, kd = _positions(pid_n, t + 3, N, C, col, L, SUB, BACKWARD)
+        if BACKWARD:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pa, ka
+            )
+            b0, b1, b2, b3, b4, b5, b6, b7 = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pb, kb
+            )
+            c0, c1, c2, c3, c4, c5, c6, c7 = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pc, kc
+            )
+            d0, d1, d2, d3, d4, d5, d6, d7 = _bwd_in(
+                x_ptr, k_ptr, gg_ptr, b, N, C, k_bstride, col, pd, kd
+            )
+            vr, vi = _bwd_out(
+                out_ptr, gk_ptr, b, N, C, col, pa, ka, vr, vi, a0, a1, a2, a3, a4, a5, a6, a7
+            )
+            vr, vi = _bwd_out(
+                out_ptr, gk_ptr, b, N, C, col, pb, kb, vr, vi, b0, b1, b2, b3, b4, b5, b6, b7
+            )
+            vr, vi = _bwd_out(
+                out_ptr, gk_ptr, b, N, C, col, pc, kc, vr, vi, c0, c1, c2, c3, c4, c5, c6, c7
+            )
+            vr, vi = _bwd_out(
+                out_ptr, gk_ptr, b, N, C, col, pd, kd, vr, vi, d0, d1, d2, d3, d4, d5, d6, d7
+            )
+        else:
+            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka)
+            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb)
+            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc)
+            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd)
+            vr, vi = _fwd_out(out_ptr, b, N, C, col, pa, ka, vr, vi, a0, a1, a2)
+            vr, vi = _fwd_out(out_ptr, b, N, C, col, pb, kb, vr, vi, b0, b1, b2)
+            vr, vi = _fwd_out(out_ptr, b, N, C, col, pc, kc, vr, vi, c0, c1, c2)
+            vr, vi = _fwd_out(out_ptr, b, N, C, col, pd, kd, vr, vi, d0, d1, d2)
 
 
 def default_chunk(n: int) -> int:
     """Positions per thread: about √N/2 balances the in-order walk of launches (1, 3) against
     the in-order walk over the N/L totals of launch (2) (measured on an H200: √N/2 beat √N
     and √N/4 at N = 64k and 1M, reports/bk_core_tuning.md)."""
-    return min(512, max(UNROLL, triton.next_power_of_2(math.isqrt(max(n, 1))) // 2))
+    return min(512, max(8, triton.next_power_of_2(math.isqrt(max(n, 1))) // 2))
 
 
-def _launch(x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int = BLOCK_C,
-            sub: int = SUB):
+def _launch(
+    x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int = BLOCK_C, sub: int = SUB
+):
     bsz, n, ch = x.shape
     chunk = chunk or default_chunk(n)
-    unroll = min(UNROLL, chunk)
-    if chunk % unroll:
-        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    if chunk < 4 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two ≥ 4, got {chunk}")
     x_r = torch.view_as_real(x.contiguous())
     k = k.contiguous()
     gg_r = torch.view_as_real(grad_g.resolve_conj().contiguous()) if backward else x_r
@@ -239,19 +405,47 @@ def _launch(x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int
     n_chunks = triton.cdiv(n, chunk)
     grid = (triton.cdiv(n_chunks, sub), bsz, triton.cdiv(ch, block_c))
     totals = torch.empty(n_chunks, bsz, ch, 8, device=x.device, dtype=torch.float32)
-    _chunk_totals[grid](x_r, k, gg_r, totals, bsz, n, ch, k_bstride,
-                        L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward, U=unroll)
-    _scan_totals[(bsz, triton.cdiv(ch, block_c))](totals, bsz, ch, n_chunks,
-                                                    BLOCK_C=block_c, U=UNROLL)
+    _chunk_totals[grid](
+        x_r,
+        k,
+        gg_r,
+        totals,
+        bsz,
+        n,
+        ch,
+        k_bstride,
+        L=chunk,
+        SUB=sub,
+        BLOCK_C=block_c,
+        BACKWARD=backward,
+    )
+    _scan_totals[(bsz, triton.cdiv(ch, block_c))](totals, bsz, ch, n_chunks, BLOCK_C=block_c)
     out = torch.empty_like(x_r)
     grad_k = torch.empty(bsz, max(n - 1, 0), ch, device=x.device, dtype=torch.float32)
-    _chunk_outputs[grid](x_r, k, gg_r, totals, out, grad_k, bsz, n, ch, k_bstride,
-                         L=chunk, SUB=sub, BLOCK_C=block_c, BACKWARD=backward, U=unroll)
+    _chunk_outputs[grid](
+        x_r,
+        k,
+        gg_r,
+        totals,
+        out,
+        grad_k,
+        bsz,
+        n,
+        ch,
+        k_bstride,
+        L=chunk,
+        SUB=sub,
+        BLOCK_C=block_c,
+        BACKWARD=backward,
+    )
     return torch.view_as_complex(out), grad_k
 
 
 def causal_forward_triton(
-    alpha: torch.Tensor, k: torch.Tensor, chunk: int | None = None, block_c: int = BLOCK_C,
+    alpha: torch.Tensor,
+    k: torch.Tensor,
+    chunk: int | None = None,
+    block_c: int = BLOCK_C,
     sub: int = SUB,
 ) -> torch.Tensor:
     """alpha (B, N, C) complex64, k (B|1, N−1, C) float32 → g (B, N, C) complex64.
@@ -263,8 +457,12 @@ def causal_forward_triton(
 
 
 def causal_backward_triton(
-    g: torch.Tensor, k: torch.Tensor, grad_g: torch.Tensor, chunk: int | None = None,
-    block_c: int = BLOCK_C, sub: int = SUB,
+    g: torch.Tensor,
+    k: torch.Tensor,
+    grad_g: torch.Tensor,
+    chunk: int | None = None,
+    block_c: int = BLOCK_C,
+    sub: int = SUB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_alpha, grad_k = _launch(
         g, k.to(torch.float32), grad_g.to(torch.complex64), True, chunk, block_c, sub

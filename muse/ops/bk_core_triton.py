@@ -23,6 +23,7 @@ import triton.language as tl
 
 SUB = 8  # sub-chunks per program
 BLOCK_C = 16  # channels per program (contiguous in memory)
+GROUP = 16  # sub-chunk totals per group in launches (2a, 2b)
 
 
 @triton.jit
@@ -262,7 +263,9 @@ def _chunk_totals(
 
 @triton.jit
 def _total(tot_ptr, i, B, b, C, cols, NCH):
-    mask = (cols < C) & ((cols * 0 + i) < NCH)
+    """Total i (identity where i is outside [0, NCH)); i and cols broadcast together."""
+    i = cols * 0 + i
+    mask = (cols < C) & (i >= 0) & (i < NCH)
     q = tot_ptr + ((i * B + b) * C + cols) * 8
     return (
         tl.load(q + 0, mask=mask, other=1.0),
@@ -278,7 +281,8 @@ def _total(tot_ptr, i, B, b, C, cols, NCH):
 
 @triton.jit
 def _store_total(tot_ptr, i, B, b, C, cols, NCH, c0, c1, c2, c3, c4, c5, c6, c7):
-    mask = (cols < C) & ((cols * 0 + i) < NCH)
+    i = cols * 0 + i
+    mask = (cols < C) & (i < NCH)
     q = tot_ptr + ((i * B + b) * C + cols) * 8
     tl.store(q + 0, c0, mask=mask)
     tl.store(q + 1, c1, mask=mask)
@@ -312,37 +316,61 @@ def _scan_totals(tot_ptr, B, C, NCH, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _group_totals(
+    tot_ptr, grp_ptr, B, C, NCH, NGRP, G: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Launch (2a): the product of each group of G consecutive sub-chunk totals, so that the
+    in-order carry of launch (2b) walks N/(L·G) groups instead of N/L totals."""
+    pid, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    grp = (pid * SUB + tl.arange(0, SUB))[:, None]
+    zero = tl.zeros([SUB, BLOCK_C], tl.float32)
+    c0, c1, c2, c3, c4, c5, c6, c7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
+    for j in range(G):
+        t0, t1, t2, t3, t4, t5, t6, t7 = _total(tot_ptr, grp * G + j, B, b, C, col, NCH)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
+            c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
+        )
+    _store_total(grp_ptr, grp, B, b, C, col, NGRP, c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@triton.jit
 def _chunk_outputs(
     x_ptr,
     k_ptr,
     gg_ptr,
     tot_ptr,
+    grp_ptr,
     out_ptr,
     gk_ptr,
     B,
     N,
     C,
     k_bstride,
+    NCH,
     L: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BACKWARD: tl.constexpr,
+    G: tl.constexpr,
 ):
-    """Launch (3): from the value carried in at its boundary (the ratio P01/P11 of the previous
+    """Launch (3): from the value carried in at its boundary (the ratio P01/P11 of the earlier
     sub-chunks' product; 0 for the first), each thread runs the recurrence itself over its L
     positions: g_p = 1/(α_p − k_{p−1} g_{p−1}) forward, λ_p = ḡ_p + c_p λ_{p+1} backward."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
-    has = (chunk > 0) & (chunk * L < N) & (col < C)
-    cp = tot_ptr + (((chunk - 1) * B + b) * C + col) * 8
-    p2 = tl.load(cp + 2, mask=has, other=0.0)
-    p3 = tl.load(cp + 3, mask=has, other=0.0)
-    p6 = tl.load(cp + 6, mask=has, other=1.0)
-    p7 = tl.load(cp + 7, mask=has, other=0.0)
-    den = p6 * p6 + p7 * p7
-    vr = (p2 * p6 + p3 * p7) / den
-    vi = (p3 * p6 - p2 * p7) / den
+    # carry-in: the product of every earlier group, then of the earlier totals of this group
+    grp = chunk // G
+    c0, c1, c2, c3, c4, c5, c6, c7 = _total(grp_ptr, grp - 1, B, b, C, col, grp)
+    for j in range(G):
+        t0, t1, t2, t3, t4, t5, t6, t7 = _total(tot_ptr, grp * G + j, B, b, C, col, chunk)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
+            c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
+        )
+    den = c6 * c6 + c7 * c7
+    vr = (c2 * c6 + c3 * c7) / den
+    vi = (c3 * c6 - c2 * c7) / den
     for t in range(0, L, 4):
         pa, ka = _positions(pid_n, t, N, C, col, L, SUB, BACKWARD)
         pb, kb = _positions(pid_n, t + 1, N, C, col, L, SUB, BACKWARD)
@@ -419,7 +447,13 @@ def _launch(
         BLOCK_C=block_c,
         BACKWARD=backward,
     )
-    _scan_totals[(bsz, triton.cdiv(ch, block_c))](totals, bsz, ch, n_chunks, BLOCK_C=block_c)
+    n_groups = triton.cdiv(n_chunks, GROUP)
+    groups = torch.empty(n_groups, bsz, ch, 8, device=x.device, dtype=torch.float32)
+    ggrid = (triton.cdiv(n_groups, sub), bsz, triton.cdiv(ch, block_c))
+    _group_totals[ggrid](
+        totals, groups, bsz, ch, n_chunks, n_groups, G=GROUP, SUB=sub, BLOCK_C=block_c
+    )
+    _scan_totals[(bsz, triton.cdiv(ch, block_c))](groups, bsz, ch, n_groups, BLOCK_C=block_c)
     out = torch.empty_like(x_r)
     grad_k = torch.empty(bsz, max(n - 1, 0), ch, device=x.device, dtype=torch.float32)
     _chunk_outputs[grid](
@@ -427,16 +461,19 @@ def _launch(
         k,
         gg_r,
         totals,
+        groups,
         out,
         grad_k,
         bsz,
         n,
         ch,
         k_bstride,
+        n_chunks,
         L=chunk,
         SUB=sub,
         BLOCK_C=block_c,
         BACKWARD=backward,
+        G=GROUP,
     )
     return torch.view_as_complex(out), grad_k
 

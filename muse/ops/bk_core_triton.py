@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-SUB = 8  # sub-chunks per program
+SUB = 4  # sub-chunks per program
 BLOCK_C = 16  # channels per program (contiguous in memory)
 GROUP = 16  # sub-chunk totals per group in launches (2a, 2b)
 
@@ -413,10 +413,10 @@ def _chunk_outputs(
 
 
 def default_chunk(n: int) -> int:
-    """Positions per thread: about √N/2 balances the in-order walk of launches (1, 3) against
-    the in-order walk over the N/L totals of launch (2) (measured on an H200: √N/2 beat √N
-    and √N/4 at N = 64k and 1M, reports/bk_core_tuning.md)."""
-    return min(512, max(8, triton.next_power_of_2(math.isqrt(max(n, 1))) // 2))
+    """Positions per thread: about √N/4 (at least 8, at most 256) balances the in-order walks of
+    launches (1, 3) against the parallelism across sub-chunks (measured on an H200 at N = 16k to
+    1M, reports/bk_core_tuning.md)."""
+    return min(256, max(8, triton.next_power_of_2(math.isqrt(max(n, 1))) // 4))
 
 
 def _launch(

@@ -32,12 +32,13 @@ CAPTIONS = {
 }
 
 
-def _series(records, metric) -> dict[str, list[tuple[int, float]]]:
-    """label → sorted (seq, value) of the finite values of one metric."""
+def _series(records, metric, criterion=None) -> dict[str, list[tuple[int, float]]]:
+    """label → sorted (seq, value) of the finite values of one metric (of one criterion: the
+    kernel benchmarks record `forward_time_s` too)."""
     out = defaultdict(dict)
     for r in records:
         if r.metric == metric and r.seq is not None and r.value is not None \
-                and math.isfinite(r.value):
+                and math.isfinite(r.value) and criterion in (None, r.criterion):
             out[f"{r.model}:{r.preset}"][r.seq] = r.value
     return {k: sorted(v.items()) for k, v in sorted(out.items())}
 
@@ -129,7 +130,7 @@ def throughput(records: list[Record]) -> bytes | None:
 
 
 def scaling(records: list[Record]) -> bytes | None:
-    data = {p: _series(records, f"{p}_time_s") for p in PHASES}
+    data = {p: _series(records, f"{p}_time_s", "scaling") for p in PHASES}
     if not any(data.values()):
         return None
     colors = _colors({k for d in data.values() for k in d})

@@ -25,15 +25,17 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 
 
 class _CausalBK(torch.autograd.Function):
+    """g for α = a − z; the Triton path subtracts z as it loads a (one pass fewer)."""
+
     @staticmethod
-    def forward(ctx, alpha: torch.Tensor, k: torch.Tensor, backend: str) -> torch.Tensor:
-        triton = _use_triton(alpha, backend)
+    def forward(ctx, a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, backend: str):
+        triton = _use_triton(a, backend)
         if triton:
             from muse.ops.bk_core_triton import causal_forward_triton
 
-            g = causal_forward_triton(alpha, k)
+            g = causal_forward_triton(a, k, z=z)
         else:
-            g = causal_scan(alpha, k)
+            g = causal_scan(a - z, k)
         ctx.triton = triton
         ctx.save_for_backward(g, k)
         return g
@@ -48,7 +50,9 @@ class _CausalBK(torch.autograd.Function):
             grad_alpha, grad_k = causal_backward_triton(g, k, grad_g)
         else:
             grad_alpha, grad_k = causal_adjoint(g, k, grad_g)
-        return grad_alpha, grad_k, None
+        # α = a − z is holomorphic in z with derivative −1.
+        grad_z = -grad_alpha.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
+        return grad_alpha, grad_k, grad_z, None
 
 
 def check_inputs(a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, mode: str) -> None:
@@ -97,12 +101,12 @@ def bk_core(
         check_inputs(a, k, z, mode)
     wide = torch.float64 in (a.dtype, k.dtype) or torch.complex128 in (a.dtype, z.dtype)
     cdtype, rdtype = (torch.complex128, torch.float64) if wide else (torch.complex64, torch.float32)
-    alpha = a.to(cdtype) - z.to(cdtype)
-    k = k.to(rdtype)
-    left = _CausalBK.apply(alpha, k, backend)
+    a, z, k = a.to(cdtype), z.to(cdtype), k.to(rdtype)
+    left = _CausalBK.apply(a, k, z, backend)
     if mode == "causal":
         return left
-    right = _CausalBK.apply(alpha.flip(1), k.flip(1), backend).flip(1)
+    right = _CausalBK.apply(a.flip(1), k.flip(1), z, backend).flip(1)
+    alpha = a - z
     zero = alpha.new_zeros(alpha.shape[0], 1, alpha.shape[2])
     from_left = torch.cat((zero, k * left[:, :-1]), dim=1)
     from_right = torch.cat((k * right[:, 1:], zero), dim=1)

@@ -70,13 +70,13 @@ def _positions(pid_n, t, N, C, col, L: tl.constexpr, SUB: tl.constexpr, BACKWARD
 
 
 @triton.jit
-def _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pos, mask):
+def _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pos, mask, zr, zi):
     has_prev = mask & (pos >= 1)
     kq = tl.load(k_ptr + b * k_bstride + (pos - 1) * C + col, mask=has_prev, other=0.0)
     off = (b * N + pos) * C + col
     ar = tl.load(x_ptr + 2 * off, mask=mask, other=1.0)
     ai = tl.load(x_ptr + 2 * off + 1, mask=mask, other=0.0)
-    return ar, ai, kq
+    return ar - zr, ai - zi, kq  # α_p = a_p − z
 
 
 @triton.jit
@@ -185,6 +185,7 @@ def _chunk_totals(
     x_ptr,
     k_ptr,
     gg_ptr,
+    z_ptr,
     tot_ptr,
     B,
     N,
@@ -199,6 +200,8 @@ def _chunk_totals(
     (sub-chunk, channel) walking its positions in order."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    zr = tl.load(z_ptr + 2 * col, mask=col < C, other=0.0)
+    zi = tl.load(z_ptr + 2 * col + 1, mask=col < C, other=0.0)
     zero = tl.zeros([SUB, BLOCK_C], tl.float32)
     m0, m1, m2, m3, m4, m5, m6, m7 = zero + 1.0, zero, zero, zero, zero, zero, zero + 1.0, zero
     for t in range(0, L, 4):
@@ -232,10 +235,10 @@ def _chunk_totals(
                 m0, m1, m2, m3, m4, m5, m6, m7, d0, d1, d2, d3, kd
             )
         else:
-            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka)
-            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb)
-            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc)
-            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd)
+            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka, zr, zi)
+            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb, zr, zi)
+            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc, zr, zi)
+            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd, zr, zi)
             m0, m1, m2, m3, m4, m5, m6, m7 = _fwd_mul(
                 m0, m1, m2, m3, m4, m5, m6, m7, a0, a1, a2, ka
             )
@@ -339,6 +342,7 @@ def _chunk_outputs(
     x_ptr,
     k_ptr,
     gg_ptr,
+    z_ptr,
     tot_ptr,
     grp_ptr,
     out_ptr,
@@ -359,6 +363,8 @@ def _chunk_outputs(
     positions: g_p = 1/(α_p − k_{p−1} g_{p−1}) forward, λ_p = ḡ_p + c_p λ_{p+1} backward."""
     pid_n, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    zr = tl.load(z_ptr + 2 * col, mask=col < C, other=0.0)
+    zi = tl.load(z_ptr + 2 * col + 1, mask=col < C, other=0.0)
     chunk = (pid_n * SUB + tl.arange(0, SUB))[:, None]
     # carry-in: the product of every earlier group, then of the earlier totals of this group
     grp = chunk // G
@@ -402,10 +408,10 @@ def _chunk_outputs(
                 out_ptr, gk_ptr, b, N, C, col, pd, kd, vr, vi, d0, d1, d2, d3, d4, d5, d6, d7
             )
         else:
-            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka)
-            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb)
-            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc)
-            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd)
+            a0, a1, a2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pa, ka, zr, zi)
+            b0, b1, b2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pb, kb, zr, zi)
+            c0, c1, c2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pc, kc, zr, zi)
+            d0, d1, d2 = _fwd_in(x_ptr, k_ptr, b, N, C, k_bstride, col, pd, kd, zr, zi)
             vr, vi = _fwd_out(out_ptr, b, N, C, col, pa, ka, vr, vi, a0, a1, a2)
             vr, vi = _fwd_out(out_ptr, b, N, C, col, pb, kb, vr, vi, b0, b1, b2)
             vr, vi = _fwd_out(out_ptr, b, N, C, col, pc, kc, vr, vi, c0, c1, c2)
@@ -420,9 +426,19 @@ def default_chunk(n: int) -> int:
 
 
 def _launch(
-    x, k, grad_g, backward: bool, chunk: int | None = None, block_c: int = BLOCK_C, sub: int = SUB
+    x,
+    k,
+    grad_g,
+    backward: bool,
+    chunk: int | None = None,
+    block_c: int = BLOCK_C,
+    sub: int = SUB,
+    z: torch.Tensor | None = None,
 ):
     bsz, n, ch = x.shape
+    if z is None:
+        z = torch.zeros(ch, dtype=torch.complex64, device=x.device)
+    z_r = torch.view_as_real(z.to(torch.complex64).contiguous())
     chunk = chunk or default_chunk(n)
     if chunk < 4 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two ≥ 4, got {chunk}")
@@ -437,6 +453,7 @@ def _launch(
         x_r,
         k,
         gg_r,
+        z_r,
         totals,
         bsz,
         n,
@@ -460,6 +477,7 @@ def _launch(
         x_r,
         k,
         gg_r,
+        z_r,
         totals,
         groups,
         out,
@@ -479,18 +497,20 @@ def _launch(
 
 
 def causal_forward_triton(
-    alpha: torch.Tensor,
+    a: torch.Tensor,
     k: torch.Tensor,
     chunk: int | None = None,
     block_c: int = BLOCK_C,
     sub: int = SUB,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """alpha (B, N, C) complex64, k (B|1, N−1, C) float32 → g (B, N, C) complex64.
-    `chunk` (positions per thread, default ≈ √N) and `block_c` (powers of two) set the tile;
+    """g (B, N, C) complex64 for α = a − z (α = a when z is None): a (B, N, C) complex64,
+    k (B|1, N−1, C) float32, z (C,) complex. Subtracting z as a is loaded saves a pass.
+    `chunk` (positions per thread, default ≈ √N/4) and `block_c` (powers of two) set the tile;
     small tiles keep TRITON_INTERPRET fast."""
-    if alpha.dtype != torch.complex64:
-        raise ValueError(f"the Triton path computes in complex64, got {alpha.dtype}")
-    return _launch(alpha, k.to(torch.float32), None, False, chunk, block_c, sub)[0]
+    if a.dtype != torch.complex64:
+        raise ValueError(f"the Triton path computes in complex64, got {a.dtype}")
+    return _launch(a, k.to(torch.float32), None, False, chunk, block_c, sub, z)[0]
 
 
 def causal_backward_triton(

@@ -1,0 +1,234 @@
+"""muse.data: corpora and tokenizers (CPU, no network: gpt2/wikitext only through their
+offline error paths)."""
+
+import random
+
+import pytest
+
+from muse import data
+from muse.data import (
+    Corpus,
+    CorpusUnavailable,
+    TokenizerUnavailable,
+    check_vocab,
+    get_tokenizer,
+    load_corpus,
+)
+
+
+def sample_text(n_lines=400, seed=0):
+    rng = random.Random(seed)
+    words = [
+        "the", "river", "flows", "north", "and", "city", "walls", "were", "built", "in",
+        "century", "stone", "king", "naïve", "café", "Zürich", "東京", "über", "ε", "—",
+        "museum", "garden", "bridge", "harbour", "1842", "of", "by", "a", "was", "is",
+    ]  # fmt: skip
+    return "".join(
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) + ".\n"
+        for _ in range(n_lines)
+    )
+
+
+def corpus_of(text):
+    return Corpus("sample", {"train": text, "valid": text[:200], "test": text[200:400]})
+
+
+def write_folder(path, splits):
+    path.mkdir()
+    for name, text in splits.items():
+        (path / f"{name}.txt").write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------ corpora
+
+
+def test_folder_corpus(tmp_path):
+    splits = {"train": "train text\nmore\n", "valid": "valid ü\n", "test": "test 東京\n"}
+    folder = write_folder(tmp_path / "mini", splits)
+    corpus = load_corpus(folder)
+    assert corpus.name == "mini"
+    assert corpus.splits == splits
+    assert len(corpus.sha256) == 64
+    assert load_corpus(str(folder)).sha256 == corpus.sha256
+    (folder / "test.txt").write_text("changed\n", encoding="utf-8")
+    assert load_corpus(folder).sha256 != corpus.sha256
+
+
+def test_hash_sees_split_boundaries():
+    a = Corpus("a", {"train": "ab", "valid": "c", "test": "d"})
+    b = Corpus("b", {"train": "a", "valid": "bc", "test": "d"})
+    assert a.sha256 != b.sha256
+
+
+def test_single_file_corpus_split_90_5_5(tmp_path):
+    lines = [f"line {i}\n" for i in range(100)]
+    path = tmp_path / "book.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    corpus = load_corpus(path)
+    assert corpus.name == "book"
+    assert corpus.splits["train"] == "".join(lines[:90])
+    assert corpus.splits["valid"] == "".join(lines[90:95])
+    assert corpus.splits["test"] == "".join(lines[95:])
+    assert load_corpus(path).sha256 == corpus.sha256
+
+
+def test_single_file_small_and_too_small(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("a\nb\nc\nd\n", encoding="utf-8")
+    splits = load_corpus(path).splits
+    assert splits == {"train": "a\nb\n", "valid": "c\n", "test": "d\n"}
+    path.write_text("a\nb\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="at least 3 lines"):
+        load_corpus(path)
+
+
+def test_missing_folder_or_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.*train.txt"):
+        load_corpus(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_corpus(tmp_path / "missing.txt")
+
+
+def test_folder_without_splits(tmp_path):
+    folder = write_folder(tmp_path / "half", {"train": "x\n"})
+    with pytest.raises(FileNotFoundError, match="valid.txt, test.txt"):
+        load_corpus(folder)
+
+
+def test_unknown_spec_and_non_txt(tmp_path):
+    with pytest.raises(ValueError, match="unknown corpus 'wikitext-7'.*wikitext-103.*folder"):
+        load_corpus("wikitext-7")
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a .txt file"):
+        load_corpus(path)
+
+
+def test_wikitext_offline_error_names_local_option(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(CorpusUnavailable) as info:
+        load_corpus("wikitext-2")
+    message = str(info.value)
+    assert "'wikitext-2'" in message and "no network" in message
+    assert "train.txt" in message and "wiki-mini" in message
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]
+    assert isinstance(info.value, ValueError)
+
+
+def test_wikitext_through_datasets(monkeypatch):
+    import datasets
+
+    fake = {
+        "train": {"text": [" = A = \n", " train line \n"]},
+        "validation": {"text": [" valid \n"]},
+        "test": {"text": [" test \n"]},
+    }
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    corpus = load_corpus("wikitext-103")
+    assert corpus.name == "wikitext-103"
+    assert corpus.splits == {"train": " = A = \n train line \n", "valid": " valid \n",
+                             "test": " test \n"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- tokenizers
+
+
+def test_bytes_round_trip():
+    tok = get_tokenizer("bytes")
+    text = "plain ASCII, naïve café, 東京, emoji 🙂\n"
+    ids = tok.encode(text)
+    assert tok.vocab_size == 256
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.byte_count(ids) == len(text.encode("utf-8"))
+    assert len(tok.sha256) == 64 and get_tokenizer("bytes").sha256 == tok.sha256
+
+
+@pytest.mark.parametrize("name", ["bpe:abc", "bpe:0", "bpe:256", "bpe:", "foo", "BYTES", "gpt-2"])
+def test_bad_tokenizer_names(name):
+    with pytest.raises(ValueError, match=f"{name!r}.*bytes.*gpt2.*bpe:<vocab>"):
+        get_tokenizer(name, corpus_of("x\n"))
+
+
+def test_bpe_needs_corpus():
+    with pytest.raises(ValueError, match="corpus"):
+        get_tokenizer("bpe:300")
+
+
+def test_gpt2_offline_error(monkeypatch):
+    import transformers
+
+    class Offline:
+        @staticmethod
+        def from_pretrained(name, *args, **kwargs):
+            raise OSError(f"We couldn't connect to load {name}")
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", Offline)
+    with pytest.raises(TokenizerUnavailable) as info:
+        get_tokenizer("gpt2")
+    message = str(info.value)
+    assert "'gpt2'" in message and "couldn't connect" in message
+    assert "'bytes'" in message and "bpe:<vocab>" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_bpe_trains_to_vocab_and_round_trips(tmp_path):
+    text = sample_text()
+    corpus = corpus_of(text)
+    tok = get_tokenizer("bpe:320", corpus, cache_dir=tmp_path)
+    # tokenizers' BpeTrainer: vocab_size counts the 256-byte alphabet and the merges; it stops
+    # early only when no pair is left to merge, which a few KB of varied text never reaches.
+    assert tok.name == "bpe:320" and tok.vocab_size == 320
+    for sample in (text[:500], "unseen words: Ωmega ß 🙂 \n\n  spaces"):
+        ids = tok.encode(sample)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == sample
+        assert tok.byte_count(ids) == len(sample.encode("utf-8"))
+    assert len(tok.encode(text)) < len(text.encode("utf-8")) * 0.6  # it did learn merges
+
+
+def test_bpe_cache_hit_does_not_retrain(tmp_path, monkeypatch):
+    corpus = corpus_of(sample_text())
+    first = get_tokenizer("bpe:300", corpus, cache_dir=tmp_path)
+    cached = list(tmp_path.iterdir())
+    assert [p.name for p in cached] == [data.bpe_cache_path(tmp_path, corpus, 300).name]
+    mtime = cached[0].stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained instead of loading the cache")
+
+    monkeypatch.setattr(data, "train_bpe", no_training)
+    second = get_tokenizer("bpe:300", corpus, cache_dir=tmp_path)
+    assert second.sha256 == first.sha256 and second.vocab_size == first.vocab_size
+    assert second.encode("the river flows") == first.encode("the river flows")
+    assert cached[0].stat().st_mtime_ns == mtime
+    # another vocab size or another corpus is another cache entry (and must train)
+    with pytest.raises(AssertionError, match="retrained"):
+        get_tokenizer("bpe:310", corpus, cache_dir=tmp_path)
+    with pytest.raises(AssertionError, match="retrained"):
+        get_tokenizer("bpe:300", corpus_of(sample_text(seed=1)), cache_dir=tmp_path)
+
+
+def test_bpe_hash_is_of_serialized_json(tmp_path):
+    import hashlib
+
+    corpus = corpus_of(sample_text())
+    tok = get_tokenizer("bpe:300", corpus, cache_dir=tmp_path)
+    path = data.bpe_cache_path(tmp_path, corpus, 300)
+    assert tok.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_check_vocab():
+    tok = get_tokenizer("bytes")
+    check_vocab(256, tok)
+    with pytest.raises(ValueError, match="512.*'bytes'.*256"):
+        check_vocab(512, tok)

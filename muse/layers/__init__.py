@@ -1,0 +1,1 @@
+"""Layers: nn.Modules, one concept per file."""

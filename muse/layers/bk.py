@@ -1,0 +1,48 @@
+"""BKMixer: token mixing through the BK-Core resolvent diagonal (DESIGN §3.1–3.2).
+
+Per token the layer projects a potential v ∈ ℝ^C and a coupling k ∈ ℝ^C to the next token;
+each channel is one tridiagonal operator over the sequence, and the causal Green's function
+g_i = [(T_{0..i} − z)⁻¹]_{ii} mixes every earlier token into position i in O(N).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muse.ops import bk_core
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32 for the resolvent (fp32 accumulation); fp32 and fp64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class BKMixer(nn.Module):
+    def __init__(self, *, d_model: int, channels: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.potential = nn.Linear(d_model, channels)  # v: the diagonal
+        self.coupling = nn.Linear(d_model, channels)  # k_i = softplus(·) between i and i+1
+        self.a0 = nn.Parameter(torch.zeros(channels))
+        # z per channel: Re z spread over the band so channels resonate differently;
+        # Im z = softplus(·) + 1e-3 > 0 bounds |g| ≤ 1/Im z (stability by construction).
+        self.z_real = nn.Parameter(torch.linspace(-1.0, 1.0, channels))
+        self.z_imag = nn.Parameter(torch.zeros(channels))
+        self.out = nn.Linear(2 * channels, d_model)
+
+    def shift(self) -> torch.Tensor:
+        zr, zi = _wide(self.z_real), _wide(self.z_imag)
+        return torch.complex(zr, F.softplus(zi) + 1e-3)
+
+    def diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """The potential a (B, N, C); Phase 2 overrides this with V − iΓ."""
+        return _wide(self.potential(x)) + _wide(self.a0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.diagonal(x)
+        # k_i couples i and i+1 and is computed from x_i, so g_i sees only x_{≤i}.
+        k = F.softplus(_wide(self.coupling(x[:, :-1])))
+        g = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
+        return self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))

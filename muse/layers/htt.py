@@ -83,8 +83,9 @@ class HTTEmbedding(nn.Module):
         c2 = self.core2[ids % self.v2]  # (B, N, r, d2)
         c1 = c1 / torch.linalg.vector_norm(c1, dim=-1, keepdim=True)
         c2 = c2 / torch.linalg.vector_norm(c2, dim=-1, keepdim=True)
-        weight = torch.cos(self.theta) / math.sqrt(self.rank)
-        out = torch.einsum("...rk,...rl,r->...kl", c1, c2, weight)
+        c1 = c1 * (torch.cos(self.theta) / math.sqrt(self.rank))[:, None]
+        # Σ_ρ c1_ρ ⊗ c2_ρ as one batched (d1 × r) @ (r × d2) product: no (r, d1, d2) intermediate.
+        out = c1.transpose(-1, -2) @ c2  # (B, N, d1, d2)
         return out.flatten(-2)[..., : self.d_model]
 
     def full_table(self) -> torch.Tensor:

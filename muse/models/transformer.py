@@ -165,6 +165,11 @@ PRESETS = {
     "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
     "base": dict(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
     "large": dict(d_model=1024, n_layers=12, n_heads=16, d_ff=4096),
+    # matched in parameter count (within 1%) to the Phase 1 presets (tests/models)
+    "phase1-8gb": dict(d_model=192, n_layers=8, n_heads=3, d_ff=768),
+    "phase1-10gb": dict(d_model=192, n_layers=9, n_heads=3, d_ff=768),
+    "phase1-24gb": dict(d_model=192, n_layers=10, n_heads=3, d_ff=768),
+    "phase1-dense": dict(d_model=448, n_layers=7, n_heads=7, d_ff=1792),
 }
 
 

@@ -6,8 +6,9 @@
     s_t   = λ ⊙ s_{t−1} + u_t,  λ = exp(−softplus(ν)) ∈ (0, 1]^r
     y     = local + W_o(s ⊙ w)
 
-The recurrence is an inclusive associative scan of the affine maps s ↦ λ s + u_t, so the whole
-sequence is computed in parallel (O(N) work, O(log N) depth), never a loop over tokens.
+λ does not depend on t, so the recurrence is computed in chunked matrix form
+(muse.ops.decayed_cumsum: per chunk a lower-triangular matrix of powers of λ, chunk ends carried
+by the same recurrence one level up), never a loop over tokens.
 """
 
 from __future__ import annotations
@@ -18,16 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.ops.associative_scan import associative_scan
+from muse.ops.decayed_cumsum import decayed_cumsum
 
-Elems = tuple[torch.Tensor, ...]
 State = dict[str, torch.Tensor]
-
-
-def _affine_combine(earlier: Elems, later: Elems) -> Elems:
-    """(c, b) is s ↦ c s + b; the combination applies `earlier` first."""
-    (ce, be), (cl, bl) = earlier, later
-    return cl * ce, cl * be + bl
 
 
 class ARSSM(nn.Module):
@@ -122,7 +116,7 @@ class ARSSM(nn.Module):
         padded = torch.cat((state["conv"].to(x.dtype), x), dim=1)
         local = self.conv(padded.transpose(1, 2)).transpose(1, 2)
 
-        # Global: gated low-rank state, s_t = λ ⊙ s_{t−1} + u_t as a scan of affine maps.
+        # Global: gated low-rank state, s_t = λ ⊙ s_{t−1} + u_t.
         gate = torch.sigmoid(self.gate(x)) if self.gate is not None else None
         mask = self._rank_mask()
         if mask is not None:
@@ -133,7 +127,7 @@ class ARSSM(nn.Module):
             u, w = u * gate, w * gate
         decay = self.decay().to(x.dtype)
         u = torch.cat((u[:, :1] + decay * state["ssm"][:, None].to(x.dtype), u[:, 1:]), dim=1)
-        _, s = associative_scan((decay.expand_as(u), u), _affine_combine)
+        s = decayed_cumsum(u, -F.softplus(self.decay_logit))
         y = local + self.proj_out(s * w)
 
         if not streaming:

@@ -118,7 +118,7 @@ class Phase1LM(nn.Module):
             else:
                 x = block(x)
         h = self.ln_f(x)
-        return h @ self.output_table().to(h.dtype).t()
+        return F.linear(h, self.output_table().to(h.dtype))
 
 
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)

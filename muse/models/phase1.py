@@ -34,6 +34,10 @@ class Phase1Config(StrictConfig):
     embedding: str = "htt"  # "htt" (compressed) or "dense" (the uncompressed baseline)
     htt_rank: int = 16
     ar_ssm_rank: int = 32  # 0 leaves the AR-SSM sublayer out
+    # AR-SSM decays λ spread over this range at init: λ^16384 is 0.85 at 0.99999, so the
+    # state can carry a token across a 16k context.
+    ar_ssm_decay_init: tuple[float, float] = (0.999, 0.99999)
+    bk_z_imag_init: float = -3.0  # Im z = softplus(·) + 1e-3 ≈ 0.05 at init (see BKMixer)
     dropout: float = 0.0
     checkpointing: bool = False  # recompute each block in backward to save activation memory
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
@@ -66,9 +70,16 @@ class Phase1Block(nn.Module):
         super().__init__()
         d = config.d_model
         self.ln_mix = nn.LayerNorm(d)
-        self.mixer = BKMixer(d_model=d, channels=config.bk_channels, backend=config.backend)
-        self.ln_ssm = nn.LayerNorm(d) if config.ar_ssm_rank else None
-        self.ssm = ARSSM(d_model=d, rank=config.ar_ssm_rank) if config.ar_ssm_rank else None
+        self.mixer = BKMixer(
+            d_model=d, channels=config.bk_channels, backend=config.backend,
+            z_imag_init=config.bk_z_imag_init,
+        )
+        rank = config.ar_ssm_rank
+        self.ln_ssm = nn.LayerNorm(d) if rank else None
+        self.ssm = (
+            ARSSM(d_model=d, rank=rank, decay_init=tuple(config.ar_ssm_decay_init))
+            if rank else None
+        )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = MLP(config)
         self.drop = nn.Dropout(config.dropout)

@@ -65,7 +65,7 @@ def collected_ids(result) -> list[str]:
         (["--batch", "0"], "argument --batch: '0' is not a positive integer"),
         (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from *fp32*)"),
         (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from *cpu*)"),
-        (["--model", "nope"], "unknown model 'nope'; valid models: transformer, transformer-eager"),
+        (["--model", "nope"], f"unknown model 'nope'; valid models: {', '.join(models.names())}"),
         (
             ["--model", "transformer:huge"],
             "unknown preset 'huge' for model 'transformer'; "

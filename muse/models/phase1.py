@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
+from muse.layers.head import tied_logits
 from muse.layers.htt import HTTEmbedding
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -129,7 +130,7 @@ class Phase1LM(nn.Module):
             else:
                 x = block(x)
         h = self.ln_f(x)
-        return F.linear(h, self.output_table().to(h.dtype))
+        return tied_logits(h, self.output_table())
 
 
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from muse.layers.head import tied_logits
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -157,7 +158,7 @@ class TransformerLM(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return tied_logits(self.ln_f(x), self.lm_head.weight)
 
 
 PRESETS = {

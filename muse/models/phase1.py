@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
 from muse.layers.head import tied_logits
 from muse.layers.htt import HTTEmbedding
+from muse.layers.mlp import MLP
+from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -56,16 +56,6 @@ class Phase1Config(StrictConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-class MLP(nn.Module):
-    def __init__(self, config: Phase1Config):
-        super().__init__()
-        self.up = nn.Linear(config.d_model, config.d_ff)
-        self.down = nn.Linear(config.d_ff, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
-
-
 class Phase1Block(nn.Module):
     def __init__(self, config: Phase1Config):
         super().__init__()
@@ -82,7 +72,7 @@ class Phase1Block(nn.Module):
             if rank else None
         )
         self.ln_ffn = nn.LayerNorm(d)
-        self.ffn = MLP(config)
+        self.ffn = MLP(d_model=config.d_model, d_ff=config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,16 +109,9 @@ class Phase1LM(nn.Module):
         return self.embed.full_table()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(
-                f"input_ids must be [batch, seq] with seq ≥ 1, got {tuple(input_ids.shape)}"
-            )
+        check_input_ids(input_ids)
         x = self.drop(self.embed(input_ids))
-        for block in self.blocks:
-            if self.config.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, self.config.checkpointing)
         h = self.ln_f(x)
         return tied_logits(h, self.output_table())
 

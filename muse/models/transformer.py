@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from muse.layers.head import tied_logits
+from muse.layers.mlp import MLP
+from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -94,23 +95,13 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.up = nn.Linear(config.d_model, config.d_ff)
-        self.down = nn.Linear(config.d_ff, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
-
-
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        self.mlp = MLP(d_model=config.d_model, d_ff=config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,16 +139,9 @@ class TransformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(
-                f"input_ids must be [batch, seq] with seq ≥ 1, got {tuple(input_ids.shape)}"
-            )
+        check_input_ids(input_ids)
         x = self.drop(self.embed(input_ids))
-        for block in self.blocks:
-            if self.config.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, self.config.checkpointing)
         return tied_logits(self.ln_f(x), self.lm_head.weight)
 
 

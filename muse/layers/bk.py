@@ -51,3 +51,20 @@ class BKMixer(nn.Module):
         k = F.softplus(_wide(self.coupling(x[:, :-1])))
         g = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
         return self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
+
+
+class NonHermitianBKMixer(BKMixer):
+    """Phase 2's potential (DESIGN §3.3): the diagonal is V − iΓ with
+    Γ = softplus(Linear(x)) + Γ_base ≥ Γ_base > 0. Γ enters the resolvent itself (it did not in
+    the earlier project): Im α = −Γ − Im z, so the dissipation tightens |g| ≤ 1/(Γ + Im z)."""
+
+    def __init__(self, *, d_model: int, channels: int, gamma_base: float = 1e-3, **kwargs):
+        super().__init__(d_model=d_model, channels=channels, **kwargs)
+        self.dissipation = nn.Linear(d_model, channels)
+        self.gamma_base = gamma_base
+
+    def gamma(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(_wide(self.dissipation(x))) + self.gamma_base
+
+    def diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.complex(super().diagonal(x), -self.gamma(x))

@@ -50,3 +50,24 @@ def test_fp16_input_accumulates_in_fp32_and_returns_fp16():
     x = torch.randn(1, 9, 16).half()
     y = m(x)
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_non_hermitian_potential_enters_the_resolvent():
+    from muse.layers.bk import NonHermitianBKMixer
+
+    torch.manual_seed(0)
+    m = NonHermitianBKMixer(d_model=16, channels=4).double()
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    gamma = m.gamma(x)
+    assert (gamma >= 1e-3).all()
+    a = torch.complex(m.potential(x) + m.a0, -gamma)
+    k = F.softplus(m.coupling(x[:, :-1]))
+    z = torch.complex(m.z_real, F.softplus(m.z_imag) + 1e-3)
+    g = bk_core_reference(a, k, z)
+    assert torch.allclose(m(x), m.out(torch.cat((g.real, g.imag), dim=-1)), rtol=0, atol=1e-12)
+    # more dissipation, smaller Green's function: Γ really is in the diagonal
+    bound = 1.0 / (gamma + z.imag)
+    assert (g.abs() <= bound * (1 + 1e-9)).all()
+    with torch.no_grad():
+        m.dissipation.bias.add_(5.0)
+    assert not torch.allclose(m(x), m.out(torch.cat((g.real, g.imag), dim=-1)))

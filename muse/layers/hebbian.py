@@ -63,6 +63,11 @@ class DissipativeHebbian(nn.Module):
         self.eta, self.dt, self.chunk = eta, dt, chunk
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
         self.gamma = nn.Linear(d_model, n_heads)
+        # Γ ≈ softplus(bias) spread from 1e-4 to 5e-2 per step across heads at init: memories
+        # of ~10k down to ~20 tokens. With bias 0 (Γ ≈ 0.7, decay 0.5 a step) the last token's
+        # gradient at the first 128 of 1024 tokens underflowed to exactly 0 in float32.
+        with torch.no_grad():
+            self.gamma.bias.copy_(torch.linspace(-9.0, -3.0, n_heads))
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

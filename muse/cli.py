@@ -11,7 +11,6 @@ from pathlib import Path
 from muse.compare import parse_gate
 
 PLANNED = {
-    "train": "the trainer (issue: quality — corpora, tokenizers, trainer, PPL gate)",
     "eval": "perplexity evaluation (issue: quality — corpora, tokenizers, trainer, PPL gate)",
     "generate": "text generation",
 }
@@ -77,6 +76,34 @@ def compare(args: argparse.Namespace) -> int:
     return 1 if regressions else 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from muse.train import ConfigError, load_config
+    from muse.train import train as run_training
+
+    if not args.config.is_file():
+        args.parser.error(f"config file {str(args.config)!r} does not exist")
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ConfigError, ValueError) as exc:
+        args.parser.error(str(exc))
+    if args.resume is not None and not args.resume.is_file():
+        args.parser.error(f"checkpoint {str(args.resume)!r} does not exist")
+    try:
+        result = run_training(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted: state saved to {cfg.out_dir}/emergency.pt "
+              f"(resume with --resume {cfg.out_dir}/emergency.pt)", file=sys.stderr)
+        return 130
+    last = result.history[-1] if result.history else {}
+    summary = f"step {result.step}"
+    if "loss" in last:
+        summary += f", loss {last['loss']:.4f}"
+    if result.best_val_loss is not None:
+        summary += f", best val loss {result.best_val_loss:.4f}"
+    print(f"{summary}; checkpoints and history.json in {result.out_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when KIND gets worse by more than PCT: vram:5%% (any bytes metric"
                    " rising), tokens_per_s:-5%% (falling), ppl:2%% (rising); repeatable")
     p.set_defaults(func=compare, parser=p)
+    p = sub.add_parser("train", help="train a model from a TOML config (see muse/train.py)")
+    p.add_argument("config", type=Path, metavar="CONFIG.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (a TOML value; model_overrides.KEY=VALUE sets one"
+                   " model config key); unknown keys are errors; repeatable")
+    p.add_argument("--resume", type=Path, metavar="CKPT.pt",
+                   help="continue from a checkpoint (step-*.pt, best.pt, final.pt, emergency.pt)")
+    p.set_defaults(func=train, parser=p)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)

@@ -1,0 +1,188 @@
+"""The trainer on a tiny transformer and a few KB of text, on CPU."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import muse.train as trainer
+from muse.cli import main
+from muse.train import ConfigError, TrainConfig, load_config, lr_at, train
+
+WORDS = ("the cat sat on a mat and the dog ran to the park while rain fell on old stone "
+         "roofs of the quiet town by the river").split()
+
+
+def _text(seed: int, n_lines: int) -> str:
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " .\n"
+                   for _ in range(n_lines))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, (seed, n) in {"train": (0, 80), "valid": (1, 8), "test": (2, 8)}.items():
+        (folder / f"{split}.txt").write_text(_text(seed, n), encoding="utf-8")
+    return folder
+
+
+def tiny(corpus, out, **kw) -> TrainConfig:
+    values = dict(model="transformer:tiny", model_overrides={"vocab_size": 256},
+                  corpus=str(corpus), tokenizer="bytes", seq_len=32, batch_size=2, steps=8,
+                  lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4, eval_tokens=512,
+                  out_dir=str(out), device="cpu", progress=False)
+    return TrainConfig(**{**values, **kw})
+
+
+def losses(result) -> torch.Tensor:
+    return torch.tensor([row["loss"] for row in result.history], dtype=torch.float64)
+
+
+def test_lr_schedule_key_steps():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(4, cfg) == pytest.approx(0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+    steps = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+    no_warmup = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, steps=4)
+    assert lr_at(0, no_warmup) == pytest.approx(1.0)
+    assert lr_at(2, no_warmup) == pytest.approx(0.5)
+
+
+def test_toml_config_and_sets(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "transformer:tiny"\nlr = 1\nbetas = [0.9, 0.99]\n'
+                    "[model_overrides]\nn_layers = 1\n", encoding="utf-8")
+    cfg = load_config(path, ["steps=7", "model=transformer:small", "compile=true",
+                             "model_overrides.d_model=32", "min_lr=0"])
+    assert (cfg.model, cfg.steps, cfg.compile, cfg.lr, cfg.min_lr) == (
+        "transformer:small", 7, True, 1.0, 0.0)
+    assert cfg.betas == (0.9, 0.99)
+    assert cfg.model_overrides == {"n_layers": 1, "d_model": 32}
+
+
+def test_unknown_key_in_toml_is_an_error(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "transformer:tiny"\nlearning_rate = 1e-3\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(path)
+
+
+def test_unknown_key_in_set_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="warmup"):
+        load_config(None, ["warmup=10"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(None, ["steps=many"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(None, ["steps=1.5"])
+
+
+def test_cli_reports_unknown_key(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("stepz = 3\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(path)])
+    assert exc.value.code == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_resume_is_bit_exact(corpus, tmp_path):
+    straight = train(tiny(corpus, tmp_path / "a", checkpoint_every=4))
+    assert (tmp_path / "a" / "step-000004.pt").is_file()
+    resumed = train(tiny(corpus, tmp_path / "b", checkpoint_every=4),
+                    resume=tmp_path / "a" / "step-000004.pt")
+    assert resumed.step == straight.step == 8
+    assert torch.equal(losses(straight), losses(resumed))
+    final_a = torch.load(tmp_path / "a" / "final.pt", weights_only=False)["model"]
+    final_b = torch.load(tmp_path / "b" / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_checkpoints_are_written_atomically(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=4, eval_every=2, checkpoint_every=2))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["best.pt", "final.pt", "history.json", "run.json",
+                     "step-000002.pt", "step-000004.pt"]
+    ckpt = torch.load(out / "final.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    assert ckpt["tokenizer"]["name"] == "bytes" and len(ckpt["tokenizer"]["sha256"]) == 64
+    assert {"model", "optimizer", "scaler", "data_generator", "rng", "config"} <= set(ckpt)
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert best["best_val_loss"] == min(r["val_loss"] for r in ckpt["history"] if "val_loss" in r)
+
+
+def test_emergency_save_on_exception_resumes(corpus, tmp_path, monkeypatch):
+    straight = train(tiny(corpus, tmp_path / "a"))
+    calls = {"n": 0}
+    real_loss = trainer.lm_loss
+
+    def failing(logits, ids):
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside step 6
+            raise RuntimeError("boom")
+        return real_loss(logits, ids)
+
+    monkeypatch.setattr(trainer, "lm_loss", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny(corpus, tmp_path / "b"))
+    monkeypatch.setattr(trainer, "lm_loss", real_loss)
+    emergency = tmp_path / "b" / "emergency.pt"
+    assert emergency.is_file()
+    assert not [p for p in (tmp_path / "b").iterdir() if p.suffix == ".tmp"]
+    assert torch.load(emergency, weights_only=False)["step"] == 5
+    assert len(json.loads((tmp_path / "b" / "history.json").read_text())["transformer:tiny"]) == 5
+    resumed = train(tiny(corpus, tmp_path / "b"), resume=emergency)
+    assert torch.equal(losses(straight), losses(resumed))
+
+
+def test_history_fields_and_applied_lr(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", steps=6, eval_every=3)
+    train(cfg)
+    rows = json.loads((tmp_path / "run" / "history.json").read_text())["transformer:tiny"]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for i, row in enumerate(rows):
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= set(row)
+        assert row["lr"] == pytest.approx(lr_at(i, cfg), rel=0, abs=1e-15)
+        assert row["peak_mem_bytes"] is None and row["tokens_per_s"] > 0
+        assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
+    evaluated = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [3, 6]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evaluated)
+
+
+def test_model_diagnostics_go_to_history(corpus, tmp_path, monkeypatch):
+    from muse.models.transformer import TransformerLM
+
+    monkeypatch.setattr(TransformerLM, "diagnostics",
+                        lambda self: {"embed_norm": self.embed.weight.norm()}, raising=False)
+    result = train(tiny(corpus, tmp_path / "run", steps=2))
+    assert all(isinstance(r["diagnostics"]["embed_norm"], float) for r in result.history)
+
+
+def test_short_run_lowers_training_loss(corpus, tmp_path):
+    result = train(tiny(corpus, tmp_path / "run", steps=60, batch_size=4, eval_every=0,
+                        lr=1e-2, min_lr=1e-3, warmup_steps=5))
+    first, last = losses(result)[:5].mean(), losses(result)[-5:].mean()
+    assert first > 4.5  # about ln 256 ≈ 5.5 at the start
+    assert last < 0.6 * first
+    assert result.history[-1]["val_loss"] < result.history[0]["loss"]
+
+
+def test_cli_train_runs(corpus, tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text(f'model = "transformer:tiny"\ncorpus = "{corpus}"\nseq_len = 16\n'
+                    "batch_size = 2\nsteps = 2\neval_every = 0\ndevice = \"cpu\"\n"
+                    "[model_overrides]\nvocab_size = 256\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--set", f"out_dir={out}", "--set", "progress=false"]) == 0
+    assert (out / "final.pt").is_file()

@@ -1,4 +1,4 @@
-"""`muse` command line: `muse info`, `muse report`, `muse compare`; `train`, `eval` and
+"""`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`; `eval` and
 `generate` arrive with their issues and say so until then."""
 
 from __future__ import annotations

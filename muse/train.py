@@ -416,13 +416,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
                 with torch.no_grad():
                     diagnostics = raw_model.diagnostics()
                 entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
+            history.append(entry)  # before any save, so a checkpoint holds its own step's row
             evaluated = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
             if evaluated:
                 entry.update(evaluate())
                 if best_val is None or entry["val_loss"] < best_val:
                     best_val = entry["val_loss"]
                     save("best.pt")
-            history.append(entry)
             if run is not None:
                 run.log(entry, step=step)
             if step % cfg.log_every == 0 or step == cfg.steps or evaluated:

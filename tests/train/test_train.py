@@ -145,6 +145,30 @@ def test_emergency_save_on_exception_resumes(corpus, tmp_path, monkeypatch):
     assert torch.equal(losses(straight), losses(resumed))
 
 
+def test_emergency_save_on_keyboard_interrupt(corpus, tmp_path, monkeypatch):
+    real_loss = trainer.lm_loss
+    calls = {"n": 0}
+
+    def interrupted(logits, ids):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(logits, ids)
+
+    monkeypatch.setattr(trainer, "lm_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(corpus, tmp_path / "run", steps=4))
+    ckpt = torch.load(tmp_path / "run" / "emergency.pt", weights_only=False)
+    assert ckpt["step"] == 2 and len(ckpt["history"]) == 2
+
+
+def test_best_checkpoint_holds_its_own_row(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "run", steps=4, eval_every=2))
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["history"][-1]["step"] == best["step"]
+    assert best["history"][-1]["val_loss"] == best["best_val_loss"]
+
+
 def test_history_fields_and_applied_lr(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "run", steps=6, eval_every=3)
     train(cfg)

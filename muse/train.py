@@ -98,6 +98,8 @@ class TrainConfig(StrictConfig):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"{key} must be a number, got {value!r}")
             setattr(self, key, float(value))
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be ≥ 2 (one token to predict), got {self.seq_len}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 ≤ min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
@@ -301,6 +303,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
     if train_ids.numel() < cfg.seq_len:
         raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than "
                          f"seq_len={cfg.seq_len}")
+    if valid_ids.numel() < 2:
+        raise ValueError(f"the valid split of {corpus.name!r} has {valid_ids.numel()} tokens; "
+                         "validation needs at least 2")
 
     ckpt = None
     if resume is not None:

@@ -210,3 +210,14 @@ def test_cli_train_runs(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", str(path), "--set", f"out_dir={out}", "--set", "progress=false"]) == 0
     assert (out / "final.pt").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_and_accumulation_run(corpus, tmp_path, dtype):
+    result = train(tiny(corpus, tmp_path / "run", steps=2, grad_accum=2, dtype=dtype,
+                        checkpointing=True))
+    ckpt = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    assert ckpt["model_overrides"]["checkpointing"] is True
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    if dtype == "fp16":
+        assert ckpt["scaler"]  # loss scaling on: the scaler has state to resume

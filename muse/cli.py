@@ -11,7 +11,6 @@ from pathlib import Path
 from muse.compare import parse_gate
 
 PLANNED = {
-    "eval": "perplexity evaluation (issue: quality — corpora, tokenizers, trainer, PPL gate)",
     "generate": "text generation",
 }
 
@@ -104,6 +103,19 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from muse.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.split, args.context, args.stride,
+                                     args.corpus, args.device, args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"muse eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", type=Path, metavar="CKPT.pt",
                    help="continue from a checkpoint (step-*.pt, best.pt, final.pt, emergency.pt)")
     p.set_defaults(func=train, parser=p)
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on a split")
+    p.add_argument("checkpoint", metavar="CKPT.pt")
+    p.add_argument("--split", default="test", help="train, valid or test (default test)")
+    p.add_argument("--context", type=int, help="window length (default: the training seq_len)")
+    p.add_argument("--stride", type=int, help="window stride (default: context // 2)")
+    p.add_argument("--corpus", help="score another corpus (default: the training corpus)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=evaluate)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from muse.fileio import atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
@@ -299,13 +300,5 @@ def bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> Tokenizer
         return _from_backend(name, Backend.from_str(serialized), serialized)
     backend = train_bpe(corpus.splits["train"], vocab_size)
     serialized = backend.to_str()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(serialized)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, serialized)
     return _from_backend(name, backend, serialized)

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from muse.fileio import atomic_write_text
+
 SCHEMA_VERSION = 1
 STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "RECORDED", "OOM", "ERROR")
 COMPARISONS = ("<", "<=", ">", ">=")
@@ -262,21 +264,6 @@ def build_document(
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # A reader (or a crash) never sees half a file: the temp file sits in the same directory,
-    # so os.replace is a rename within one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_document(doc: dict, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -289,8 +276,8 @@ def write_document(doc: dict, directory) -> Path:
     # Serialise before touching the disk, so a bad value leaves no file behind.
     text = json.dumps(doc, indent=2, allow_nan=False, default=default) + "\n"
     path = directory / f"{doc['run']}.json"
-    _atomic_write(path, text)
-    _atomic_write(directory / "latest.json", text)
+    atomic_write_text(path, text)
+    atomic_write_text(directory / "latest.json", text)
     return path
 
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch.nn as nn
 
 from muse import models
 from muse.data import check_vocab, get_tokenizer, load_corpus
+from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, lm_loss, synchronize, torch_dtype
 from muse.models.config import StrictConfig, check_keys
@@ -201,21 +201,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # --------------------------------------------------------------------------------- utilities
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """`write(file)` into a temporary file beside `path`, then `os.replace` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:

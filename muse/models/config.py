@@ -29,6 +29,12 @@ class StrictConfig:
         check_keys(type(self), overrides)
         return dataclasses.replace(self, **overrides)
 
+    def require_positive_ints(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -44,10 +44,9 @@ class Phase1Config(StrictConfig):
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "d_model", "n_layers", "bk_channels", "d_ff", "htt_rank"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.require_positive_ints(
+            "vocab_size", "d_model", "n_layers", "bk_channels", "d_ff", "htt_rank"
+        )
         if not isinstance(self.ar_ssm_rank, int) or self.ar_ssm_rank < 0:
             raise ValueError(f"ar_ssm_rank must be an integer ≥ 0, got {self.ar_ssm_rank!r}")
         if self.embedding not in EMBEDDINGS:
@@ -62,14 +61,17 @@ class Phase1Block(nn.Module):
         d = config.d_model
         self.ln_mix = nn.LayerNorm(d)
         self.mixer = BKMixer(
-            d_model=d, channels=config.bk_channels, backend=config.backend,
+            d_model=d,
+            channels=config.bk_channels,
+            backend=config.backend,
             z_imag_init=config.bk_z_imag_init,
         )
         rank = config.ar_ssm_rank
         self.ln_ssm = nn.LayerNorm(d) if rank else None
         self.ssm = (
             ARSSM(d_model=d, rank=rank, decay_init=tuple(config.ar_ssm_decay_init))
-            if rank else None
+            if rank
+            else None
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = MLP(d_model=config.d_model, d_ff=config.d_ff)

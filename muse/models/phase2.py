@@ -41,11 +41,16 @@ class Phase2Config(StrictConfig):
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff",
-                    "bk_channels", "hebbian_chunk"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.require_positive_ints(
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "head_dim",
+            "d_ff",
+            "bk_channels",
+            "hebbian_chunk",
+        )
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
 
@@ -56,13 +61,20 @@ class Phase2Block(nn.Module):
         d = config.d_model
         self.ln_bk = nn.LayerNorm(d)
         self.bk = NonHermitianBKMixer(
-            d_model=d, channels=config.bk_channels, gamma_base=config.gamma_base,
-            backend=config.backend, z_imag_init=config.bk_z_imag_init,
+            d_model=d,
+            channels=config.bk_channels,
+            gamma_base=config.gamma_base,
+            backend=config.backend,
+            z_imag_init=config.bk_z_imag_init,
         )
         self.ln_hebb = nn.LayerNorm(d)
         self.hebbian = DissipativeHebbian(
-            d_model=d, n_heads=config.n_heads, head_dim=config.head_dim,
-            eta=config.hebbian_eta, dt=config.hebbian_dt, chunk=config.hebbian_chunk,
+            d_model=d,
+            n_heads=config.n_heads,
+            head_dim=config.head_dim,
+            eta=config.hebbian_eta,
+            dt=config.hebbian_dt,
+            chunk=config.hebbian_chunk,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = MLP(d_model=d, d_ff=config.d_ff)

@@ -33,10 +33,7 @@ class TransformerConfig(StrictConfig):
     checkpointing: bool = False  # recompute each block in backward to save activation memory
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.require_positive_ints("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads "

@@ -4,10 +4,16 @@
 
 This is gated linear attention with a scalar decay per head and step. With the log-decays
 b_t = Σ_{s≤t} −Γ_s·dt it reads y_t = η Σ_{j≤t} e^{b_t − b_j} (q_t·k_j) v_j (+ the decayed
-initial state), computed here in chunks: inside a chunk one masked (T × T) product, across
-chunks a carried (D_h × D_h) state. Every exponent is a difference b_t − b_j ≤ 0 taken inside
-one chunk, so nothing overflows. The gradient flows through time (the earlier project
-detached W at every step). `hebbian_naive` is the per-token definition the tests bind to.
+initial state), computed in chunks of T: inside every chunk one masked (T × T) product, all
+chunks in one batched call, and across chunks a carried (D_h × D_h) state. Every exponent is
+a difference b_t − b_j ≤ 0 taken inside one chunk, so nothing overflows. The gradient flows
+through time (the earlier project detached W at every step). `hebbian_naive` is the per-token
+definition the tests bind to.
+
+Backends: "torch" is the chunked form above and runs everywhere; "fla" is
+flash-linear-attention's `chunk_simple_gla` (the field's Triton kernels for exactly this
+recurrence), CUDA only. "auto" picks fla on CUDA and torch elsewhere, and it is an error,
+not a quiet switch, when fla is missing on CUDA: the two differ ~30× in speed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "fla", "torch")
 
 
 def hebbian_naive(q, k, v, log_decay, eta: float = 1.0, state=None):
@@ -29,27 +37,85 @@ def hebbian_naive(q, k, v, log_decay, eta: float = 1.0, state=None):
     return torch.stack(out, dim=2), w
 
 
+def _pad_time(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    if size == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size
+    return torch.cat((x, x.new_zeros(shape)), dim=dim)
+
+
 def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int = 64):
-    """Same contract as `hebbian_naive`; O(N·T) work inside chunks, O(N/T) carried steps."""
+    """Same contract as `hebbian_naive`; O(N·T) work in batched chunk products, O(N/T)
+    carried (D_h × D_h) steps. Padding at the end uses log-decay 0 and zero keys, so it
+    leaves the final state as it is."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
-    w = q.new_zeros(bsz, heads, dk, dv) if state is None else state
+    m = -(-n // chunk)
+    pad = m * chunk - n
+    qc, kc, vc = (_pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
+    b = torch.cumsum(_pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    out = []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        qc, kc, vc = q[..., start:stop, :], k[..., start:stop, :], v[..., start:stop, :]
-        b = torch.cumsum(log_decay[..., start:stop], dim=-1)  # (B, H, T): Σ within the chunk
-        size = stop - start
-        lag = b[..., :, None] - b[..., None, :]  # b_t − b_j
-        decay = torch.where(causal[:size, :size], torch.exp(lag.clamp_max(0)), 0.0)
-        intra = (qc @ kc.transpose(-1, -2)) * decay @ vc
-        inter = torch.exp(b)[..., None] * (qc @ w)
-        out.append(eta * intra + inter)
-        # carry: W ← e^{b_end} W + η Σ_j e^{b_end − b_j} k_j v_jᵀ
-        tail = torch.exp(b[..., -1:] - b)[..., None]  # (B, H, T, 1)
-        w = torch.exp(b[..., -1])[..., None, None] * w + eta * (kc * tail).transpose(-1, -2) @ vc
-    return torch.cat(out, dim=2), w
+    lag = (b[..., :, None] - b[..., None, :]).clamp_max(0)  # b_t − b_j, masked below
+    scores = (qc @ kc.transpose(-1, -2)) * torch.where(causal, torch.exp(lag), 0.0)
+    intra = eta * (scores @ vc)  # (B, H, M, T, Dv)
+    # what each chunk adds to the state at its end: η Σ_j e^{b_end − b_j} k_j v_jᵀ
+    tail = torch.exp(b[..., -1:] - b)[..., None]
+    added = eta * (kc * tail).transpose(-1, -2) @ vc  # (B, H, M, Dk, Dv)
+    through = torch.exp(b[..., -1])  # (B, H, M): decay across a whole chunk
+    # the carried state keeps the precision of the decays (float32 under bf16 autocast)
+    acc = torch.promote_types(q.dtype, log_decay.dtype)
+    w = q.new_zeros(bsz, heads, dk, dv, dtype=acc) if state is None else state.to(acc)
+    entering = []
+    for c in range(m):  # only the small state steps remain sequential
+        entering.append(w)
+        w = through[..., c, None, None] * w + added[:, :, c]
+    inter = torch.exp(b)[..., None] * (qc @ torch.stack(entering, dim=2))
+    y = (intra + inter).reshape(bsz, heads, m * chunk, dv)[:, :, :n]
+    return y, w
+
+
+def fla_available() -> bool:
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hebbian_fla(q, k, v, log_decay, eta: float = 1.0, state=None):
+    """The same recurrence through fla's `chunk_simple_gla`, in fla's (B, N, H, D) layout.
+    fla scales q·k by `scale` but its state carries no η, so η goes on the keys and the
+    scale is 1: then fla's state is W exactly and carries over to the torch backends."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    # the per-step log-decays are tiny (Γ down to 1e-4) and fla sums them within a chunk:
+    # in bf16 that sum would lose them, so they go in as float32
+    y, w = chunk_simple_gla(
+        q, k if eta == 1.0 else k * eta, v, g=log_decay.float(), scale=1.0,
+        initial_state=state, output_final_state=True,
+    )
+    return y, w
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return backend
+    if device.type != "cuda":
+        if backend == "fla":
+            raise RuntimeError(f"hebbian backend 'fla' needs a CUDA tensor, got {device}")
+        return "torch"
+    if not fla_available():
+        raise RuntimeError(
+            "hebbian backend 'auto' on CUDA uses flash-linear-attention, which is not "
+            "installed: `pip install flash-linear-attention`, or set hebbian_backend='torch' "
+            "to measure the (much slower) PyTorch chunked form instead"
+        )
+    return "fla"
 
 
 class DissipativeHebbian(nn.Module):
@@ -57,10 +123,12 @@ class DissipativeHebbian(nn.Module):
     the input; η and dt are fixed scalars (η also scales keys at init)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
-                 dt: float = 1.0, chunk: int = 64):
+                 dt: float = 1.0, chunk: int = 64, backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
         self.n_heads, self.head_dim = n_heads, head_dim
-        self.eta, self.dt, self.chunk = eta, dt, chunk
+        self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
         self.gamma = nn.Linear(d_model, n_heads)
         # Γ ≈ softplus(bias) spread from 1e-4 to 5e-2 per step across heads at init: memories
@@ -70,10 +138,23 @@ class DissipativeHebbian(nn.Module):
             self.gamma.bias.copy_(torch.linspace(-9.0, -3.0, n_heads))
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                return_state: bool = False):
+        """x (B, N, D); `state` is W carried in, (B, H, D_h, D_h); with `return_state`,
+        returns (y, W at the end)."""
         bsz, n, _ = x.shape
-        q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).unbind(2)
         k = F.normalize(k, dim=-1)  # unit keys keep ‖W‖ bounded by η/(1 − e^{−Γ dt})
-        log_decay = -F.softplus(self.gamma(x)).transpose(1, 2) * self.dt  # (B, H, N)
-        y, _ = hebbian_chunked(q, k, v, log_decay.to(q.dtype), self.eta, chunk=self.chunk)
-        return self.out(y.transpose(1, 2).reshape(bsz, n, -1))
+        gate = self.gamma(x)
+        log_decay = -F.softplus(gate.to(torch.promote_types(gate.dtype, torch.float32)))
+        log_decay = log_decay * self.dt  # (B, N, H)
+        if resolve_backend(self.backend, x.device) == "fla":
+            y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)
+            y = y.to(q.dtype)
+        else:
+            heads_first = (t.transpose(1, 2) for t in (q, k, v))
+            y, w = hebbian_chunked(*heads_first, log_decay.transpose(1, 2), self.eta, state,
+                                   chunk=self.chunk)
+            y = y.transpose(1, 2).to(q.dtype)
+        y = self.out(y.reshape(bsz, n, -1))
+        return (y, w) if return_state else y

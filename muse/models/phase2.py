@@ -3,8 +3,7 @@
 Block: x → LN → non-Hermitian BK (V − iΓ in the resolvent) → +; → LN → dissipative Hebbian fast
 weights (decay e^{−Γ_t dt}, gradient through time) → +; → LN → FFN → +. Dense embedding tied
 to the head. Not yet here: streaming state across segments, the SNR filter and the zeta-zero
-resonance on that state, zeta initialisation, and flash-linear-attention's kernel on CUDA (the
-chunked PyTorch form runs everywhere).
+resonance on that state, and zeta initialisation.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch.nn as nn
 
 from muse.layers.bk import NonHermitianBKMixer
 from muse.layers.head import tied_logits
+from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
 from muse.layers.hebbian import DissipativeHebbian
 from muse.layers.mlp import MLP
 from muse.models.common import check_input_ids, run_blocks
@@ -37,6 +37,7 @@ class Phase2Config(StrictConfig):
     hebbian_eta: float = 1.0
     hebbian_dt: float = 1.0
     hebbian_chunk: int = 64
+    hebbian_backend: str = "auto"  # "auto" (fla on CUDA), "fla" or "torch" (see layers.hebbian)
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
@@ -51,6 +52,10 @@ class Phase2Config(StrictConfig):
             "bk_channels",
             "hebbian_chunk",
         )
+        if self.hebbian_backend not in HEBBIAN_BACKENDS:
+            raise ValueError(
+                f"hebbian_backend must be one of {HEBBIAN_BACKENDS}, got {self.hebbian_backend!r}"
+            )
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
 
@@ -75,6 +80,7 @@ class Phase2Block(nn.Module):
             eta=config.hebbian_eta,
             dt=config.hebbian_dt,
             chunk=config.hebbian_chunk,
+            backend=config.hebbian_backend,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = MLP(d_model=d, d_ff=config.d_ff)

@@ -54,3 +54,34 @@ def test_layer_is_causal_and_gradient_reaches_the_first_token():
     y[:, -1].sum().backward()
     assert x.grad[0, 0].abs().sum() > 0  # no detach through time
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_layer_state_carries_across_segments():
+    torch.manual_seed(1)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, backend="torch").double()
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    y, w = m(x, return_state=True)
+    ya, wa = m(x[:, :20], return_state=True)
+    yb, wb = m(x[:, 20:], state=wa, return_state=True)
+    assert torch.allclose(torch.cat((ya, yb), dim=1), y, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(wb, w, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_backend_is_named():
+    with pytest.raises(ValueError, match="auto.*'cuda-magic'"):
+        DissipativeHebbian(d_model=8, n_heads=1, head_dim=8, backend="cuda-magic")
+    m = DissipativeHebbian(d_model=8, n_heads=1, head_dim=8, backend="fla")
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        m(torch.randn(1, 4, 8))
+
+
+def test_bf16_autocast_keeps_the_state_in_float32():
+    torch.manual_seed(2)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, backend="torch")
+    x = torch.randn(1, 30, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, w = m(x, return_state=True)
+    assert w.dtype == torch.float32
+    y32 = m(x)
+    # bf16 products (8 bits of mantissa) against float32: agreement to a few percent
+    assert torch.allclose(y.float(), y32, rtol=5e-2, atol=5e-2)

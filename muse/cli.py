@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from muse.cases import positive_int
 from muse.compare import parse_gate
 
 PLANNED = {
@@ -116,6 +117,33 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from muse import models
+    from muse.measure.phases import torch_dtype
+    from muse.measure.profile import format_rows, profile_step
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        args.parser.error("--device cuda: CUDA is not available here (use --device cpu)")
+    try:
+        model = models.build(args.model)
+        dtype = torch_dtype(args.dtype)
+    except (KeyError, ValueError) as exc:
+        args.parser.error(str(exc))
+    step_s, sublayers, kernels = profile_step(
+        model, args.seq, phase=args.phase, dtype=dtype, batch=args.batch, device=device
+    )
+    print(f"{args.model} {args.phase} seq {args.seq} batch {args.batch} {args.dtype} on {device}:"
+          f" {step_s * 1e3:.3f} ms per step (median of timed rounds)")
+    for line in format_rows("sublayers (forward, summed over blocks)", sublayers, args.rows):
+        print(line)
+    for line in format_rows("self time (forward and backward)", kernels, args.rows):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("profile", help="where a train step's device time goes, by sublayer"
+                       " and kernel")
+    p.add_argument("model", help="registry spec, name[:preset]")
+    p.add_argument("--seq", type=positive_int, required=True)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--phase", choices=("train", "forward"), default="train")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--rows", type=positive_int, default=20)
+    p.set_defaults(func=profile, parser=p)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)

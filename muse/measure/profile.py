@@ -1,0 +1,106 @@
+"""Where a training step's (or a forward's) device time goes: `muse profile MODEL --seq N`.
+
+Two views of the same profiled steps. Sublayers: every module inside a block is wrapped in a
+profiler range named after its class (`muse::BKMixer`, …), so the forward time of each kind of
+sublayer is summed over the blocks. Kernels: the kernels (and the ops that launched them on
+the CPU) with the most self time, forward and backward together, as a share of the step's
+median time from CUDA events. The question it answers is the one a missed speed goal asks:
+what dominates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from muse.measure.phases import TrainStep, forward_fn, random_ids, synchronize
+from muse.measure.timing import time_callable
+
+PHASES = ("train", "forward")
+UNLABELLED = (nn.LayerNorm, nn.Dropout)  # cheap, and too many ranges blur the picture
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    calls: int
+    time_ms: float  # per step
+    share: float  # of the median step time
+
+
+def _label_sublayers(model: nn.Module) -> list:
+    """Profiler ranges around the children of every block, and around embed/head modules."""
+    handles, stack = [], []
+
+    def enter(label):
+        def pre(_module, _args):
+            rf = record_function(label)
+            rf.__enter__()
+            stack.append(rf)
+
+        return pre
+
+    def leave(_module, _args, _out):
+        stack.pop().__exit__(None, None, None)
+
+    targets = []
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        for block in blocks:
+            targets += [m for m in block.children() if not isinstance(m, UNLABELLED)]
+    embed = getattr(model, "embed", None)
+    if embed is not None:
+        targets.append(embed)
+    for m in targets:
+        handles.append(m.register_forward_pre_hook(enter(f"muse::{type(m).__name__}")))
+        handles.append(m.register_forward_hook(leave))
+    return handles
+
+
+def profile_step(model: nn.Module, seq: int, *, phase: str = "train", dtype=torch.float16,
+                 batch: int = 1, device="cuda", steps: int = 3, warmup: int = 3):
+    """→ (median step seconds, sublayer rows, kernel rows), times per step."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    device = torch.device(device)
+    model = model.to(device)
+    ids = random_ids(model.config.vocab_size, batch, seq, device)
+    fn = TrainStep(model, ids, dtype) if phase == "train" else forward_fn(model, ids, dtype)
+    step_s = time_callable(fn, device, warmup=warmup, rounds=max(steps, 5)).median_s
+    handles = _label_sublayers(model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            synchronize(device)
+    finally:
+        for h in handles:
+            h.remove()
+    on_device = device.type == "cuda"
+
+    def rows(events, total_attr):
+        out = [Row(e.key, e.count // steps, getattr(e, total_attr) / 1e3 / steps, 0.0)
+               for e in events]
+        return [Row(r.name, r.calls, r.time_ms, r.time_ms / (step_s * 1e3)) for r in out]
+
+    events = prof.key_averages()
+    sub = [e for e in events if e.key.startswith("muse::")]
+    total = "device_time_total" if on_device else "cpu_time_total"
+    self_total = "self_device_time_total" if on_device else "self_cpu_time_total"
+    sublayers = sorted(rows(sub, total), key=lambda r: -r.time_ms)
+    kernels = sorted(rows([e for e in events if not e.key.startswith("muse::")], self_total),
+                     key=lambda r: -r.time_ms)
+    return step_s, sublayers, [r for r in kernels if r.time_ms > 0]
+
+
+def format_rows(title: str, rows: list[Row], limit: int) -> list[str]:
+    lines = [title, f"{'ms/step':>9} {'share':>6} {'calls':>6}  name"]
+    for r in rows[:limit]:
+        name = r.name if len(r.name) <= 90 else r.name[:87] + "..."
+        lines.append(f"{r.time_ms:9.3f} {r.share:6.1%} {r.calls:6d}  {name}")
+    return lines

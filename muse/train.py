@@ -240,6 +240,15 @@ def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator) 
     return torch.stack([ids[s : s + seq] for s in starts.tolist()])
 
 
+def weighted_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The model's own auxiliary loss from its last forward (MoE load balancing) times its
+    config's `moe_aux_weight`; 0 for a model without one. It trains, it is not logged."""
+    weight = getattr(getattr(model, "config", None), "moe_aux_weight", 0.0)
+    if weight > 0 and callable(getattr(model, "aux_loss", None)):
+        return weight * model.aux_loss()
+    return 0.0
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     # decay matrices (embeddings, linear weights), not gains and biases (nanoGPT's split)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -380,7 +389,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
                 x = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
                 with autocast(device, dtype):
                     loss = lm_loss(model(x), x) / cfg.grad_accum
-                scaler.scale(loss).backward()
+                scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")

@@ -17,7 +17,7 @@ from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
 from muse.layers.head import tied_logits
 from muse.layers.htt import HTTEmbedding
-from muse.layers.mlp import MLP
+from muse.layers.moe import check_ffn_config, make_ffn, moe_aux_loss, moe_diagnostics
 from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -32,6 +32,10 @@ class Phase1Config(StrictConfig):
     n_layers: int = 6
     bk_channels: int = 32  # independent BK-Core channels per block (C)
     d_ff: int = 2048
+    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
+    moe_experts: int = 8
+    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
+    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     embedding: str = "htt"  # "htt" (compressed) or "dense" (the uncompressed baseline)
     htt_rank: int = 16
     ar_ssm_rank: int = 32  # 0 leaves the AR-SSM sublayer out
@@ -44,6 +48,7 @@ class Phase1Config(StrictConfig):
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
     def __post_init__(self) -> None:
+        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
         self.require_positive_ints(
             "vocab_size", "d_model", "n_layers", "bk_channels", "d_ff", "htt_rank"
         )
@@ -74,7 +79,13 @@ class Phase1Block(nn.Module):
             else None
         )
         self.ln_ffn = nn.LayerNorm(d)
-        self.ffn = MLP(d_model=config.d_model, d_ff=config.d_ff)
+        self.ffn = make_ffn(
+            config.ffn,
+            d_model=d,
+            d_ff=config.d_ff,
+            n_experts=config.moe_experts,
+            top_k=config.moe_top_k,
+        )
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +114,15 @@ class Phase1LM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing losses of the last forward, summed (0 without MoE); the
+        trainer adds `moe_aux_weight` times this to the language-model loss."""
+        return moe_aux_loss(self)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-step training diagnostics: the MoE expert load (empty without MoE)."""
+        return moe_diagnostics(self)
 
     def output_table(self) -> torch.Tensor:
         """The tied head: logits = h · Eᵀ with E the (materialised) embedding table."""

@@ -17,7 +17,7 @@ from muse.layers.bk import NonHermitianBKMixer
 from muse.layers.head import tied_logits
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
 from muse.layers.hebbian import DissipativeHebbian
-from muse.layers.mlp import MLP
+from muse.layers.moe import check_ffn_config, make_ffn, moe_aux_loss, moe_diagnostics
 from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -31,6 +31,10 @@ class Phase2Config(StrictConfig):
     n_heads: int = 4  # Hebbian heads
     head_dim: int = 64
     d_ff: int = 1024
+    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
+    moe_experts: int = 8
+    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
+    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     bk_channels: int = 32
     gamma_base: float = 1e-3  # Γ_base of the non-Hermitian potential
     bk_z_imag_init: float = -3.0  # Im z ≈ 0.05 at init (see BKMixer)
@@ -42,6 +46,7 @@ class Phase2Config(StrictConfig):
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
     def __post_init__(self) -> None:
+        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
         self.require_positive_ints(
             "vocab_size",
             "d_model",
@@ -83,7 +88,13 @@ class Phase2Block(nn.Module):
             backend=config.hebbian_backend,
         )
         self.ln_ffn = nn.LayerNorm(d)
-        self.ffn = MLP(d_model=d, d_ff=config.d_ff)
+        self.ffn = make_ffn(
+            config.ffn,
+            d_model=d,
+            d_ff=config.d_ff,
+            n_experts=config.moe_experts,
+            top_k=config.moe_top_k,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.bk(self.ln_bk(x))
@@ -104,6 +115,15 @@ class Phase2LM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing losses of the last forward, summed (0 without MoE); the
+        trainer adds `moe_aux_weight` times this to the language-model loss."""
+        return moe_aux_loss(self)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-step training diagnostics: the MoE expert load (empty without MoE)."""
+        return moe_diagnostics(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids)

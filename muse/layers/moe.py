@@ -3,8 +3,8 @@
 Each token goes to the k experts of highest router probability and gets their outputs weighted
 by those k probabilities renormalised to sum to 1. k ≥ 2 because with k = 1 the renormalised
 weight is exactly 1 whatever the logits, so the language-model loss sends the router no
-gradient. No token is dropped (no capacity limit): the output is exactly the dense mixture
-`moe_dense` computes, only cheaper.
+gradient. No token is dropped (no capacity limit): the output is the dense mixture `moe_dense`
+computes, up to summation order, at k/E of its cost.
 """
 
 from __future__ import annotations

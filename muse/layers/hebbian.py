@@ -10,10 +10,11 @@ a difference b_t − b_j ≤ 0 taken inside one chunk, so nothing overflows. The
 through time (the earlier project detached W at every step). `hebbian_naive` is the per-token
 definition the tests bind to.
 
-Backends: "torch" is the chunked form above and runs everywhere; "fla" is
-flash-linear-attention's `chunk_simple_gla` (the field's Triton kernels for exactly this
-recurrence), CUDA only. "auto" picks fla on CUDA and torch elsewhere, and it is an error,
-not a quiet switch, when fla is missing on CUDA: the two differ ~30× in speed.
+Backends: "torch" (the default, "auto") is the chunked form above and runs everywhere; on CUDA
+its chunk-to-chunk state steps run as one Triton scan (muse.ops.decayed_scan_triton). "fla" is
+flash-linear-attention's `chunk_simple_gla`, the field's kernels for exactly this recurrence,
+CUDA only and opt-in: fla 0.6 refuses its backward on Hopper with Triton < 3.7.1 (a known
+miscompile, fla issue #640), which is what the lent H100/H200 machines have (Triton 3.6).
 """
 
 from __future__ import annotations
@@ -68,13 +69,31 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     # the carried state keeps the precision of the decays (float32 under bf16 autocast)
     acc = torch.promote_types(q.dtype, log_decay.dtype)
     w = q.new_zeros(bsz, heads, dk, dv, dtype=acc) if state is None else state.to(acc)
-    entering = []
-    for c in range(m):  # only the small state steps remain sequential
-        entering.append(w)
-        w = through[..., c, None, None] * w + added[:, :, c]
-    inter = torch.exp(b)[..., None] * (qc @ torch.stack(entering, dim=2))
+    if q.is_cuda and acc != torch.float64:  # the scan accumulates in float32
+        entering, w = _carry_scan(added.to(acc), b[..., -1].to(acc), w)
+    else:  # only the small state steps remain sequential
+        states = []
+        for c in range(m):
+            states.append(w)
+            w = through[..., c, None, None] * w + added[:, :, c]
+        entering = torch.stack(states, dim=2)
+    inter = torch.exp(b)[..., None] * (qc @ entering.to(qc.dtype))
     y = (intra + inter).reshape(bsz, heads, m * chunk, dv)[:, :, :n]
     return y, w
+
+
+def _carry_scan(added, log_through, w0):
+    """The chunk-to-chunk state recurrence W_c = e^{b_c} W_{c−1} + A_c as one Triton scan
+    over the chunks (D_h² channels a head); a loop here cost a launch or two per 64 tokens.
+    → (the state entering each chunk (B, H, M, Dk, Dv), the state after the last)."""
+    from muse.ops.decayed_scan_triton import decayed_cumsum_triton
+
+    bsz, heads, m, dk, dv = added.shape
+    first = added[:, :, :1] + torch.exp(log_through[..., :1])[..., None, None] * w0[:, :, None]
+    u = torch.cat((first, added[:, :, 1:]), dim=2).reshape(bsz * heads, m, dk * dv)
+    ends = decayed_cumsum_triton(u, log_through.reshape(bsz * heads, m))
+    ends = ends.view(bsz, heads, m, dk, dv)
+    return torch.cat((w0[:, :, None].to(ends.dtype), ends[:, :, :-1]), dim=2), ends[:, :, -1]
 
 
 def fla_available() -> bool:
@@ -93,9 +112,11 @@ def hebbian_fla(q, k, v, log_decay, eta: float = 1.0, state=None):
 
     # the per-step log-decays are tiny (Γ down to 1e-4) and fla sums them within a chunk:
     # in bf16 that sum would lose them, so they go in as float32
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     y, w = chunk_simple_gla(
         q, k if eta == 1.0 else k * eta, v, g=log_decay.float(), scale=1.0,
-        initial_state=state, output_final_state=True,
+        initial_state=None if state is None else state.float(), output_final_state=True,
     )
     return y, w
 
@@ -103,17 +124,14 @@ def hebbian_fla(q, k, v, log_decay, eta: float = 1.0, state=None):
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return backend
-    if device.type != "cuda":
-        if backend == "fla":
-            raise RuntimeError(f"hebbian backend 'fla' needs a CUDA tensor, got {device}")
+    if backend != "fla":
         return "torch"
+    if device.type != "cuda":
+        raise RuntimeError(f"hebbian backend 'fla' needs a CUDA tensor, got {device}")
     if not fla_available():
         raise RuntimeError(
-            "hebbian backend 'auto' on CUDA uses flash-linear-attention, which is not "
-            "installed: `pip install flash-linear-attention`, or set hebbian_backend='torch' "
-            "to measure the (much slower) PyTorch chunked form instead"
+            "hebbian backend 'fla' needs flash-linear-attention: `pip install "
+            "flash-linear-attention`, or use hebbian_backend='torch'"
         )
     return "fla"
 
@@ -139,14 +157,23 @@ class DissipativeHebbian(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
-                return_state: bool = False):
+                return_state: bool = False, gamma_offset: torch.Tensor | None = None,
+                eta_scale: torch.Tensor | None = None):
         """x (B, N, D); `state` is W carried in, (B, H, D_h, D_h); with `return_state`,
-        returns (y, W at the end)."""
+        returns (y, W at the end). `gamma_offset` (B, H) ≥ 0 is added to every Γ_t and
+        `eta_scale` (B, H) multiplies η, per head, for this call (the streaming SNR filter)."""
         bsz, n, _ = x.shape
         q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).unbind(2)
-        k = F.normalize(k, dim=-1)  # unit keys keep ‖W‖ bounded by η/(1 − e^{−Γ dt})
+        # unit keys keep ‖W‖ bounded by η/(1 − e^{−Γ dt}); autocast runs the norm in float32,
+        # and fla's kernels need q, k, v of one dtype
+        k = F.normalize(k, dim=-1).to(q.dtype)
+        if eta_scale is not None:
+            # η multiplies every write k vᵀ, so a per-head η is a per-head scale on the keys
+            k = k * eta_scale[:, None, :, None].to(k.dtype)
         gate = self.gamma(x)
         log_decay = -F.softplus(gate.to(torch.promote_types(gate.dtype, torch.float32)))
+        if gamma_offset is not None:
+            log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype)
         log_decay = log_decay * self.dt  # (B, N, H)
         if resolve_backend(self.backend, x.device) == "fla":
             y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)

@@ -35,6 +35,24 @@ _SCRIPT = textwrap.dedent(
             res.append([s.detach(), leaves[0].grad, leaves[1].grad])
         out[f"{bsz}x{n}x{r}"] = dict(zip(("s", "grad_u", "grad_log_decay"),
                                          (nerr(a, b) for a, b in zip(res[1], res[0]))))
+    # one decay per (sequence, step), shared by the channels: the Hebbian chunk states
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(3, 200, 20, generator=g, dtype=torch.float64)
+    log_a = -torch.rand(3, 200, generator=g, dtype=torch.float64) * 0.3
+    up = torch.randn(3, 200, 20, generator=g, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in (u, log_a)]
+    s, rows = torch.zeros(3, 20, dtype=torch.float64), []
+    for t in range(200):
+        s = torch.exp(leaves64[1][:, t, None]) * s + leaves64[0][:, t]
+        rows.append(s)
+    ref = torch.stack(rows, dim=1)
+    (ref * up).sum().backward()
+    leaves = [t.float().requires_grad_() for t in (u, log_a)]
+    got = decayed_cumsum_triton(*leaves)
+    (got * up.float()).sum().backward()
+    out["per-step 3x200x20"] = dict(
+        s=nerr(got.detach(), ref.detach()), grad_u=nerr(leaves[0].grad, leaves64[0].grad),
+        grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
     print(json.dumps(out))
     """
 )
@@ -50,7 +68,7 @@ def test_scan_matches_float64_chunked_form_under_interpreter():
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 4
+    assert len(errors) == 5
     for shape, errs in errors.items():
         for name, err in errs.items():
             assert err <= 5e-5, (shape, name, err)

@@ -1,4 +1,5 @@
-"""flash-linear-attention's kernel against the float64 chunked form (CUDA with fla only)."""
+"""The Hebbian's CUDA paths against the float64 chunked form on the CPU: the default backend
+(chunk products + the Triton carry scan) and flash-linear-attention's kernel."""
 
 import pytest
 import torch
@@ -7,41 +8,76 @@ from muse.layers.hebbian import DissipativeHebbian, fla_available, hebbian_chunk
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and fla_available()),
-        reason="needs CUDA and flash-linear-attention",
-    ),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
+needs_fla = pytest.mark.skipif(not fla_available(), reason="needs flash-linear-attention")
 
 
-@pytest.mark.parametrize("n", [63, 1000, 4096])
-def test_fla_matches_the_float64_reference_with_gradients(n):
+def _inputs(n, b=2, h=4, d=64):
     g = torch.Generator("cuda").manual_seed(n)
-    b, h, d = 2, 4, 64
     q, k, v = (torch.randn(b, n, h, d, device="cuda", generator=g) for _ in range(3))
     k = torch.nn.functional.normalize(k, dim=-1)
     log_decay = -torch.rand(b, n, h, device="cuda", generator=g) * 0.05
     state = torch.randn(b, h, d, d, device="cuda", generator=g) * 0.1
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_decay, state)]
-    y, w = hebbian_fla(*leaves[:4], eta=0.5, state=leaves[4])
+    return q, k, v, log_decay, state
+
+
+def _reference(inputs, grad_y, eta):
+    ref = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    heads_first = [t.transpose(1, 2) for t in ref[:4]]
+    y, w = hebbian_chunked(*heads_first, eta=eta, state=ref[4], chunk=64)
+    (y.transpose(1, 2) * grad_y.cpu().double()).sum().backward()
+    return y.transpose(1, 2).detach(), w.detach(), [t.grad for t in ref]
+
+
+def _close(a, ref_value, what, bound):
+    err = float((a.detach().cpu().double() - ref_value).norm() / ref_value.norm())
+    assert err < bound, f"{what}: relative error {err:.2e} (bound {bound:.0e})"
+
+
+def _check(run, n, bound):
+    inputs = _inputs(n)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y, w = run(*leaves)
     grad_y = torch.randn_like(y)
     (y * grad_y).sum().backward()
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v, log_decay, state)]
-    heads_first = [t.transpose(1, 2) for t in ref[:4]]
-    y64, w64 = hebbian_chunked(*heads_first, eta=0.5, state=ref[4], chunk=64)
-    (y64.transpose(1, 2) * grad_y.double()).sum().backward()
-
-    def close(a, ref_value, what):
-        # fla multiplies float32 in TF32 (10-bit mantissa): relative error ~1e-3 of the norm
-        err = (a.double() - ref_value).norm() / ref_value.norm()
-        assert err < 5e-3, f"{what}: relative error {err:.2e}"
-
-    close(y, y64.transpose(1, 2), "y")
-    close(w, w64, "final state")
-    for name, leaf, r in zip(("dq", "dk", "dv", "dlog_decay", "dstate"), leaves, ref, strict=True):
-        close(leaf.grad, r.grad, name)
+    y64, w64, grads64 = _reference(inputs, grad_y, eta=0.5)
+    _close(y, y64, "y", bound)
+    _close(w, w64, "final state", bound)
+    names = ("dq", "dk", "dv", "dlog_decay", "dstate")
+    for name, leaf, g64 in zip(names, leaves, grads64, strict=True):
+        _close(leaf.grad, g64, name, bound)
 
 
+@pytest.mark.parametrize("n", [63, 1000, 4096])
+def test_default_cuda_path_matches_float64(n, monkeypatch):
+    """float32 chunk products (TF32 off) and the float32 scan against float64; bound 5e-3
+    of the norm, the same as for fla."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    def run(q, k, v, log_decay, state):
+        hf = [t.transpose(1, 2) for t in (q, k, v, log_decay)]
+        y, w = hebbian_chunked(*hf, eta=0.5, state=state, chunk=64)
+        return y.transpose(1, 2), w
+
+    _check(run, n, 5e-3)
+
+
+@needs_fla
+@pytest.mark.parametrize("n", [63, 1000, 4096])
+def test_fla_matches_float64(n):
+    """fla multiplies float32 in TF32: relative error ~1e-3 of the norm; bound 5e-3. fla 0.6
+    refuses its backward on Hopper with Triton < 3.7.1 (fla #640): then this test skips and
+    says so — the default backend does not use fla."""
+    try:
+        _check(lambda q, k, v, ld, st: hebbian_fla(q, k, v, ld, eta=0.5, state=st), n, 5e-3)
+    except RuntimeError as exc:
+        if "#640" not in str(exc):
+            raise
+        pytest.skip(f"fla refuses here: {str(exc)[:160]}")
+
+
+@needs_fla
 def test_layer_backends_agree_under_bf16_autocast():
     torch.manual_seed(0)
     m = DissipativeHebbian(d_model=256, n_heads=4, head_dim=64, backend="fla").cuda()

@@ -45,12 +45,33 @@ class BKMixer(nn.Module):
         """The potential a (B, N, C); Phase 2 overrides this with V − iΓ."""
         return _wide(self.potential(x)) + _wide(self.a0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def init_carry(
+        self, batch: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The boundary value before any token: zeros (B, C), complex."""
+        ref = self.a0
+        wide = torch.promote_types(dtype or ref.dtype, torch.float32) == torch.float64
+        cdtype = torch.complex128 if wide else torch.complex64
+        return torch.zeros(batch, ref.shape[0], device=device or ref.device, dtype=cdtype)
+
+    def forward(
+        self, x: torch.Tensor, carry: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, D) → (B, N, D). With `carry` (B, C), the boundary value k_{−1}·g_{−1} left
+        by the previous segment, also returns this segment's: the recurrence
+        g_0 = 1/(α_0 − k_{−1} g_{−1}) resumes exactly where the last one stopped."""
         a = self.diagonal(x)
-        # k_i couples i and i+1 and is computed from x_i, so g_i sees only x_{≤i}.
-        k = F.softplus(_wide(self.coupling(x[:, :-1])))
-        g = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
-        return self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
+        if carry is None:
+            # k_i couples i and i+1 and is computed from x_i, so g_i sees only x_{≤i}.
+            k = F.softplus(_wide(self.coupling(x[:, :-1])))
+            g = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
+            return self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
+        # the last token's coupling reaches into the next segment, so here it is computed too
+        k_all = F.softplus(_wide(self.coupling(x)))
+        a = torch.cat((a[:, :1] - carry[:, None], a[:, 1:]), dim=1)
+        g = bk_core(a, k_all[:, :-1], self.shift(), backend=self.backend, validate=False)
+        out = self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
+        return out, k_all[:, -1] * g[:, -1]
 
 
 class NonHermitianBKMixer(BKMixer):

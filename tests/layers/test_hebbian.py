@@ -85,3 +85,25 @@ def test_bf16_autocast_keeps_the_state_in_float32():
     y32 = m(x)
     # bf16 products (8 bits of mantissa) against float32: agreement to a few percent
     assert torch.allclose(y.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+def test_gamma_offset_and_eta_scale_enter_the_recurrence_per_head():
+    """Γ_t + ΔΓ_h and η·s_h, per batch row and head, against the per-token definition run with
+    those values written in (float64, tolerance 1e-12)."""
+    torch.manual_seed(3)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, eta=0.7, dt=0.5,
+                           backend="torch").double()
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    offset = torch.tensor([[0.0, 0.3], [0.1, 0.0]], dtype=torch.float64)
+    scale = torch.tensor([[1.0, 0.5], [0.25, 0.9]], dtype=torch.float64)
+    y, w = m(x, return_state=True, gamma_offset=offset, eta_scale=scale)
+
+    q, k, v = m.qkv(x).view(2, 21, 3, 2, 8).unbind(2)
+    k = torch.nn.functional.normalize(k, dim=-1) * scale[:, None, :, None]
+    log_decay = -(torch.nn.functional.softplus(m.gamma(x)) + offset[:, None]) * 0.5
+    heads_first = (t.transpose(1, 2) for t in (q, k, v))
+    y_ref, w_ref = hebbian_naive(*heads_first, log_decay.transpose(1, 2), eta=0.7)
+    y_ref = m.out(y_ref.transpose(1, 2).reshape(2, 21, -1))
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(w, w_ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(y, m(x), atol=1e-3)

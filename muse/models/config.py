@@ -35,6 +35,19 @@ class StrictConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
+    def reject_unused(self, switch: str, *keys: str) -> None:
+        """With the option `switch` off, the keys that only act when it is on must keep their
+        defaults: a value set there would be silently ignored, so it is an error."""
+        if getattr(self, switch):
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [k for k in keys if getattr(self, k) != defaults[k]]
+        if changed:
+            raise ValueError(
+                f"{', '.join(f'{k}={getattr(self, k)!r}' for k in changed)} only act(s) with "
+                f"{switch}=True, and {switch} is off: turn it on or leave them at their defaults"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -4,6 +4,10 @@ Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + FFN(LN x).
 is a residual sublayer of every block: the earlier project built it and never inserted it into
 the model it benchmarked. The embedding is HTT (tensor-train factorised, ~0.6% of V·D at D=512,
 r=16) or dense for the uncompressed baseline; the output head is tied to it.
+
+Streaming: `init_state(B)` and `forward(ids, state)` carry each block's BK boundary value and
+AR-SSM state (conv tail and decayed s) across segments, exactly. `zeta_init` starts a dense
+token embedding as sinusoids at zeta-zero frequencies (layers.zeta).
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from muse.layers.bk import BKMixer
 from muse.layers.head import tied_logits
 from muse.layers.htt import HTTEmbedding
 from muse.layers.moe import check_ffn_config, make_ffn, moe_aux_loss, moe_diagnostics
-from muse.models.common import check_input_ids, run_blocks
+from muse.layers.zeta import zeta_token_table
+from muse.models.common import (
+    StreamState,
+    check_input_ids,
+    check_state,
+    run_blocks,
+    run_blocks_streaming,
+)
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -38,6 +49,8 @@ class Phase1Config(StrictConfig):
     moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     embedding: str = "htt"  # "htt" (compressed) or "dense" (the uncompressed baseline)
     htt_rank: int = 16
+    # the dense token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)
+    zeta_init: bool = False
     ar_ssm_rank: int = 32  # 0 leaves the AR-SSM sublayer out
     # AR-SSM decays λ spread over this range at init: λ^16384 is 0.85 at 0.99999, so the
     # state can carry a token across a 16k context.
@@ -56,6 +69,11 @@ class Phase1Config(StrictConfig):
             raise ValueError(f"ar_ssm_rank must be an integer ≥ 0, got {self.ar_ssm_rank!r}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.zeta_init and self.embedding != "dense":
+            raise ValueError(
+                f"zeta_init initialises a dense token table; embedding={self.embedding!r} has "
+                "none (its HTT cores are not a table): set embedding='dense' or zeta_init=False"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -88,11 +106,26 @@ class Phase1Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.ln_mix(x)))
+    def init_state(self, batch: int, **where) -> dict:
+        state = {"bk": self.mixer.init_carry(batch, **where)}
         if self.ssm is not None:
-            x = x + self.drop(self.ssm(self.ln_ssm(x)))
-        return x + self.drop(self.ffn(self.ln_ffn(x)))
+            state["ssm"] = self.ssm.init_state(batch, **where)
+        return state
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        """x → x; with `state` (this block's part of a StreamState), (x, its next state)."""
+        if state is None:
+            x = x + self.drop(self.mixer(self.ln_mix(x)))
+            if self.ssm is not None:
+                x = x + self.drop(self.ssm(self.ln_ssm(x)))
+            return x + self.drop(self.ffn(self.ln_ffn(x)))
+        h, bk = self.mixer(self.ln_mix(x), state["bk"])
+        x = x + self.drop(h)
+        new = {"bk": bk}
+        if self.ssm is not None:
+            h, new["ssm"] = self.ssm(self.ln_ssm(x), state["ssm"])
+            x = x + self.drop(h)
+        return x + self.drop(self.ffn(self.ln_ffn(x))), new
 
 
 class Phase1LM(nn.Module):
@@ -108,6 +141,9 @@ class Phase1LM(nn.Module):
         else:
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
             nn.init.normal_(self.embed.weight, std=0.02)
+            if config.zeta_init:
+                with torch.no_grad():
+                    self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Phase1Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -130,12 +166,26 @@ class Phase1LM(nn.Module):
             return self.embed.weight
         return self.embed.full_table()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> StreamState:
+        """The state before any token: BK boundary values and AR-SSM states all zero, so
+        `forward(ids, init_state(B))` gives the same logits as `forward(ids)`."""
+        where = dict(device=device, dtype=dtype)
+        return StreamState(batch_size, [b.init_state(batch_size, **where) for b in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
+        """logits (B, N, V); with `state`, (logits, the state after these tokens): segments
+        run one after another give the logits of one run over their concatenation."""
         check_input_ids(input_ids)
         x = self.drop(self.embed(input_ids))
-        x = run_blocks(self.blocks, x, self.config.checkpointing)
-        h = self.ln_f(x)
-        return tied_logits(h, self.output_table())
+        if state is None:
+            x = run_blocks(self.blocks, x, self.config.checkpointing)
+            return tied_logits(self.ln_f(x), self.output_table())
+        check_state(state, input_ids, len(self.blocks))
+        x, blocks = run_blocks_streaming(self.blocks, x, state.blocks, self.config.checkpointing)
+        logits = tied_logits(self.ln_f(x), self.output_table())
+        return logits, StreamState(state.batch_size, blocks, state.tokens + input_ids.shape[1])
 
 
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)

@@ -2,8 +2,15 @@
 
 Block: x → LN → non-Hermitian BK (V − iΓ in the resolvent) → +; → LN → dissipative Hebbian fast
 weights (decay e^{−Γ_t dt}, gradient through time) → +; → LN → FFN → +. Dense embedding tied
-to the head. Not yet here: streaming state across segments, the SNR filter and the zeta-zero
-resonance on that state, and zeta initialisation.
+to the head.
+
+Streaming: `init_state(B)` and `forward(ids, state)` carry each block's BK boundary value and
+Hebbian W across segments, exactly (two segments give the logits of one run over both). Two
+optional filters act on the carried W between segments (layers.state_filters): the SNR filter
+(`snr_filter`) sets the next segment's extra forgetting and write strength per head from
+mean|W|/std(W), and memory resonance (`resonance`) projects W onto a zeta-zero plane-wave basis
+and drops its weak modes. `zeta_init` starts the token embedding as sinusoids at zeta-zero
+frequencies (layers.zeta).
 """
 
 from __future__ import annotations
@@ -18,7 +25,15 @@ from muse.layers.head import tied_logits
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
 from muse.layers.hebbian import DissipativeHebbian
 from muse.layers.moe import check_ffn_config, make_ffn, moe_aux_loss, moe_diagnostics
-from muse.models.common import check_input_ids, run_blocks
+from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
+from muse.layers.zeta import zeta_token_table
+from muse.models.common import (
+    StreamState,
+    check_input_ids,
+    check_state,
+    run_blocks,
+    run_blocks_streaming,
+)
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -44,6 +59,16 @@ class Phase2Config(StrictConfig):
     hebbian_backend: str = "auto"  # "auto" (fla on CUDA), "fla" or "torch" (see layers.hebbian)
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
+    # the token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)
+    zeta_init: bool = False
+    # Streaming only, on the Hebbian W carried between segments (layers.state_filters):
+    snr_filter: bool = False  # per head, SNR = mean|W|/std(W) below τ → forget faster, write less
+    snr_threshold: float = 0.5  # τ (i.i.d. Gaussian entries give SNR ≈ 0.80)
+    snr_gamma_scale: float = 0.01  # ΔΓ per step at SNR = 0
+    snr_eta_scale: float = 0.5  # η × (1 − this) at SNR = 0
+    resonance: bool = False  # project W onto a zeta-zero basis, drop its weak modes
+    resonance_modes: int = 0  # basis size M ≤ head_dim; 0: M = head_dim
+    resonance_threshold: float = 0.01  # keep modes with energy ≥ this × the strongest mode's
 
     def __post_init__(self) -> None:
         check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
@@ -63,6 +88,20 @@ class Phase2Config(StrictConfig):
             )
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
+        self.reject_unused("snr_filter", "snr_threshold", "snr_gamma_scale", "snr_eta_scale")
+        self.reject_unused("resonance", "resonance_modes", "resonance_threshold")
+        if self.snr_filter:
+            check_snr_config(self.snr_threshold, self.snr_gamma_scale, self.snr_eta_scale)
+        modes = self.resonance_modes
+        if not isinstance(modes, int) or isinstance(modes, bool) or not 0 <= modes <= self.head_dim:
+            raise ValueError(
+                f"resonance_modes must be an integer in [0, head_dim={self.head_dim}] "
+                f"(0: head_dim), got {modes!r}"
+            )
+        if not 0 < self.resonance_threshold <= 1:
+            raise ValueError(
+                f"resonance_threshold must be in (0, 1], got {self.resonance_threshold!r}"
+            )
 
 
 class Phase2Block(nn.Module):
@@ -95,11 +134,62 @@ class Phase2Block(nn.Module):
             n_experts=config.moe_experts,
             top_k=config.moe_top_k,
         )
+        self.resonance = (
+            Resonance(
+                head_dim=config.head_dim,
+                modes=config.resonance_modes or config.head_dim,
+                threshold=config.resonance_threshold,
+            )
+            if config.resonance
+            else None
+        )
+        self.snr = (
+            (config.snr_threshold, config.snr_gamma_scale, config.snr_eta_scale)
+            if config.snr_filter
+            else None
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.bk(self.ln_bk(x))
-        x = x + self.hebbian(self.ln_hebb(x))
-        return x + self.ffn(self.ln_ffn(x))
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        """Zero boundary value and W; with the SNR filter, no adjustment (ΔΓ = 0, η × 1)."""
+        ref = self.ln_bk.weight
+        device = device or ref.device
+        # W accumulates in float32 at least (both Hebbian backends keep it there)
+        wide = torch.promote_types(dtype or ref.dtype, torch.float32)
+        heads, dh = self.hebbian.n_heads, self.hebbian.head_dim
+        state = {
+            "bk": self.bk.init_carry(batch, device=device, dtype=dtype),
+            "hebbian": torch.zeros(batch, heads, dh, dh, device=device, dtype=wide),
+        }
+        if self.snr is not None:
+            state["gamma_offset"] = torch.zeros(batch, heads, device=device, dtype=wide)
+            state["eta_scale"] = torch.ones(batch, heads, device=device, dtype=wide)
+        return state
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        """x → x; with `state` (this block's part of a StreamState), (x, its next state): the
+        Hebbian W after the last token, resonance-filtered if on, and the SNR filter's
+        adjustments for the next segment if on."""
+        if state is None:
+            x = x + self.bk(self.ln_bk(x))
+            x = x + self.hebbian(self.ln_hebb(x))
+            return x + self.ffn(self.ln_ffn(x))
+        h, bk = self.bk(self.ln_bk(x), state["bk"])
+        x = x + h
+        h, w = self.hebbian(
+            self.ln_hebb(x),
+            state["hebbian"],
+            return_state=True,
+            gamma_offset=state.get("gamma_offset"),
+            eta_scale=state.get("eta_scale"),
+        )
+        x = x + h
+        x = x + self.ffn(self.ln_ffn(x))
+        if self.resonance is not None:
+            w = self.resonance(w)
+        new = {"bk": bk, "hebbian": w}
+        if self.snr is not None:
+            new["gamma_offset"], new["eta_scale"] = snr_adjustments(w, *self.snr)
+        return x, new
 
 
 class Phase2LM(nn.Module):
@@ -110,6 +200,9 @@ class Phase2LM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
+        if config.zeta_init:
+            with torch.no_grad():
+                self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
         self.blocks = nn.ModuleList(Phase2Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
 
@@ -125,10 +218,27 @@ class Phase2LM(nn.Module):
         """Per-step training diagnostics: the MoE expert load (empty without MoE)."""
         return moe_diagnostics(self)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> StreamState:
+        """The state before any token: BK boundary values and Hebbian W all zero, so
+        `forward(ids, init_state(B))` gives the same logits as `forward(ids)`."""
+        where = dict(device=device, dtype=dtype)
+        return StreamState(batch_size, [b.init_state(batch_size, **where) for b in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
+        """logits (B, N, V); with `state`, (logits, the state after these tokens): with the
+        filters off, segments run one after another give the logits of one run over their
+        concatenation."""
         check_input_ids(input_ids)
-        x = run_blocks(self.blocks, self.embed(input_ids), self.config.checkpointing)
-        return tied_logits(self.ln_f(x), self.embed.weight)
+        x = self.embed(input_ids)
+        if state is None:
+            x = run_blocks(self.blocks, x, self.config.checkpointing)
+            return tied_logits(self.ln_f(x), self.embed.weight)
+        check_state(state, input_ids, len(self.blocks))
+        x, blocks = run_blocks_streaming(self.blocks, x, state.blocks, self.config.checkpointing)
+        logits = tied_logits(self.ln_f(x), self.embed.weight)
+        return logits, StreamState(state.batch_size, blocks, state.tokens + input_ids.shape[1])
 
 
 PRESETS = {

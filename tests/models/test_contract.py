@@ -94,6 +94,20 @@ def test_forward_and_backward_are_finite_and_reach_every_parameter(name):
     assert not nonfinite, f"parameters with a non-finite gradient: {nonfinite}"
 
 
+BASELINES = {"transformer", "transformer-eager"}  # need not stream
+
+
+def test_every_muse_family_streams():
+    """Streaming families expose `init_state(batch)` and `forward(ids, state)` (DESIGN §2);
+    tests/models/test_streaming.py checks each of them against one run."""
+    muse_families = [n for n in NAMES if n not in BASELINES]
+    missing = [
+        n for n in muse_families
+        if not callable(getattr(models.family(n).model_cls, "init_state", None))
+    ]
+    assert not missing, f"MUSE families without init_state: {missing}"
+
+
 def test_unknown_config_key_raises_type_error_naming_it(name):
     with pytest.raises(TypeError, match="bogus_key"):
         models.build(name, "tiny", bogus_key=1)

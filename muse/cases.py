@@ -9,9 +9,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from muse.quality import QualitySettings
 
 DEFAULT_SEQS = (1024, 2048, 4096)
 
@@ -73,9 +77,10 @@ class Settings:
     device_requested: str
     results_dir: Path | None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    quality: QualitySettings | None = None  # the perplexity gate's recipe (muse.quality)
 
     def describe(self) -> dict:
-        return {
+        d = {
             "models": [f"{m}:{p}" for m, p in self.models],
             "seqs": list(self.seqs),
             "dtype": self.dtype,
@@ -83,6 +88,9 @@ class Settings:
             "device": str(self.device),
             "thresholds": dataclasses.asdict(self.thresholds),
         }
+        if self.quality is not None:
+            d["perplexity"] = self.quality.describe()
+        return d
 
     def cases(self) -> list[Case]:
         return [self.case(m, p, s) for m, p in self.models for s in self.seqs]

@@ -9,13 +9,18 @@ Any project that installs muse can write its own criteria with the `case`, `long
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from muse.cases import DEFAULT_SEQS, Settings, Thresholds, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from muse.quality import GateRuns, QualitySettings
 
 SESSION_KEY = pytest.StashKey["MuseSession"]()
 CASE_FIXTURES = ("case", "longest_case", "model_case")
@@ -66,6 +71,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="folder of the results files (<run>.json and latest.json)",
     )
     group.addoption("--no-results", action="store_true", help="write no results file")
+    add_perplexity_options(group)
     t = Thresholds()
     group.addoption("--vram-limit-gb", type=positive_float, default=t.vram_limit_gb)
     group.addoption(
@@ -86,6 +92,105 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def add_perplexity_options(group) -> None:
+    from muse.quality import QualitySettings, checkpoint_arg, nonnegative_int, tokenizer_arg
+
+    q = QualitySettings()
+    group.addoption(
+        "--corpus",
+        default=q.corpus,
+        metavar="SPEC",
+        help=f"perplexity: corpus folder, .txt file or wikitext-2/-103 (default {q.corpus})",
+    )
+    group.addoption(
+        "--tokenizer",
+        type=tokenizer_arg,
+        default=q.tokenizer,
+        help=f"perplexity: bytes, gpt2 or bpe:<vocab> (default {q.tokenizer})",
+    )
+    group.addoption(
+        "--train-tokens",
+        type=positive_int,
+        default=q.train_tokens,
+        metavar="N",
+        help="perplexity: training tokens per run, every run the same "
+        f"(default {q.train_tokens}); steps = N // (train-batch × train-seq)",
+    )
+    group.addoption(
+        "--train-seq", type=positive_int, default=q.seq_len, help="perplexity: training seq"
+    )
+    group.addoption(
+        "--train-batch", type=positive_int, default=q.batch_size, help="perplexity: batch size"
+    )
+    group.addoption(
+        "--train-lr",
+        type=positive_float,
+        default=q.lr,
+        help=f"perplexity: peak learning rate, cosine to a tenth (default {q.lr})",
+    )
+    group.addoption(
+        "--seeds",
+        nargs="+",
+        type=nonnegative_int,
+        metavar="SEED",
+        help="perplexity: training seeds, at least 2 (default 0 1)",
+    )
+    group.addoption(
+        "--ppl-context",
+        type=positive_int,
+        metavar="N",
+        help="perplexity: scoring window (default --train-seq)",
+    )
+    group.addoption(
+        "--ppl-stride",
+        type=positive_int,
+        metavar="N",
+        help="perplexity: window stride (default half the context)",
+    )
+    group.addoption(
+        "--checkpoint",
+        action="append",
+        type=checkpoint_arg,
+        default=[],
+        metavar="NAME=PATH",
+        help="perplexity: score trained checkpoints instead of training (repeat: one per "
+        "model, baseline and seed)",
+    )
+    group.addoption(
+        "--train-dir",
+        metavar="DIR",
+        help="perplexity: keep the runs' checkpoints here (default: a temporary folder)",
+    )
+
+
+def quality_from_options(config: pytest.Config, models, device) -> QualitySettings:
+    from muse.quality import QualitySettings
+
+    opt = config.getoption
+    checkpoints = tuple(opt("checkpoint") or ())
+    seeds = opt("seeds")
+    if checkpoints and seeds:
+        raise ValueError("--seeds and --checkpoint exclude each other: a checkpoint carries "
+                         "the seed it was trained with")
+    quality = QualitySettings(
+        corpus=opt("corpus"),
+        tokenizer=opt("tokenizer"),
+        train_tokens=opt("train_tokens"),
+        seq_len=opt("train_seq"),
+        batch_size=opt("train_batch"),
+        lr=opt("train_lr"),
+        dtype=opt("dtype"),
+        device=device.type,
+        seeds=tuple(seeds) if seeds else QualitySettings.seeds,
+        context=opt("ppl_context"),
+        stride=opt("ppl_stride"),
+        checkpoints=checkpoints,
+        train_dir=opt("train_dir"),
+    )
+    quality.check_models([f"{m}:{p}" for m, p in models])
+    return quality
+
+
 def settings_from_options(config: pytest.Config) -> Settings:
     from muse.cases import parse_models, resolve_device
 
@@ -103,15 +208,18 @@ def settings_from_options(config: pytest.Config) -> Settings:
         max_loglog_slope=opt("max_loglog_slope"),
         min_speedup=opt("min_speedup"),
     )
+    chosen = parse_models(opt("model"))
+    device = resolve_device(opt("device"))
     return Settings(
-        models=parse_models(opt("model")),
+        models=chosen,
         seqs=tuple(sorted(seqs)),
         dtype=opt("dtype"),
         batch=opt("batch"),
-        device=resolve_device(opt("device")),
+        device=device,
         device_requested=opt("device"),
         results_dir=results,
         thresholds=thresholds,
+        quality=quality_from_options(config, chosen, device),
     )
 
 
@@ -145,6 +253,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items) -> Non
     muse = muse_session_of(config)
     if hasattr(config, "workerinput"):  # the xdist controller checks, before workers start
         return
+    if any("quality_runs" in getattr(i, "fixturenames", ()) for i in items):
+        from muse.quality import check_corpus_exists
+
+        try:  # before any other criterion spends its time
+            check_corpus_exists(muse.settings.quality.corpus)
+        except ValueError as exc:
+            pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
     if muse.settings.results_dir is None or not any("record" in i.fixturenames for i in items):
         return
     from muse.results import check_writable
@@ -312,6 +427,23 @@ def muse_settings(muse_session: MuseSession) -> Settings:
 @pytest.fixture
 def record(request: pytest.FixtureRequest, muse_session: MuseSession) -> Recorder:
     return Recorder(request, muse_session)
+
+
+@pytest.fixture(scope="session")
+def quality_runs(muse_session: MuseSession) -> Iterator[GateRuns]:
+    """The perplexity gate's training runs, shared by every model of the session; their
+    histories go beside the results file, in <results>/<run>-perplexity/."""
+    from muse.quality import GateRuns
+    from muse.results import git_facts, run_name
+
+    settings = muse_session.settings
+    history = None
+    if settings.results_dir is not None:
+        run = run_name(muse_session.started_at, git_facts().get("sha"))
+        history = settings.results_dir / f"{run}-perplexity"
+    runs = GateRuns(settings.quality, history)
+    yield runs
+    runs.close()
 
 
 def _failed(records) -> list:

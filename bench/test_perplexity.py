@@ -1,0 +1,45 @@
+"""Equal-budget perplexity: each --model against the `transformer` of matched size, both trained
+here with one recipe (--corpus, --tokenizer, --train-tokens, --train-seq, --train-batch,
+--train-lr, --dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then scored on the test
+split with sliding windows (--ppl-context, --ppl-stride). Passes when the mean over seeds of
+PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself: an untrained
+copy of the model must fail that gate against the trained baseline (muse.quality)."""
+
+import pytest
+
+from muse.summary import describe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_perplexity_within_budget_of_matched_transformer(
+    model_case, record, muse_settings, quality_runs
+):
+    limit = muse_settings.thresholds.max_ppl_degradation
+    cmp = quality_runs.compare(model_case.spec)
+    common = {**quality_runs.facts(), "baseline": cmp.baseline}
+    seq = muse_settings.quality.eval_context
+
+    def put(metric, value, **kw):
+        kw["extra"] = {**common, **kw.get("extra", {})}
+        return record(model_case, metric, value, "1", seq=seq, **kw)
+
+    model, base = cmp.side("model"), cmp.side("baseline")
+    put("ppl", model["ppl"], extra={**model, "summary": True})
+    put("baseline_ppl", base["ppl"], extra={**base, "summary": True})
+    gate = put("ppl_degradation", cmp.degradation, threshold=limit, comparison="<",
+               extra={**cmp.gate_facts(), "summary": True})
+    put("bits_per_byte", model["bits_per_byte"])
+    put("baseline_bits_per_byte", base["bits_per_byte"])
+    put("control_ppl", cmp.control.ppl, extra=cmp.control.facts())
+    control = put("control_degradation", cmp.control_degradation, threshold=limit,
+                  comparison=">=", extra={"summary": True, "seed": cmp.control.seed})
+    if not control.passed:
+        pytest.fail(
+            f"the negative control passed the gate: an untrained {model_case.spec} scores PPL "
+            f"{cmp.control.ppl:.4g} against the trained {cmp.baseline}'s "
+            f"{cmp.control_baseline.ppl:.4g} (seed {cmp.control.seed}; {describe(control)}), "
+            "so the gate cannot tell training from none and the harness itself is broken",
+            pytrace=False,
+        )
+    assert gate.passed, describe(gate)

@@ -1,0 +1,555 @@
+"""The equal-budget perplexity gate: a model against the `transformer` of matched size.
+
+Both sides are trained here by `muse.train` with one recipe (corpus, tokenizer, token budget,
+sequence length, batch, learning-rate schedule, precision, seeds), or both loaded from
+checkpoints the trainer wrote; then both are scored on the test split with the sliding-window
+perplexity of `muse.measure.perplexity`. The two runs of a seed share the initialisation seed
+and the data order, so the degradation is taken per seed, PPL_model[s] / PPL_baseline[s] − 1,
+and gated on its mean over seeds; its spread over seeds is reported beside it.
+
+The harness checks itself with a negative control: an untrained copy of the model (the
+trainer's initialisation for the first seed, zero steps) must fail the same gate against the
+trained baseline. When it passes, the gate cannot tell training from no training, and no
+verdict of the run means anything.
+
+A baseline is trained once per (spec, seed) in a session and shared by every model matched to
+it. When the model is the baseline itself (`transformer:small` against `transformer:small`) its
+side is trained as runs of its own with the same seeds, so the comparison measures run-to-run
+noise: on CUDA the kernels are not bit-deterministic and the two runs drift apart; on the CPU
+they are identical and the degradation is exactly 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muse import models
+from muse.data import CORPUS_FORMS, WIKITEXT, get_tokenizer, load_corpus, parse_tokenizer_name
+from muse.fileio import atomic_write_text
+from muse.measure.perplexity import evaluate_perplexity, scored_bytes
+from muse.measure.phases import DTYPES, autocast, torch_dtype
+
+DEFAULT_CORPUS = "../shared/data/wiki-mini"
+ROLES = ("model", "baseline", "control")
+SELF_COMPARISON_NOTE = (
+    "the model is its own baseline: its side is trained as separate runs with the same seeds, "
+    "so the degradation is run-to-run noise (CUDA kernels are not bit-deterministic; on the CPU "
+    "the runs are identical and it is exactly 0)"
+)
+
+
+# ------------------------------------------------------------------------- option parsing
+
+
+def tokenizer_arg(text: str) -> str:
+    """argparse type for --tokenizer."""
+    try:
+        parse_tokenizer_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type for --seeds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or str(value) != text.strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return value
+
+
+def checkpoint_arg(text: str) -> tuple[str, str]:
+    """argparse type for --checkpoint NAME=PATH → ("name:preset", path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=PATH (a registered model and a checkpoint the trainer "
+            "wrote, e.g. phase2:small=runs/p2/final.pt)"
+        )
+    try:
+        spec = ":".join(models.resolve(name.strip()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if not Path(path).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: checkpoint {path!r} is not a file")
+    return spec, path
+
+
+def check_corpus_exists(spec: str) -> None:
+    """A local corpus that is not there is a usage error before any training starts."""
+    if spec in WIKITEXT or Path(spec).expanduser().exists():
+        return
+    raise ValueError(f"--corpus {spec!r} does not exist; valid: {CORPUS_FORMS}")
+
+
+# ------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The gate's recipe and evaluation, from the command line (muse.pytest_plugin)."""
+
+    corpus: str = DEFAULT_CORPUS
+    tokenizer: str = "bpe:8192"
+    train_tokens: int = 4_194_304  # per training run; steps = train_tokens // (batch · seq)
+    seq_len: int = 512
+    batch_size: int = 16
+    lr: float = 1e-3  # peak; cosine to lr/10, warmup over the first 5% of steps
+    dtype: str = "bf16"  # autocast of training and scoring
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0, 1)
+    context: int | None = None  # scoring window; None: seq_len
+    stride: int | None = None  # None: context // 2
+    checkpoints: tuple[tuple[str, str], ...] = ()  # (spec, path); any: checkpoint mode
+    train_dir: str | None = None  # checkpoints of the runs; None: a temporary folder
+    val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
+
+    def __post_init__(self) -> None:
+        parse_tokenizer_name(self.tokenizer)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds lists a seed twice: {' '.join(map(str, self.seeds))}")
+        if not self.checkpoints and len(self.seeds) < 2:
+            raise ValueError(
+                f"--seeds needs at least 2 seeds for a spread over seeds, got "
+                f"{' '.join(map(str, self.seeds)) or 'none'}; e.g. --seeds 0 1"
+            )
+        if self.seq_len < 2:
+            raise ValueError(f"--train-seq must be ≥ 2 (one token to predict), got {self.seq_len}")
+        if self.steps < 1:
+            raise ValueError(
+                f"--train-tokens {self.train_tokens} is less than one step of --train-batch "
+                f"{self.batch_size} × --train-seq {self.seq_len} = {self.tokens_per_step} tokens"
+            )
+        if self.eval_context < 2:
+            raise ValueError(f"--ppl-context must be ≥ 2, got {self.eval_context}")
+        if not 1 <= self.eval_stride <= self.eval_context:
+            raise ValueError(
+                f"--ppl-stride must be in [1, --ppl-context {self.eval_context}], "
+                f"got {self.eval_stride}"
+            )
+
+    @property
+    def mode(self) -> str:
+        return "checkpoint" if self.checkpoints else "trained"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.train_tokens // self.tokens_per_step
+
+    @property
+    def eval_context(self) -> int:
+        return self.context or self.seq_len
+
+    @property
+    def eval_stride(self) -> int:
+        return self.stride or max(1, self.eval_context // 2)
+
+    def check_models(self, specs: list[str]) -> None:
+        """In checkpoint mode every model and its baseline need checkpoints, and every
+        checkpoint must belong to one of them (none is silently unused)."""
+        if not self.checkpoints:
+            return
+        needed = {s: baseline_spec(s) for s in specs}
+        given = {spec for spec, _ in self.checkpoints}
+        for spec, base in needed.items():
+            missing = [s for s in dict.fromkeys((spec, base)) if s not in given]
+            if missing:
+                raise ValueError(
+                    f"--checkpoint: {spec} is compared with {base}, so both need checkpoints; "
+                    f"none given for {', '.join(missing)}"
+                )
+        unused = sorted(given - set(needed) - set(needed.values()))
+        if unused:
+            raise ValueError(
+                f"--checkpoint names {', '.join(unused)}, which is neither a --model nor the "
+                "baseline of one"
+            )
+
+    def train_config(self, spec: str, seed: int, out_dir: Path):
+        from muse.train import TrainConfig
+
+        steps = self.steps
+        return TrainConfig(
+            model=spec,
+            corpus=self.corpus,
+            tokenizer=self.tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            steps=steps,
+            lr=self.lr,
+            min_lr=self.lr / 10,
+            warmup_steps=max(1, steps // 20),
+            dtype=self.dtype,
+            seed=seed,
+            eval_every=max(1, steps // 8),
+            eval_tokens=self.val_tokens,
+            log_every=max(1, steps // 20),
+            out_dir=str(out_dir),
+            device=self.device,
+            progress=False,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(mode=self.mode, steps=self.steps, context=self.eval_context,
+                 stride=self.eval_stride, seeds=list(self.seeds),
+                 checkpoints=[f"{s}={p}" for s, p in self.checkpoints])
+        if self.checkpoints:  # the recipe is the checkpoints' own
+            for key in ("train_tokens", "seq_len", "batch_size", "lr", "steps", "seeds"):
+                d.pop(key)
+        return d
+
+
+def baseline_spec(spec: str) -> str:
+    return ":".join(models.baseline_for(*models.resolve(spec)))
+
+
+# -------------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """The tokenized test split every model is scored on."""
+
+    ids: torch.Tensor
+    bytes_scored: int
+    tokenizer: str
+    tokenizer_sha256: str
+    vocab_size: int
+    corpus: str
+    corpus_sha256: str
+
+
+def load_eval_split(corpus_spec: str, tokenizer_name: str) -> EvalSplit:
+    corpus = load_corpus(corpus_spec)
+    tokenizer = get_tokenizer(tokenizer_name, corpus)
+    ids = torch.tensor(tokenizer.encode(corpus.splits["test"]), dtype=torch.long)
+    if ids.numel() < 2:
+        raise ValueError(f"the test split of {corpus_spec!r} has {ids.numel()} tokens; "
+                         "perplexity needs at least 2")
+    return EvalSplit(ids, scored_bytes(tokenizer, ids), tokenizer.name, tokenizer.sha256,
+                     tokenizer.vocab_size, corpus.name, corpus.sha256)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's perplexity on the test split, and what it was trained on."""
+
+    spec: str
+    seed: int
+    role: str  # one of ROLES
+    ppl: float
+    bits_per_byte: float
+    tokens_scored: int
+    bytes_scored: int
+    params: int  # at the tokenizer's vocabulary
+    train_tokens: int  # tokens its weights saw: steps × batch × seq × accumulation
+    train_seconds: float | None  # wall time of the training run (None: loaded or untrained)
+    train_tokens_per_s: float | None  # the trainer's own step timing, mean over steps
+    source: str  # the run folder or checkpoint file
+    config: dict = field(default_factory=dict, compare=False)
+    model_overrides: dict = field(default_factory=dict, compare=False)
+    corpus_sha256: str = ""
+
+    def facts(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("config", "model_overrides")}
+
+
+def score(model: torch.nn.Module, split: EvalSplit, settings: QualitySettings):
+    """Sliding-window PPL under the training precision (the trainer validates the same way)."""
+    device = torch.device(settings.device)
+    with autocast(device, torch_dtype(settings.dtype)):
+        return evaluate_perplexity(model, split.ids, split.bytes_scored, settings.eval_context,
+                                   settings.eval_stride, settings.batch_size, device)
+
+
+def trained_tokens(ckpt: dict) -> int:
+    cfg = ckpt["config"]
+    return ckpt["step"] * cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"]
+
+
+def untrained_copy(ckpt: dict, device: torch.device | str) -> torch.nn.Module:
+    """The weights the run of `ckpt` started from: the trainer seeds torch with the run's seed
+    and builds the model on the CPU before moving it (muse.train.train)."""
+    torch.manual_seed(ckpt["config"]["seed"])
+    name, preset = models.resolve(ckpt["config"]["model"])
+    return models.build(name, preset, **ckpt["model_overrides"]).to(device)
+
+
+def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: QualitySettings,
+                     train_seconds: float | None = None) -> Scored:
+    from muse.evaluate import load_model
+
+    model, ckpt = load_model(path, torch.device(settings.device))
+    if ckpt["tokenizer"]["sha256"] != split.tokenizer_sha256:
+        raise ValueError(
+            f"{os.fspath(path)} was trained with tokenizer {ckpt['tokenizer']['name']!r} "
+            f"({ckpt['tokenizer']['sha256'][:12]}), but --tokenizer {split.tokenizer!r} on "
+            f"--corpus {settings.corpus!r} hashes to {split.tokenizer_sha256[:12]}: pass the "
+            "tokenizer and corpus the checkpoint was trained with"
+        )
+    result = score(model, split, settings)
+    steps = [row["tokens_per_s"] for row in ckpt["history"] if row.get("tokens_per_s")]
+    return Scored(
+        spec=ckpt["config"]["model"], seed=ckpt["config"]["seed"], role=role, ppl=result.ppl,
+        bits_per_byte=result.bits_per_byte, tokens_scored=result.tokens_scored,
+        bytes_scored=result.bytes_scored, params=model.num_params(),
+        train_tokens=trained_tokens(ckpt), train_seconds=train_seconds,
+        train_tokens_per_s=statistics.fmean(steps) if steps else None, source=os.fspath(path),
+        config=ckpt["config"], model_overrides=ckpt["model_overrides"],
+        corpus_sha256=ckpt["corpus"]["sha256"],
+    )
+
+
+def score_untrained(of: Scored, split: EvalSplit, settings: QualitySettings) -> Scored:
+    model = untrained_copy({"config": of.config, "model_overrides": of.model_overrides},
+                           settings.device)
+    result = score(model, split, settings)
+    return Scored(
+        spec=of.spec, seed=of.seed, role="control", ppl=result.ppl,
+        bits_per_byte=result.bits_per_byte, tokens_scored=result.tokens_scored,
+        bytes_scored=result.bytes_scored, params=model.num_params(), train_tokens=0,
+        train_seconds=None, train_tokens_per_s=None, source=f"untrained copy of {of.source}",
+        config=of.config, model_overrides=of.model_overrides, corpus_sha256=of.corpus_sha256,
+    )
+
+
+# ---------------------------------------------------------------------------- degradation
+
+
+def degradations(model_ppls: list[float], baseline_ppls: list[float]) -> list[float]:
+    """Per seed: PPL_model / PPL_baseline − 1 (positive: the model is worse)."""
+    if len(model_ppls) != len(baseline_ppls) or not model_ppls:
+        raise ValueError(f"need one baseline PPL per model PPL, got {len(model_ppls)} and "
+                         f"{len(baseline_ppls)}")
+    return [m / b - 1 for m, b in zip(model_ppls, baseline_ppls, strict=True)]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model against its baseline, seed by seed, and the untrained control."""
+
+    model: str
+    baseline: str
+    mode: str  # "trained" | "checkpoint"
+    model_runs: tuple[Scored, ...]  # in seed order, paired with baseline_runs
+    baseline_runs: tuple[Scored, ...]
+    control: Scored  # the untrained model of the first seed
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.model_runs]
+
+    @property
+    def self_comparison(self) -> bool:
+        return self.model == self.baseline
+
+    @property
+    def degradations(self) -> list[float]:
+        return degradations([r.ppl for r in self.model_runs], [r.ppl for r in self.baseline_runs])
+
+    @property
+    def degradation(self) -> float:
+        return statistics.fmean(self.degradations)
+
+    @property
+    def control_baseline(self) -> Scored:
+        (base,) = [r for r in self.baseline_runs if r.seed == self.control.seed]
+        return base
+
+    @property
+    def control_degradation(self) -> float:
+        return self.control.ppl / self.control_baseline.ppl - 1
+
+    def side(self, role: str) -> dict[str, Any]:
+        """Mean PPL and bits per byte of one side, with every run's facts for the record."""
+        runs = self.model_runs if role == "model" else self.baseline_runs
+        ppls = [r.ppl for r in runs]
+        return {
+            "ppl": statistics.fmean(ppls),
+            "bits_per_byte": statistics.fmean(r.bits_per_byte for r in runs),
+            "ppl_spread": spread(ppls),
+            "runs": [r.facts() for r in runs],
+        }
+
+    def gate_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "baseline": self.baseline,
+            "mode": self.mode,
+            "seeds": self.seeds,
+            "per_seed": dict(zip(map(str, self.seeds), self.degradations, strict=True)),
+            "spread": spread(self.degradations),
+            "model_ppl": [r.ppl for r in self.model_runs],
+            "baseline_ppl": [r.ppl for r in self.baseline_runs],
+        }
+        if self.self_comparison:
+            base = [r.ppl for r in self.baseline_runs]
+            facts["note"] = SELF_COMPARISON_NOTE
+            facts["bit_identical"] = facts["model_ppl"] == base
+            # how far apart the seeds are, for reading the noise against
+            facts["baseline_relative_seed_spread"] = (max(base) - min(base)) / statistics.fmean(
+                base)
+            if self.mode == "checkpoint":
+                facts["note"] = "the same checkpoints on both sides: 0 by construction"
+        return facts
+
+
+# ---------------------------------------------------------------------------- the session
+
+
+def _label(spec: str, seed: int, role: str) -> str:
+    return f"{spec} seed{seed} {role}"
+
+
+class GateRuns:
+    """The session's runs, each trained (or loaded) and scored once: a baseline shared by
+    several models is trained once per seed. Training histories are written under
+    `history_dir` (history.json for `muse report --history`, runs.json with each run's
+    recipe and scores) as each run ends, so a run cut short keeps the finished ones."""
+
+    def __init__(self, settings: QualitySettings, history_dir: Path | None = None):
+        self.settings = settings
+        self.history_dir = Path(history_dir) if history_dir is not None else None
+        self._split: EvalSplit | None = None
+        self._scored: dict[tuple[str, int, str], Scored] = {}
+        self._loaded: dict[tuple[str, str], Scored] = {}
+        self._histories: dict[str, list] = {}
+        self._runs: list[dict] = []
+        self._tmp: str | None = None
+
+    def split(self) -> EvalSplit:
+        if self._split is None:
+            check_corpus_exists(self.settings.corpus)
+            self._split = load_eval_split(self.settings.corpus, self.settings.tokenizer)
+        return self._split
+
+    def facts(self) -> dict[str, Any]:
+        """What every record of the gate carries: the tokenizer and corpus by name and hash."""
+        split = self.split()
+        return {
+            "tokenizer": split.tokenizer,
+            "tokenizer_sha256": split.tokenizer_sha256,
+            "corpus": split.corpus,
+            "corpus_sha256": split.corpus_sha256,
+            "context": self.settings.eval_context,
+            "stride": self.settings.eval_stride,
+            "dtype": self.settings.dtype,
+            "mode": self.settings.mode,
+            "history": None if self.history_dir is None else str(self.history_dir),
+        }
+
+    def _train_root(self) -> Path:
+        if self.settings.train_dir is not None:
+            return Path(self.settings.train_dir)
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="muse-perplexity-")
+        return Path(self._tmp)
+
+    def trained(self, spec: str, seed: int, role: str) -> Scored:
+        key = (spec, seed, role)
+        if key not in self._scored:
+            from muse.train import train
+
+            split = self.split()  # first: builds (and caches) the tokenizer the trainer uses
+            out = self._train_root() / f"{spec.replace(':', '-')}-seed{seed}-{role}"
+            cfg = self.settings.train_config(spec, seed, out)
+            t0 = time.perf_counter()
+            result = train(cfg)
+            seconds = time.perf_counter() - t0
+            scored = score_checkpoint(out / "final.pt", role, split, self.settings, seconds)
+            if self.settings.train_dir is None:
+                scored = replace(scored, source=f"{out.name} (temporary, removed)")
+            self._scored[key] = scored
+            self._keep_history(_label(spec, seed, role), result.history, scored)
+        return self._scored[key]
+
+    def loaded(self, path: str, role: str) -> Scored:
+        if (path, role) not in self._loaded:
+            self._loaded[path, role] = score_checkpoint(path, role, self.split(), self.settings)
+        return self._loaded[path, role]
+
+    def _keep_history(self, label: str, history: list, scored: Scored) -> None:
+        if self.history_dir is None:
+            return
+        self._histories[label] = history
+        self._runs.append({"label": label, **scored.facts(), "config": scored.config})
+        atomic_write_text(self.history_dir / "history.json",
+                          json.dumps(self._histories, indent=1) + "\n")
+        atomic_write_text(self.history_dir / "runs.json", json.dumps(self._runs, indent=1) + "\n")
+
+    def compare(self, spec: str) -> Comparison:
+        base = baseline_spec(spec)
+        if self.settings.checkpoints:
+            model_runs, base_runs = self._paired_checkpoints(spec, base)
+        else:
+            base_runs = [self.trained(base, s, "baseline") for s in self.settings.seeds]
+            model_runs = [self.trained(spec, s, "model") for s in self.settings.seeds]
+        key = (spec, model_runs[0].seed, "control")
+        if key not in self._scored:
+            self._scored[key] = score_untrained(model_runs[0], self.split(), self.settings)
+        return Comparison(spec, base, self.settings.mode, tuple(model_runs), tuple(base_runs),
+                          self._scored[key])
+
+    def _paired_checkpoints(self, spec: str, base: str) -> tuple[list[Scored], list[Scored]]:
+        sides = {}
+        for name, role in ((spec, "model"), (base, "baseline")):
+            runs = [self.loaded(p, role) for s, p in self.settings.checkpoints if s == name]
+            wrong = [r.source for r in runs if ":".join(models.resolve(r.spec)) != name]
+            if wrong:
+                raise ValueError(f"--checkpoint {name}=… names a checkpoint of another model: "
+                                 f"{', '.join(wrong)}")
+            seeds = [r.seed for r in runs]
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"the checkpoints of {name} share a seed ({seeds}); the gate "
+                                 "pairs model and baseline runs by seed")
+            sides[name] = {r.seed: r for r in runs}
+        if set(sides[spec]) != set(sides[base]):
+            raise ValueError(
+                f"the checkpoints of {spec} have seeds {sorted(sides[spec])} and those of {base} "
+                f"{sorted(sides[base])}; the gate pairs model and baseline runs by seed"
+            )
+        seeds = sorted(sides[spec])
+        model_runs = [sides[spec][s] for s in seeds]
+        base_runs = [sides[base][s] for s in seeds]
+        for m, b in zip(model_runs, base_runs, strict=True):
+            if m.train_tokens != b.train_tokens:
+                raise ValueError(
+                    f"not an equal budget: {m.source} was trained on {m.train_tokens} tokens "
+                    f"and {b.source} on {b.train_tokens}"
+                )
+            if m.corpus_sha256 != b.corpus_sha256:
+                raise ValueError(f"{m.source} and {b.source} were trained on different corpora")
+        return model_runs, base_runs
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None

@@ -1,0 +1,379 @@
+"""The equal-budget perplexity gate (muse.quality) on tiny transformers and a few KB of text, on
+the CPU: the arithmetic, the options, the negative control, the shared baselines and the
+checkpoint mode. The bench file itself runs in inner sessions against canned comparisons."""
+
+import argparse
+import json
+import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import muse.results
+import muse.train
+from muse.quality import (
+    Comparison,
+    GateRuns,
+    QualitySettings,
+    Scored,
+    checkpoint_arg,
+    degradations,
+    untrained_copy,
+)
+from muse.train import TrainConfig, train
+
+muse.results.environment_facts()  # see tests/harness/test_plugin.py: imports triton once, here
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ("the cat sat on a mat and the dog ran to the park while rain fell on old stone "
+         "roofs of the quiet town by the river").split()
+USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
+
+
+def _text(seed: int, n_lines: int) -> str:
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " .\n"
+                   for _ in range(n_lines))
+
+
+def write_corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (seed, n) in {"train": (0, 120), "valid": (1, 8), "test": (2, 8)}.items():
+        (folder / f"{split}.txt").write_text(_text(seed, n), encoding="utf-8")
+    return folder
+
+
+def tiny_settings(corpus: Path, **kw) -> QualitySettings:
+    values = dict(corpus=str(corpus), tokenizer="bytes", train_tokens=64 * 4 * 40, seq_len=64,
+                  batch_size=4, lr=3e-3, dtype="fp32", device="cpu", seeds=(0, 1), val_tokens=256)
+    return QualitySettings(**{**values, **kw})
+
+
+def scored(seed: int, ppl: float, role: str = "model", spec: str = "transformer:tiny") -> Scored:
+    return Scored(spec=spec, seed=seed, role=role, ppl=ppl, bits_per_byte=1.0, tokens_scored=10,
+                  bytes_scored=10, params=1, train_tokens=0 if role == "control" else 100,
+                  train_seconds=None, train_tokens_per_s=None, source="x")
+
+
+# --- arithmetic -------------------------------------------------------------------------------
+
+
+def test_degradation_is_the_per_seed_ppl_ratio_minus_one():
+    assert degradations([11.0, 9.5], [10.0, 10.0]) == pytest.approx([0.1, -0.05])
+    with pytest.raises(ValueError, match="one baseline PPL per model PPL"):
+        degradations([1.0, 2.0], [1.0])
+
+
+def test_comparison_means_over_seeds_and_scores_the_control_against_its_own_seed():
+    cmp = Comparison(
+        model="phase2:tiny",
+        baseline="transformer:tiny",
+        mode="trained",
+        model_runs=(scored(3, 12.0), scored(7, 10.5)),
+        baseline_runs=(scored(3, 10.0, "baseline"), scored(7, 15.0, "baseline")),
+        control=scored(7, 30.0, "control"),
+    )
+    assert cmp.seeds == [3, 7]
+    assert cmp.degradations == pytest.approx([0.2, -0.3])
+    assert cmp.degradation == pytest.approx(-0.05)
+    assert cmp.control_degradation == pytest.approx(30.0 / 15.0 - 1)
+    facts = cmp.gate_facts()
+    assert facts["spread"]["min"] == pytest.approx(-0.3)
+    assert facts["spread"]["max"] == pytest.approx(0.2)
+    assert facts["spread"]["std"] == pytest.approx(0.5 / 2**0.5)
+    assert facts["per_seed"] == pytest.approx({"3": 0.2, "7": -0.3})
+    assert "note" not in facts  # not a self-comparison
+    side = cmp.side("baseline")
+    assert side["ppl"] == pytest.approx(12.5)
+    assert [r["seed"] for r in side["runs"]] == [3, 7]
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"seeds": (0,)}, "--seeds needs at least 2 seeds for a spread over seeds, got 0"),
+        ({"seeds": (1, 1)}, "--seeds lists a seed twice: 1 1"),
+        ({"train_tokens": 255}, "--train-tokens 255 is less than one step of --train-batch 4 "
+                                "× --train-seq 64 = 256 tokens"),
+        ({"context": 32, "stride": 33}, "--ppl-stride must be in [1, --ppl-context 32], got 33"),
+        ({"tokenizer": "bpe:12"}, "bpe vocab size must be >= 257"),
+    ],
+)
+def test_bad_settings_name_the_value(tmp_path, kw, message):
+    with pytest.raises(ValueError) as info:
+        tiny_settings(tmp_path, **kw)
+    assert message in str(info.value)
+
+
+def test_checkpoint_arg_syntax(tmp_path):
+    ckpt = tmp_path / "final.pt"
+    ckpt.write_bytes(b"")
+    assert checkpoint_arg(f"transformer:tiny={ckpt}") == ("transformer:tiny", str(ckpt))
+    assert checkpoint_arg(f"transformer={ckpt}") == ("transformer:small", str(ckpt))
+    for text, message in [
+        ("transformer:tiny", "is not NAME=PATH"),
+        (f"={ckpt}", "is not NAME=PATH"),
+        ("transformer:tiny=", "is not NAME=PATH"),
+        (f"nope={ckpt}", "unknown model 'nope'"),
+        (f"transformer:tiny={tmp_path / 'missing.pt'}", "is not a file"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            checkpoint_arg(text)
+
+
+def test_checkpoint_mode_needs_model_and_baseline_and_uses_every_checkpoint(tmp_path):
+    ckpts = (("transformer:tiny", "a.pt"),)
+    tiny_settings(tmp_path, checkpoints=ckpts).check_models(["transformer:tiny"])
+    with pytest.raises(ValueError, match="none given for transformer-eager:tiny"):
+        tiny_settings(tmp_path, checkpoints=ckpts).check_models(["transformer-eager:tiny"])
+    with pytest.raises(ValueError, match="names transformer:small, which is neither"):
+        tiny_settings(tmp_path, checkpoints=(*ckpts, ("transformer:small", "b.pt"))).check_models(
+            ["transformer:tiny"])
+
+
+OPTION_FILE = """
+def test_x(muse_settings, quality_runs):
+    assert muse_settings.quality is not None
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0"], "--seeds needs at least 2 seeds for a spread over seeds, got 0"),
+        (["--seeds", "-1", "2"], "argument --seeds: '-1' is not a non-negative integer"),
+        (["--checkpoint", "transformer:tiny"], "argument --checkpoint: 'transformer:tiny' is not "
+                                               "NAME=PATH"),
+        (["--checkpoint", "transformer:tiny=nowhere.pt"], "checkpoint 'nowhere.pt' is not a file"),
+        (["--tokenizer", "words"], "argument --tokenizer: unknown tokenizer 'words'"),
+        (["--train-tokens", "0"], "argument --train-tokens: '0' is not a positive integer"),
+        (["--train-tokens", "100"], "--train-tokens 100 is less than one step"),
+        (["--ppl-context", "8", "--ppl-stride", "9"], "--ppl-stride must be in [1, --ppl-context "
+                                                      "8], got 9"),
+        (["--corpus", "no/such/folder"], "--corpus 'no/such/folder' does not exist"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_option_is_a_usage_error(pytester, args, message):
+    pytester.makepyfile(test_perplexity=OPTION_FILE)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--model",
+                                "transformer:tiny", "--device", "cpu", *args)
+    assert result.ret == USAGE_ERROR
+    assert message in result.stdout.str() + result.stderr.str()
+
+
+def test_seeds_and_checkpoints_exclude_each_other(pytester, tmp_path):
+    ckpt = tmp_path / "final.pt"
+    ckpt.write_bytes(b"")
+    pytester.makepyfile(test_perplexity=OPTION_FILE)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--model",
+                                "transformer:tiny", "--seeds", "0", "1",
+                                "--checkpoint", f"transformer:tiny={ckpt}")
+    assert result.ret == USAGE_ERROR
+    assert "--seeds and --checkpoint exclude each other" in result.stderr.str()
+
+
+# --- training, the control, shared baselines, checkpoints -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both sides of transformer:tiny against itself and of transformer-eager:tiny against it,
+    trained here (the checkpoints kept), with the number of training runs it took."""
+    root = tmp_path_factory.mktemp("gate")
+    settings = tiny_settings(write_corpus(root / "corpus"), train_dir=str(root / "runs"))
+    runs = GateRuns(settings, history_dir=root / "history")
+    calls = []
+    real = muse.train.train
+
+    def counting(cfg):
+        calls.append((cfg.model, cfg.seed))
+        return real(cfg)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(muse.train, "train", counting)
+    try:
+        own = runs.compare("transformer:tiny")
+        eager = runs.compare("transformer-eager:tiny")
+    finally:
+        mp.undo()
+    return settings, runs, own, eager, calls, root
+
+
+def test_trained_gate_and_negative_control(trained):
+    settings, _, own, _, _, _ = trained
+    assert own.seeds == [0, 1]
+    assert [r.role for r in own.model_runs] == ["model", "model"]
+    for run in (*own.model_runs, *own.baseline_runs):
+        assert run.train_tokens == settings.steps * settings.tokens_per_step
+        assert run.train_seconds > 0 and run.train_tokens_per_s > 0
+        assert 1.0 < run.ppl < 256.0 / 2  # trained: far better than uniform over bytes
+    # separate runs with the same seeds on the CPU: identical, so exactly 0, and said so
+    assert own.degradations == [0.0, 0.0]
+    assert own.gate_facts()["bit_identical"] is True
+    # the untrained copy is near uniform over the 256 bytes, and fails the 5% gate by far
+    assert own.control.train_tokens == 0
+    assert own.control.ppl > 150.0
+    assert own.control_degradation > 1.0
+
+
+def test_a_baseline_is_trained_once_per_seed_and_shared(trained):
+    _, _, own, eager, calls, _ = trained
+    assert sorted(calls) == sorted([
+        ("transformer:tiny", 0), ("transformer:tiny", 1),  # the baseline
+        ("transformer:tiny", 0), ("transformer:tiny", 1),  # transformer:tiny as the model
+        ("transformer-eager:tiny", 0), ("transformer-eager:tiny", 1),
+    ])
+    assert eager.baseline_runs == own.baseline_runs
+    # the same function with materialised attention: equal up to rounding, well inside the gate
+    assert abs(eager.degradation) < 0.05
+
+
+def test_histories_are_written_for_the_report(trained):
+    _, runs, _, _, _, root = trained
+    history = json.loads((root / "history" / "history.json").read_text())
+    assert set(history) == {
+        f"{spec} seed{s} {role}" for s in (0, 1)
+        for spec, role in (("transformer:tiny", "baseline"), ("transformer:tiny", "model"),
+                           ("transformer-eager:tiny", "model"))
+    }
+    rows = history["transformer:tiny seed0 baseline"]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert "val_loss" in rows[-1]
+    listed = json.loads((root / "history" / "runs.json").read_text())
+    assert len(listed) == 6 and all(r["ppl"] > 1 for r in listed)
+    assert runs.facts()["tokenizer"] == "bytes"
+
+
+def test_the_control_is_the_trainers_initialisation(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = TrainConfig(model="transformer:tiny", corpus=str(corpus), tokenizer="bytes", seq_len=16,
+                      batch_size=2, steps=1, lr=0.0, min_lr=0.0, warmup_steps=0, seed=5,
+                      eval_tokens=64, out_dir=str(tmp_path / "run"), device="cpu",
+                      progress=False)
+    train(cfg)  # one step at lr 0 leaves the initial weights
+    ckpt = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    copy = untrained_copy(ckpt, "cpu").state_dict()
+    assert copy.keys() == ckpt["model"].keys()
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(copy[name], tensor), name
+
+
+def _checkpoints(root: Path, spec: str, role: str, seeds=(0, 1)):
+    name = spec.replace(":", "-")
+    return tuple((spec, str(root / "runs" / f"{name}-seed{s}-{role}" / "final.pt"))
+                 for s in seeds)
+
+
+def test_checkpoint_mode_scores_the_trained_checkpoints_the_same(trained):
+    settings, _, _, eager, _, root = trained
+    ckpts = (*_checkpoints(root, "transformer-eager:tiny", "model"),
+             *_checkpoints(root, "transformer:tiny", "baseline"))
+    loaded = GateRuns(replace(settings, checkpoints=ckpts, train_dir=None))
+    cmp = loaded.compare("transformer-eager:tiny")
+    assert cmp.mode == "checkpoint"
+    assert [r.ppl for r in cmp.model_runs] == [r.ppl for r in eager.model_runs]
+    assert [r.ppl for r in cmp.baseline_runs] == [r.ppl for r in eager.baseline_runs]
+    assert cmp.control.ppl == eager.control.ppl
+    assert [r.train_tokens for r in cmp.model_runs] == [r.train_tokens for r in eager.model_runs]
+
+
+def test_checkpoint_mode_refuses_unpaired_or_unequal_runs(trained, tmp_path):
+    settings, _, _, _, _, root = trained
+    model = _checkpoints(root, "transformer-eager:tiny", "model")
+    base = _checkpoints(root, "transformer:tiny", "baseline")
+
+    def compare(*ckpts):
+        GateRuns(replace(settings, checkpoints=ckpts)).compare("transformer-eager:tiny")
+
+    with pytest.raises(ValueError, match=r"have seeds \[0, 1\] and those of transformer:tiny"):
+        compare(*model, base[0])
+    with pytest.raises(ValueError, match="share a seed"):
+        compare(model[0], model[0], *base)
+    with pytest.raises(ValueError, match="names a checkpoint of another model"):
+        compare(model[0], ("transformer-eager:tiny", base[1][1]), *base)
+    ckpt = torch.load(base[1][1], weights_only=False)
+    ckpt["step"] -= 1
+    shorter = tmp_path / "shorter.pt"
+    torch.save(ckpt, shorter)
+    with pytest.raises(ValueError, match="not an equal budget"):
+        compare(*model, base[0], ("transformer:tiny", str(shorter)))
+
+
+# --- the bench file, against canned comparisons -----------------------------------------------
+
+FAKE_RUNS = """
+import pytest
+from muse.quality import Comparison, Scored
+
+PPLS = {ppls!r}
+
+def scored(seed, ppl, role):
+    return Scored(spec="transformer:tiny", seed=seed, role=role, ppl=ppl, bits_per_byte=ppl / 10,
+                  tokens_scored=9, bytes_scored=9, params=1, train_tokens=0, train_seconds=None,
+                  train_tokens_per_s=None, source="canned")
+
+class Canned:
+    history_dir = None
+
+    def facts(self):
+        return {{"tokenizer": "bytes", "tokenizer_sha256": "0" * 64, "mode": "trained"}}
+
+    def compare(self, spec):
+        return Comparison(spec, "transformer:tiny", "trained",
+                          tuple(scored(s, p, "model") for s, p in enumerate(PPLS["model"])),
+                          tuple(scored(s, p, "baseline") for s, p in enumerate(PPLS["baseline"])),
+                          scored(0, PPLS["control"], "control"))
+
+@pytest.fixture(scope="session")
+def quality_runs():
+    return Canned()
+"""
+
+
+def run_bench(pytester, ppls):
+    pytester.makeconftest(FAKE_RUNS.format(ppls=ppls))
+    shutil.copy(REPO / "bench" / "test_perplexity.py", pytester.path / "test_perplexity.py")
+    corpus = write_corpus(pytester.path / "corpus")  # checked to exist, never read here
+    result = pytester.runpytest("-p", "no:cacheprovider", "--results",
+                                str(pytester.path / "results"), "--model", "transformer:tiny",
+                                "--device", "cpu", "--corpus", str(corpus))
+    records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    return result, {r["metric"]: r for r in records}
+
+
+def test_bench_records_a_pass(pytester):
+    result, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
+                                           "control": 250.0})
+    result.assert_outcomes(passed=1)
+    assert list(records) == ["ppl", "baseline_ppl", "ppl_degradation", "bits_per_byte",
+                             "baseline_bits_per_byte", "control_ppl", "control_degradation"]
+    gate = records["ppl_degradation"]
+    assert gate["value"] == pytest.approx((0.02 - 0.01) / 2)
+    assert (gate["threshold"], gate["comparison"], gate["status"]) == (0.05, "<", "PASS")
+    assert gate["extra"]["tokenizer"] == "bytes" and gate["extra"]["baseline"] == "transformer:tiny"
+    assert records["ppl"]["value"] == pytest.approx(10.05)
+    assert records["control_degradation"]["value"] == pytest.approx(24.0)
+    assert records["control_degradation"]["status"] == "PASS"
+
+
+def test_bench_fails_a_degraded_model(pytester):
+    result, records = run_bench(pytester, {"model": [11.0, 10.8], "baseline": [10.0, 10.0],
+                                           "control": 250.0})
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: ppl_degradation = 0.09 (needs < 0.05): FAIL*"])
+    assert records["ppl_degradation"]["status"] == "FAIL"
+
+
+def test_bench_fails_when_the_untrained_control_passes(pytester):
+    result, records = run_bench(pytester, {"model": [10.0, 10.0], "baseline": [10.0, 10.0],
+                                           "control": 10.1})
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*the negative control passed the gate*harness itself is broken*"])
+    assert records["control_degradation"]["status"] == "FAIL"

@@ -65,6 +65,13 @@ LABELS = {
     "nonfinite_logits": "non-finite logits",
     "min_layer_grad_norm": "min layer ‖∇‖",
     "max_layer_grad_norm": "max layer ‖∇‖",
+    "ppl": "PPL",
+    "baseline_ppl": "baseline PPL",
+    "ppl_degradation": "PPL degradation",
+    "bits_per_byte": "bits/byte",
+    "baseline_bits_per_byte": "baseline bits/byte",
+    "control_ppl": "untrained PPL",
+    "control_degradation": "untrained degradation",
 }
 
 

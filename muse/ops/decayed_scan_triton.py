@@ -32,14 +32,13 @@ def _affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _scan_kernel(u_ptr, s_ptr, a_ptr, n, r, stride_b, stride_n, a_sb, a_sn, a_sr,
+def _scan_kernel(u_ptr, s_ptr, a_ptr, n, tiles, r, stride_b, stride_n, a_sb, a_sn, a_sr,
                  REVERSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < r
     rows = tl.arange(0, BLOCK_N)
     carry = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    tiles = tl.cdiv(n, BLOCK_N)
     for i in range(0, tiles):
         tile = tiles - 1 - i if REVERSE else i
         pos = tile * BLOCK_N + rows
@@ -75,8 +74,10 @@ def linear_scan(u: torch.Tensor, decay: torch.Tensor, reverse: bool = False) -> 
     s = torch.empty_like(u)
     block_r = BLOCK_R if r > 256 else 8
     grid = (bsz, triton.cdiv(r, block_r))
-    _scan_kernel[grid](u, s, decay, n, r, u.stride(0), u.stride(1), *_strides(decay, bsz, n),
-                       REVERSE=reverse, BLOCK_N=BLOCK_N, BLOCK_R=block_r)
+    # the tile count comes from the host: Triton 3.6's interpreter cannot loop to a traced bound
+    tiles = triton.cdiv(n, BLOCK_N)
+    _scan_kernel[grid](u, s, decay, n, tiles, r, u.stride(0), u.stride(1),
+                       *_strides(decay, bsz, n), REVERSE=reverse, BLOCK_N=BLOCK_N, BLOCK_R=block_r)
     return s
 
 

@@ -56,7 +56,7 @@ class Phase2Config(StrictConfig):
     hebbian_eta: float = 1.0
     hebbian_dt: float = 1.0
     hebbian_chunk: int = 64
-    hebbian_backend: str = "auto"  # "auto" (fla on CUDA), "fla" or "torch" (see layers.hebbian)
+    hebbian_backend: str = "auto"  # "auto" = "torch" (chunked + Triton scan), or "fla"
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
     # the token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)

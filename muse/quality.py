@@ -265,7 +265,7 @@ class Scored:
     params: int  # at the tokenizer's vocabulary
     train_tokens: int  # tokens its weights saw: steps × batch × seq × accumulation
     train_seconds: float | None  # wall time of the training run (None: loaded or untrained)
-    train_tokens_per_s: float | None  # the trainer's own step timing, mean over steps
+    train_tokens_per_s: float | None  # the trainer's own step timing, median over steps
     source: str  # the run folder or checkpoint file
     config: dict = field(default_factory=dict, compare=False)
     model_overrides: dict = field(default_factory=dict, compare=False)
@@ -315,7 +315,7 @@ def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: Qu
         bits_per_byte=result.bits_per_byte, tokens_scored=result.tokens_scored,
         bytes_scored=result.bytes_scored, params=model.num_params(),
         train_tokens=trained_tokens(ckpt), train_seconds=train_seconds,
-        train_tokens_per_s=statistics.fmean(steps) if steps else None, source=os.fspath(path),
+        train_tokens_per_s=statistics.median(steps) if steps else None, source=os.fspath(path),
         config=ckpt["config"], model_overrides=ckpt["model_overrides"],
         corpus_sha256=ckpt["corpus"]["sha256"],
     )

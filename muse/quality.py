@@ -41,7 +41,6 @@ from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, torch_dtype
 
 DEFAULT_CORPUS = "../shared/data/wiki-mini"
-ROLES = ("model", "baseline", "control")
 SELF_COMPARISON_NOTE = (
     "the model is its own baseline: its side is trained as separate runs with the same seeds, "
     "so the degradation is run-to-run noise (CUDA kernels are not bit-deterministic; on the CPU "
@@ -257,7 +256,7 @@ class Scored:
 
     spec: str
     seed: int
-    role: str  # one of ROLES
+    role: str  # "model", "baseline" or "control"
     ppl: float
     bits_per_byte: float
     tokens_scored: int

@@ -168,7 +168,7 @@ class QualitySettings:
         checkpoint must belong to one of them (none is silently unused)."""
         if not self.checkpoints:
             return
-        needed = {s: baseline_spec(s) for s in specs}
+        needed = {s: baseline_spec(s, nominal_vocab(self.tokenizer)) for s in specs}
         given = {spec for spec, _ in self.checkpoints}
         for spec, base in needed.items():
             missing = [s for s in dict.fromkeys((spec, base)) if s not in given]
@@ -219,8 +219,32 @@ class QualitySettings:
         return d
 
 
-def baseline_spec(spec: str) -> str:
-    return ":".join(models.baseline_for(*models.resolve(spec)))
+MAX_SIZE_GAP = 0.10  # a matched baseline is within 10% of the model's parameter count
+
+
+def nominal_vocab(tokenizer: str) -> int | None:
+    """The vocabulary a tokenizer name asks for (a trained BPE may end a few tokens short)."""
+    if tokenizer.startswith("bpe:"):
+        return int(tokenizer.partition(":")[2])
+    return {"bytes": 256, "gpt2": 50257}.get(tokenizer)
+
+
+def baseline_spec(spec: str, vocab_size: int | None = None) -> str:
+    """The transformer matched in size to `spec` at this vocabulary (default: its own)."""
+    return ":".join(models.baseline_for(*models.resolve(spec), vocab_size))
+
+
+def check_matched(spec: str, base: str, vocab_size: int) -> tuple[int, int]:
+    """Both built at `vocab_size`; an error when the baseline is not within MAX_SIZE_GAP."""
+    with torch.device("meta"):
+        ours, theirs = (models.build(*models.resolve(s), vocab_size=vocab_size).num_params()
+                        for s in (spec, base))
+    if spec != base and abs(theirs / ours - 1) > MAX_SIZE_GAP:
+        raise ValueError(
+            f"{base} is not matched to {spec} at a {vocab_size}-token vocabulary: {theirs:,} "
+            f"against {ours:,} parameters (more than {MAX_SIZE_GAP:.0%} apart)"
+        )
+    return ours, theirs
 
 
 # -------------------------------------------------------------------------------- scoring
@@ -505,7 +529,9 @@ class GateRuns:
         atomic_write_text(self.history_dir / "runs.json", json.dumps(self._runs, indent=1) + "\n")
 
     def compare(self, spec: str) -> Comparison:
-        base = baseline_spec(spec)
+        vocab = self.split().vocab_size
+        base = baseline_spec(spec, nominal_vocab(self.settings.tokenizer) or vocab)
+        check_matched(spec, base, vocab)
         if self.settings.checkpoints:
             model_runs, base_runs = self._paired_checkpoints(spec, base)
         else:

@@ -12,6 +12,7 @@ token embedding as sinusoids at zeta-zero frequencies (layers.zeta).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -200,9 +201,18 @@ PRESETS = {
 }
 
 
-def _matched_transformer(preset: str) -> str:
+MATCHED_VOCABS = {50257: "", 8192: "-v8k"}  # vocabulary → suffix of the matched presets
+
+
+def _matched_transformer(preset: str, vocab_size: int) -> str:
     # tiny is for CPU tests: far too small to match a model carrying a 50k-token vocabulary.
-    return "tiny" if preset == "tiny" else f"phase1-{preset}"
+    if preset == "tiny":
+        return "tiny"
+    # HTT keeps Phase 1's size nearly fixed while a dense table scales with the vocabulary: the
+    # presets matched at the nearest vocabulary (a trained BPE may stop a few tokens short);
+    # callers that build at another vocabulary check the match (muse.quality.check_matched)
+    nearest = min(MATCHED_VOCABS, key=lambda v: abs(math.log(v / vocab_size)))
+    return f"phase1-{preset}{MATCHED_VOCABS[nearest]}"
 
 
 register(Family("phase1", Phase1Config, Phase1LM, PRESETS, "10gb", _matched_transformer))

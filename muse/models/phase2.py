@@ -249,7 +249,7 @@ PRESETS = {
 }
 
 
-def _same_size_transformer(preset: str) -> str:
+def _same_size_transformer(preset: str, vocab_size: int) -> str:
     # the transformer presets of the same name are within 2% in parameters (tests/models)
     return preset
 

@@ -18,7 +18,8 @@ class Family:
     model_cls: Callable[[Any], nn.Module]
     presets: dict[str, dict[str, Any]]
     default_preset: str
-    baseline: Callable[[str], str]  # preset → the `transformer` preset matched in size
+    # (preset, vocabulary size) → the `transformer` preset matched in parameter count
+    baseline: Callable[[str, int], str]
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -74,6 +75,9 @@ def build(name: str, preset: str | None = None, **overrides: Any) -> nn.Module:
     return fam.model_cls(config(name, preset, **overrides))
 
 
-def baseline_for(name: str, preset: str) -> tuple[str, str]:
-    """The `transformer` preset matched in parameter count to this model (itself for baselines)."""
-    return "transformer", family(name).baseline(preset)
+def baseline_for(name: str, preset: str, vocab_size: int | None = None) -> tuple[str, str]:
+    """The `transformer` preset matched in parameter count to this model (itself for baselines)
+    at `vocab_size` (default: the preset's own vocabulary)."""
+    if vocab_size is None:
+        vocab_size = config(name, preset).vocab_size
+    return "transformer", family(name).baseline(preset, vocab_size)

@@ -377,3 +377,16 @@ def test_bench_fails_when_the_untrained_control_passes(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the negative control passed the gate*harness itself is broken*"])
     assert records["control_degradation"]["status"] == "FAIL"
+
+
+def test_baseline_is_matched_at_the_tokenizers_vocabulary():
+    from muse.quality import baseline_spec, check_matched, nominal_vocab
+
+    assert nominal_vocab("bpe:8192") == 8192 and nominal_vocab("gpt2") == 50257
+    assert baseline_spec("phase1:10gb", 8192) == "transformer:phase1-10gb-v8k"
+    assert baseline_spec("phase1:10gb") == "transformer:phase1-10gb"
+    ours, theirs = check_matched("phase1:10gb", "transformer:phase1-10gb-v8k", 8192)
+    assert abs(theirs / ours - 1) < 0.10
+    # the preset matched at 50257 tokens is 2.4× too small at 8192: refused, with both counts
+    with pytest.raises(ValueError, match=r"not matched.*8192-token.*parameters"):
+        check_matched("phase1:10gb", "transformer:phase1-10gb", 8192)

@@ -144,18 +144,20 @@ def _run(cmd: list[str], cwd=None) -> str | None:
 
 
 def git_facts(cwd=None) -> dict:
+    # A copy of the tree on a remote GPU runner is told its commit by whoever copied it
+    # (MUSE_GIT_SHA, MUSE_GIT_DIRTY). That word wins: such a copy may carry a stale .git.
+    if os.environ.get("MUSE_GIT_SHA"):
+        env_dirty = os.environ.get("MUSE_GIT_DIRTY")
+        return {
+            "sha": os.environ["MUSE_GIT_SHA"],
+            "dirty": None if env_dirty is None else env_dirty.lower() in ("1", "true", "yes"),
+        }
     sha = _run(["git", "rev-parse", "HEAD"], cwd)
     # Untracked files do not count: the results being written would make every run dirty.
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd)
     sha = (sha.strip() or None) if sha is not None else None
-    if sha is None:
-        # A copy of the tree without its history (a remote GPU runner) is told its commit by
-        # whoever copied it; without that the facts stay unknown rather than guessed.
-        env_dirty = os.environ.get("MUSE_GIT_DIRTY")
-        return {
-            "sha": os.environ.get("MUSE_GIT_SHA") or None,
-            "dirty": None if env_dirty is None else env_dirty.lower() in ("1", "true", "yes"),
-        }
+    if sha is None:  # no history and no word from the copier: unknown rather than guessed
+        return {"sha": None, "dirty": None}
     return {"sha": sha, "dirty": bool(status.strip()) if status is not None else None}
 
 

@@ -60,10 +60,12 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     b = torch.cumsum(_pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     lag = (b[..., :, None] - b[..., None, :]).clamp_max(0)  # b_t − b_j, masked below
-    scores = (qc @ kc.transpose(-1, -2)) * torch.where(causal, torch.exp(lag), 0.0)
+    # the decay factors are in [0, 1] and b is kept wide (float32 under autocast): each factor
+    # is cast to the products' dtype only when formed, so fp16 weights work without autocast
+    scores = (qc @ kc.transpose(-1, -2)) * torch.where(causal, torch.exp(lag), 0.0).to(qc.dtype)
     intra = eta * (scores @ vc)  # (B, H, M, T, Dv)
     # what each chunk adds to the state at its end: η Σ_j e^{b_end − b_j} k_j v_jᵀ
-    tail = torch.exp(b[..., -1:] - b)[..., None]
+    tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)
     added = eta * (kc * tail).transpose(-1, -2) @ vc  # (B, H, M, Dk, Dv)
     through = torch.exp(b[..., -1])  # (B, H, M): decay across a whole chunk
     # the carried state keeps the precision of the decays (float32 under bf16 autocast)
@@ -77,7 +79,7 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
             states.append(w)
             w = through[..., c, None, None] * w + added[:, :, c]
         entering = torch.stack(states, dim=2)
-    inter = torch.exp(b)[..., None] * (qc @ entering.to(qc.dtype))
+    inter = torch.exp(b)[..., None].to(qc.dtype) * (qc @ entering.to(qc.dtype))
     y = (intra + inter).reshape(bsz, heads, m * chunk, dv)[:, :, :n]
     return y, w
 

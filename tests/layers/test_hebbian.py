@@ -107,3 +107,15 @@ def test_gamma_offset_and_eta_scale_enter_the_recurrence_per_head():
     assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
     assert torch.allclose(w, w_ref, rtol=0, atol=1e-12)
     assert not torch.allclose(y, m(x), atol=1e-3)
+
+
+def test_half_precision_weights_without_autocast():
+    """How the harness serves a model (weights cast to fp16/bf16, no autocast): the wide
+    decays must not leak into the half-precision products."""
+    torch.manual_seed(3)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, backend="torch")
+    x = torch.randn(1, 30, 16)
+    y32 = m(x)
+    y16 = m.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert torch.allclose(y16.float(), y32, rtol=5e-2, atol=5e-2)  # bf16: 8 bits of mantissa

@@ -335,3 +335,10 @@ def test_git_facts_come_from_the_environment_outside_a_repository(
 
 def test_git_facts_are_unknown_without_a_repository_or_environment(outside_git):
     assert git_facts(cwd=outside_git) == {"sha": None, "dirty": None}
+
+
+def test_the_copiers_word_beats_a_stale_git_inside_a_repository(monkeypatch):
+    # a GPU runner's copy of the tree can carry an old .git: the commit it was told wins
+    monkeypatch.setenv("MUSE_GIT_SHA", "c68a68c")
+    monkeypatch.setenv("MUSE_GIT_DIRTY", "0")
+    assert git_facts() == {"sha": "c68a68c", "dirty": False}

@@ -4,7 +4,7 @@
     g     = σ(MLP(x)) ∈ (0, 1)^r                   (g = 1 without soft gating)
     u = (U x) ⊙ g,  w = (W x) ⊙ g
     s_t   = λ ⊙ s_{t−1} + u_t,  λ = exp(−softplus(ν)) ∈ (0, 1]^r
-    y     = local + W_o(s ⊙ w)
+    y     = local + W_o(s ⊙ w)                     (s ⊙ w / RMS(s ⊙ w) with out_norm, the default)
 
 λ does not depend on t, so the recurrence is computed in chunked matrix form
 (muse.ops.decayed_cumsum: per chunk a lower-triangular matrix of powers of λ, chunk ends carried
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.layers.norm import rms_normalize
 from muse.ops.decayed_cumsum import decayed_cumsum
 
 State = dict[str, torch.Tensor]
@@ -39,6 +40,7 @@ class ARSSM(nn.Module):
         soft_gating: bool = True,  # False: g = 1, no gate parameters
         rank_warmup_steps: int = 0,  # 0: off; else the active rank grows 1 → r over these steps
         decay_init: tuple[float, float] = (0.9, 0.999),  # λ at init, spread over the r components
+        out_norm: bool = True,  # s ⊙ w divided by its RMS over the rank (see layers.norm)
     ):
         super().__init__()
         if kernel_size < 1 or rank < 1:
@@ -48,6 +50,7 @@ class ARSSM(nn.Module):
             raise ValueError(f"decay_init must satisfy 0 < lo ≤ hi < 1, got {decay_init}")
         self.d_model, self.rank, self.kernel_size = d_model, rank, kernel_size
         self.soft_gating, self.rank_warmup_steps = soft_gating, rank_warmup_steps
+        self.out_norm = out_norm
         self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, padding=0)
         if not soft_gating:
             self.gate = None
@@ -135,7 +138,10 @@ class ARSSM(nn.Module):
         else:
             scan = decayed_cumsum
         s = scan(u, -F.softplus(self.decay_logit))
-        y = local + self.proj_out(s * w)
+        read = s * w
+        if self.out_norm:
+            read = rms_normalize(read)
+        y = local + self.proj_out(read)
 
         if not streaming:
             return y

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.norm import rms_normalize
+
 BACKENDS = ("auto", "fla", "torch")
 
 
@@ -143,12 +145,13 @@ class DissipativeHebbian(nn.Module):
     the input; η and dt are fixed scalars (η also scales keys at init)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
-                 dt: float = 1.0, chunk: int = 64, backend: str = "auto"):
+                 dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
         self.n_heads, self.head_dim = n_heads, head_dim
         self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
+        self.out_norm = out_norm  # each head's read-out divided by its RMS (see layers.norm)
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
         self.gamma = nn.Linear(d_model, n_heads)
         # Γ ≈ softplus(bias) spread from 1e-4 to 5e-2 per step across heads at init: memories
@@ -185,5 +188,7 @@ class DissipativeHebbian(nn.Module):
             y, w = hebbian_chunked(*heads_first, log_decay.transpose(1, 2), self.eta, state,
                                    chunk=self.chunk)
             y = y.transpose(1, 2).to(q.dtype)
+        if self.out_norm:
+            y = rms_normalize(y)
         y = self.out(y.reshape(bsz, n, -1))
         return (y, w) if return_state else y

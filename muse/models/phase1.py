@@ -56,6 +56,7 @@ class Phase1Config(StrictConfig):
     # AR-SSM decays λ spread over this range at init: λ^16384 is 0.85 at 0.99999, so the
     # state can carry a token across a 16k context.
     ar_ssm_decay_init: tuple[float, float] = (0.999, 0.99999)
+    ar_ssm_out_norm: bool = True  # s ⊙ w divided by its RMS over the rank (layers.norm)
     bk_z_imag_init: float = -3.0  # Im z = softplus(·) + 1e-3 ≈ 0.05 at init (see BKMixer)
     dropout: float = 0.0
     checkpointing: bool = False  # recompute each block in backward to save activation memory
@@ -93,7 +94,8 @@ class Phase1Block(nn.Module):
         rank = config.ar_ssm_rank
         self.ln_ssm = nn.LayerNorm(d) if rank else None
         self.ssm = (
-            ARSSM(d_model=d, rank=rank, decay_init=tuple(config.ar_ssm_decay_init))
+            ARSSM(d_model=d, rank=rank, decay_init=tuple(config.ar_ssm_decay_init),
+                  out_norm=config.ar_ssm_out_norm)
             if rank
             else None
         )

@@ -56,6 +56,7 @@ class Phase2Config(StrictConfig):
     hebbian_eta: float = 1.0
     hebbian_dt: float = 1.0
     hebbian_chunk: int = 64
+    hebbian_out_norm: bool = True  # each head's read-out divided by its RMS (layers.norm)
     hebbian_backend: str = "auto"  # "auto" = "torch" (chunked + Triton scan), or "fla"
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
@@ -125,6 +126,7 @@ class Phase2Block(nn.Module):
             dt=config.hebbian_dt,
             chunk=config.hebbian_chunk,
             backend=config.hebbian_backend,
+            out_norm=config.hebbian_out_norm,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

@@ -36,7 +36,10 @@ def naive(layer: ARSSM, x: torch.Tensor) -> torch.Tensor:
         u = layer.proj_u(x[:, t]) * g
         w = layer.proj_w(x[:, t]) * g
         s = lam * s + u
-        out.append(local + layer.proj_out(s * w))
+        read = s * w
+        if layer.out_norm:  # divided by its RMS over the rank
+            read = read / read.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
+        out.append(local + layer.proj_out(read))
     return torch.stack(out, dim=1)
 
 

@@ -103,7 +103,9 @@ def test_gamma_offset_and_eta_scale_enter_the_recurrence_per_head():
     log_decay = -(torch.nn.functional.softplus(m.gamma(x)) + offset[:, None]) * 0.5
     heads_first = (t.transpose(1, 2) for t in (q, k, v))
     y_ref, w_ref = hebbian_naive(*heads_first, log_decay.transpose(1, 2), eta=0.7)
-    y_ref = m.out(y_ref.transpose(1, 2).reshape(2, 21, -1))
+    y_ref = y_ref.transpose(1, 2)
+    y_ref = y_ref / y_ref.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()  # per-head RMS
+    y_ref = m.out(y_ref.reshape(2, 21, -1))
     assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
     assert torch.allclose(w, w_ref, rtol=0, atol=1e-12)
     assert not torch.allclose(y, m(x), atol=1e-3)

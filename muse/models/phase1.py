@@ -57,7 +57,8 @@ class Phase1Config(StrictConfig):
     # state can carry a token across a 16k context.
     ar_ssm_decay_init: tuple[float, float] = (0.999, 0.99999)
     ar_ssm_out_norm: bool = True  # s ⊙ w divided by its RMS over the rank (layers.norm)
-    bk_z_imag_init: float = -3.0  # Im z = softplus(·) + 1e-3 ≈ 0.05 at init (see BKMixer)
+    # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
+    bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)  # a float: one value for all
     dropout: float = 0.0
     checkpointing: bool = False  # recompute each block in backward to save activation memory
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"

@@ -52,7 +52,8 @@ class Phase2Config(StrictConfig):
     moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     bk_channels: int = 32
     gamma_base: float = 1e-3  # Γ_base of the non-Hermitian potential
-    bk_z_imag_init: float = -3.0  # Im z ≈ 0.05 at init (see BKMixer)
+    # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
+    bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)  # a float: one value for all
     hebbian_eta: float = 1.0
     hebbian_dt: float = 1.0
     hebbian_chunk: int = 64

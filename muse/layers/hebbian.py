@@ -145,7 +145,8 @@ class DissipativeHebbian(nn.Module):
     the input; η and dt are fixed scalars (η also scales keys at init)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
-                 dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True):
+                 dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
+                 gamma_init: tuple[float, float] = (-9.0, -3.0)):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
@@ -158,7 +159,7 @@ class DissipativeHebbian(nn.Module):
         # of ~10k down to ~20 tokens. With bias 0 (Γ ≈ 0.7, decay 0.5 a step) the last token's
         # gradient at the first 128 of 1024 tokens underflowed to exactly 0 in float32.
         with torch.no_grad():
-            self.gamma.bias.copy_(torch.linspace(-9.0, -3.0, n_heads))
+            self.gamma.bias.copy_(torch.linspace(*map(float, gamma_init), n_heads))
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,

@@ -57,6 +57,8 @@ class Phase2Config(StrictConfig):
     hebbian_eta: float = 1.0
     hebbian_dt: float = 1.0
     hebbian_chunk: int = 64
+    # pre-softplus Γ bias spread over the heads at init: Γ from 1e-4 to 5e-2 per step
+    hebbian_gamma_init: tuple[float, float] = (-9.0, -3.0)
     hebbian_out_norm: bool = True  # each head's read-out divided by its RMS (layers.norm)
     hebbian_backend: str = "auto"  # "auto" = "torch" (chunked + Triton scan), or "fla"
     checkpointing: bool = False
@@ -128,6 +130,7 @@ class Phase2Block(nn.Module):
             chunk=config.hebbian_chunk,
             backend=config.hebbian_backend,
             out_norm=config.hebbian_out_norm,
+            gamma_init=tuple(config.hebbian_gamma_init),
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

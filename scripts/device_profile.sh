@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Device run: the Hebbian's CUDA paths against float64, then `muse profile` of the issue-4 models at 4k and 16k.
-# Usage (on the GPU machine, wheels for flash-linear-attention in .whl/): bash scripts/device_profile.sh OUTDIR
+# One device run behind issue 4's closing numbers: the CUDA paths against float64, `muse profile`
+# of the issue-4 models and their matched transformers at 4k and 16k, and the quality ablation.
+# Usage, on the GPU machine, wiki-mini copied to .data/: bash scripts/device_profile.sh OUTDIR
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
-python3 -m pytest -q -p no:cacheprovider tests/layers/test_hebbian_cuda.py tests/layers/test_hebbian.py tests/ops/test_decayed_scan_triton.py > "$out/fla-tests.txt" 2>&1
-tail -3 "$out/fla-tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/layers/test_hebbian_cuda.py \
+  tests/ops/test_decayed_scan_triton.py > "$out/cuda-tests.txt" 2>&1
+tail -3 "$out/cuda-tests.txt"
 for seq in 4096 16384; do
   for m in phase2:small transformer:small phase1:10gb transformer:phase1-10gb; do
     f="$out/profile-${m/:/-}-$seq.txt"
@@ -13,3 +15,9 @@ for seq in 4096 16384; do
     head -1 "$f"
   done
 done
+python3 -W ignore scripts/quality_ablation.py --corpus .data/wiki-mini --tokens 2097152 \
+  'transformer:small' 'phase2:small' 'phase2:small {"hebbian_gamma_init": [-9, 0]}' \
+  'phase2:small {"bk_channels": 64}' 'transformer:phase1-dense-v8k' 'phase1:dense' \
+  'phase1:dense {"ar_ssm_decay_init": [0.5, 0.999]}' 'phase1:10gb' \
+  'phase1:10gb {"htt_rank": 64}' > "$out/ablation.txt" 2>&1
+tail -12 "$out/ablation.txt"

@@ -1,8 +1,10 @@
 """Where a training step's (or a forward's) device time goes: `muse profile MODEL --seq N`.
 
 Two views of the same profiled steps. Sublayers: every module inside a block is wrapped in a
-profiler range named after its class (`muse::BKMixer`, …), so the forward time of each kind of
-sublayer is summed over the blocks. Kernels: the kernels (and the ops that launched them on
+profiler range named after its class (`muse::BKMixer`, …), and each kind of sublayer's forward
+is summed over the blocks twice over: `[kernels]`, the device time of the kernels it launched,
+and on CUDA `[span]`, how long its range lasted on the GPU's timeline. A span far above its
+kernel time is a GPU waiting for the host to launch the next op: launch-bound. Kernels: the kernels (and the ops that launched them on
 the CPU) with the most self time, forward and backward together, as a share of the step's
 median time from CUDA events. The question it answers is the one a missed speed goal asks:
 what dominates.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from muse.measure.phases import TrainStep, forward_fn, random_ids, synchronize
@@ -83,8 +86,15 @@ def profile_step(model: nn.Module, seq: int, *, phase: str = "train", dtype=torc
             h.remove()
     on_device = device.type == "cuda"
 
+    def label(e):
+        if not e.key.startswith("muse::"):
+            return e.key
+        # the profiler keeps a user range twice: on the host (with its kernels' device time)
+        # and as an annotation on the GPU timeline (its span)
+        return e.key + (" [span]" if e.device_type == DeviceType.CUDA else " [kernels]")
+
     def rows(events, total_attr):
-        out = [Row(e.key, e.count // steps, getattr(e, total_attr) / 1e3 / steps, 0.0)
+        out = [Row(label(e), e.count // steps, getattr(e, total_attr) / 1e3 / steps, 0.0)
                for e in events]
         return [Row(r.name, r.calls, r.time_ms, r.time_ms / (step_s * 1e3)) for r in out]
 

@@ -4,10 +4,10 @@ Two views of the same profiled steps. Sublayers: every module inside a block is 
 profiler range named after its class (`muse::BKMixer`, …), and each kind of sublayer's forward
 is summed over the blocks twice over: `[kernels]`, the device time of the kernels it launched,
 and on CUDA `[span]`, how long its range lasted on the GPU's timeline. A span far above its
-kernel time is a GPU waiting for the host to launch the next op: launch-bound. Kernels: the kernels (and the ops that launched them on
-the CPU) with the most self time, forward and backward together, as a share of the step's
-median time from CUDA events. The question it answers is the one a missed speed goal asks:
-what dominates.
+kernel time is a GPU waiting for the host to launch the next op: launch-bound. Kernels: the
+kernels (and the ops that launched them on the CPU) with the most self time, forward and
+backward together, as a share of the step's median time from CUDA events. The question it
+answers is the one a missed speed goal asks: what dominates.
 """
 
 from __future__ import annotations

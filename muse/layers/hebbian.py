@@ -19,6 +19,8 @@ miscompile, fla issue #640), which is what the lent H100/H200 machines have (Tri
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,22 +62,26 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     pad = m * chunk - n
     qc, kc, vc = (_pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
     b = torch.cumsum(_pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    lag = (b[..., :, None] - b[..., None, :]).clamp_max(0)  # b_t − b_j, masked below
+    # b_t − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
+    lag = (b[..., :, None] - b[..., None, :]).masked_fill(_above(chunk, q.device), -torch.inf)
     # the decay factors are in [0, 1] and b is kept wide (float32 under autocast): each factor
     # is cast to the products' dtype only when formed, so fp16 weights work without autocast
-    scores = (qc @ kc.transpose(-1, -2)) * torch.where(causal, torch.exp(lag), 0.0).to(qc.dtype)
-    intra = eta * (scores @ vc)  # (B, H, M, T, Dv)
+    scores = (qc @ kc.transpose(-1, -2)) * torch.exp(lag).to(qc.dtype)
+    # (η is applied only when it is not 1: on a GPU at batch 1 every op is a launch)
+    intra = scores @ vc if eta == 1.0 else eta * (scores @ vc)  # (B, H, M, T, Dv)
     # what each chunk adds to the state at its end: η Σ_j e^{b_end − b_j} k_j v_jᵀ
     tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)
-    added = eta * (kc * tail).transpose(-1, -2) @ vc  # (B, H, M, Dk, Dv)
-    through = torch.exp(b[..., -1])  # (B, H, M): decay across a whole chunk
+    added = (kc * tail).transpose(-1, -2) @ vc  # (B, H, M, Dk, Dv)
+    if eta != 1.0:
+        added = eta * added
     # the carried state keeps the precision of the decays (float32 under bf16 autocast)
     acc = torch.promote_types(q.dtype, log_decay.dtype)
-    w = q.new_zeros(bsz, heads, dk, dv, dtype=acc) if state is None else state.to(acc)
     if q.is_cuda and acc != torch.float64:  # the scan accumulates in float32
-        entering, w = _carry_scan(added.to(acc), b[..., -1].to(acc), w)
+        w0 = None if state is None else state.to(acc)
+        entering, w = _carry_scan(added.to(acc), b[..., -1].to(acc), w0)
     else:  # only the small state steps remain sequential
+        through = torch.exp(b[..., -1])  # (B, H, M): decay across a whole chunk
+        w = q.new_zeros(bsz, heads, dk, dv, dtype=acc) if state is None else state.to(acc)
         states = []
         for c in range(m):
             states.append(w)
@@ -93,11 +99,21 @@ def _carry_scan(added, log_through, w0):
     from muse.ops.decayed_scan_triton import decayed_cumsum_triton
 
     bsz, heads, m, dk, dv = added.shape
-    first = added[:, :, :1] + torch.exp(log_through[..., :1])[..., None, None] * w0[:, :, None]
-    u = torch.cat((first, added[:, :, 1:]), dim=2).reshape(bsz * heads, m, dk * dv)
+    if w0 is None:  # a fresh start: nothing to fold in (and no zeros to launch)
+        u = added.reshape(bsz * heads, m, dk * dv)
+        w0 = added.new_zeros(bsz, heads, dk, dv)
+    else:
+        first = added[:, :, :1] + torch.exp(log_through[..., :1])[..., None, None] * w0[:, :, None]
+        u = torch.cat((first, added[:, :, 1:]), dim=2).reshape(bsz * heads, m, dk * dv)
     ends = decayed_cumsum_triton(u, log_through.reshape(bsz * heads, m))
     ends = ends.view(bsz, heads, m, dk, dv)
     return torch.cat((w0[:, :, None].to(ends.dtype), ends[:, :, :-1]), dim=2), ends[:, :, -1]
+
+
+@functools.lru_cache(maxsize=16)
+def _above(chunk: int, device: torch.device) -> torch.Tensor:
+    """(chunk × chunk) True above the diagonal: built once per size and device."""
+    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
 
 
 def fla_available() -> bool:
@@ -180,7 +196,8 @@ class DissipativeHebbian(nn.Module):
         log_decay = -F.softplus(gate.to(torch.promote_types(gate.dtype, torch.float32)))
         if gamma_offset is not None:
             log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype)
-        log_decay = log_decay * self.dt  # (B, N, H)
+        if self.dt != 1.0:
+            log_decay = log_decay * self.dt  # (B, N, H)
         if resolve_backend(self.backend, x.device) == "fla":
             y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)
             y = y.to(q.dtype)

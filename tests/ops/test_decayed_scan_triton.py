@@ -80,14 +80,33 @@ def test_scan_matches_float64_chunked_form_under_interpreter():
             assert err <= 5e-5, (shape, name, err)
 
 
+def _reference(u, log_a, up, per_step):
+    """s and the gradients of Σ s·up by the plain algorithm in u's dtype: the chunked form per
+    channel, a loop over steps per step."""
+    leaves = [t.clone().requires_grad_() for t in (u, log_a)]
+    if per_step:
+        s, rows = torch.zeros(u.shape[0], u.shape[2], dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            s = torch.exp(leaves[1][:, t, None]) * s + leaves[0][:, t]
+            rows.append(s)
+        s = torch.stack(rows, dim=1)
+    else:
+        from muse.ops.decayed_cumsum import decayed_cumsum
+
+        s = decayed_cumsum(*leaves)
+    (s * up).sum().backward()
+    return [s.detach(), leaves[0].grad, leaves[1].grad]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("per_step", [False, True], ids=["per-channel", "per-step"])
-def test_compiled_scan_matches_float64_on_cuda(per_step):
+def test_compiled_scan_is_as_accurate_as_float32_allows_on_cuda(per_step):
     """The compiled kernel (the interpreter test above runs where Triton ≥ 3.7 interprets it):
     per-channel decays as in the AR-SSM (20k steps, λ up to 0.99999), per-step decays as in
-    the Hebbian carry (4k steps); float32 against float64. Bound 1e-4 relative (norm)."""
-    from muse.ops.decayed_cumsum import decayed_cumsum
+    the Hebbian carry (4k steps). Its float32 error against float64 may not exceed 3× that of
+    the plain algorithm run in float32 (+1e-6): on the H200 a first bound of 1e-4 failed at
+    3.7e-4 for s over 20k steps, which is float32's own error there (~N·ε₃₂)."""
     from muse.ops.decayed_scan_triton import decayed_cumsum_triton
 
     g = torch.Generator().manual_seed(11)
@@ -101,18 +120,13 @@ def test_compiled_scan_matches_float64_on_cuda(per_step):
     leaves = [t.cuda().float().requires_grad_() for t in (u, log_a)]
     s = decayed_cumsum_triton(*leaves)
     (s * up.cuda().float()).sum().backward()
-    ref = [t.clone().requires_grad_() for t in (u, log_a)]
-    if per_step:
-        s_ref = torch.zeros(bsz, r, dtype=torch.float64)
-        rows = []
-        for t in range(n):
-            s_ref = torch.exp(ref[1][:, t, None]) * s_ref + ref[0][:, t]
-            rows.append(s_ref)
-        s64 = torch.stack(rows, dim=1)
-    else:
-        s64 = decayed_cumsum(*ref)
-    (s64 * up).sum().backward()
-    for name, got, want in (("s", s, s64), ("grad_u", leaves[0].grad, ref[0].grad),
-                            ("grad_log_decay", leaves[1].grad, ref[1].grad)):
-        err = float((got.detach().cpu().double() - want.detach()).norm() / want.norm())
-        assert err < 1e-4, (name, err)
+    got = [s.detach().cpu(), leaves[0].grad.cpu(), leaves[1].grad.cpu()]
+    exact = _reference(u, log_a, up, per_step)
+    plain32 = _reference(u.float(), log_a.float(), up.float(), per_step)
+
+    def err(x, want):
+        return float((x.double() - want).norm() / want.norm())
+
+    for name, a, b, want in zip(("s", "grad_u", "grad_log_decay"), got, plain32, exact,
+                                strict=True):
+        assert err(a, want) <= 3 * err(b, want) + 1e-6, (name, err(a, want), err(b, want))

@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from muse.layers.head import tied_logits
+from muse.layers.moe import moe_aux_loss, moe_diagnostics
+
 
 def check_input_ids(input_ids: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
@@ -72,3 +75,52 @@ def run_blocks_streaming(
             x, state = block(x, state)
         out.append(state)
     return x, out
+
+
+class StreamingLM(nn.Module):
+    """What the MUSE families share around their blocks: the parameter count, the MoE loss and
+    diagnostics the trainer reads, and the stateless and streaming forward passes. A family
+    sets `config`, `embed` (h₀, the name the gradient-flow probe relies on), `blocks` (each with
+    `init_state` and `forward(x, state)`) and `ln_f`; it may override `embed_tokens` and
+    `output_table` (the tied head)."""
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing losses of the last forward, summed (0 without MoE); the
+        trainer adds `moe_aux_weight` times this to the language-model loss."""
+        return moe_aux_loss(self)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-step training diagnostics: the MoE expert load (empty without MoE)."""
+        return moe_diagnostics(self)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def output_table(self) -> torch.Tensor:
+        """The tied head: logits = h · Eᵀ."""
+        return self.embed.weight
+
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> StreamState:
+        """The state before any token (every block's recurrences at zero), so
+        `forward(ids, init_state(B))` gives the same logits as `forward(ids)`."""
+        where = dict(device=device, dtype=dtype)
+        return StreamState(batch_size, [b.init_state(batch_size, **where) for b in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
+        """logits (B, N, V); with `state`, (logits, the state after these tokens): segments
+        run one after another give the logits of one run over their concatenation (with any
+        filters on the carried state off)."""
+        check_input_ids(input_ids)
+        x = self.embed_tokens(input_ids)
+        if state is None:
+            x = run_blocks(self.blocks, x, self.config.checkpointing)
+            return tied_logits(self.ln_f(x), self.output_table())
+        check_state(state, input_ids, len(self.blocks))
+        x, blocks = run_blocks_streaming(self.blocks, x, state.blocks, self.config.checkpointing)
+        logits = tied_logits(self.ln_f(x), self.output_table())
+        return logits, StreamState(state.batch_size, blocks, state.tokens + input_ids.shape[1])

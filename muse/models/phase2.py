@@ -21,19 +21,12 @@ import torch
 import torch.nn as nn
 
 from muse.layers.bk import NonHermitianBKMixer
-from muse.layers.head import tied_logits
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
 from muse.layers.hebbian import DissipativeHebbian
-from muse.layers.moe import check_ffn_config, make_ffn, moe_aux_loss, moe_diagnostics
+from muse.layers.moe import check_ffn_config, make_ffn
 from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
 from muse.layers.zeta import zeta_token_table
-from muse.models.common import (
-    StreamState,
-    check_input_ids,
-    check_state,
-    run_blocks,
-    run_blocks_streaming,
-)
+from muse.models.common import StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -198,7 +191,7 @@ class Phase2Block(nn.Module):
         return x, new
 
 
-class Phase2LM(nn.Module):
+class Phase2LM(StreamingLM):
     """`embed` gives h₀ and `blocks` the layers: the names the gradient-flow probe relies on."""
 
     def __init__(self, config: Phase2Config):
@@ -211,40 +204,6 @@ class Phase2LM(nn.Module):
                 self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
         self.blocks = nn.ModuleList(Phase2Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def aux_loss(self) -> torch.Tensor:
-        """The MoE load-balancing losses of the last forward, summed (0 without MoE); the
-        trainer adds `moe_aux_weight` times this to the language-model loss."""
-        return moe_aux_loss(self)
-
-    def diagnostics(self) -> dict[str, float]:
-        """Per-step training diagnostics: the MoE expert load (empty without MoE)."""
-        return moe_diagnostics(self)
-
-    def init_state(
-        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> StreamState:
-        """The state before any token: BK boundary values and Hebbian W all zero, so
-        `forward(ids, init_state(B))` gives the same logits as `forward(ids)`."""
-        where = dict(device=device, dtype=dtype)
-        return StreamState(batch_size, [b.init_state(batch_size, **where) for b in self.blocks])
-
-    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
-        """logits (B, N, V); with `state`, (logits, the state after these tokens): with the
-        filters off, segments run one after another give the logits of one run over their
-        concatenation."""
-        check_input_ids(input_ids)
-        x = self.embed(input_ids)
-        if state is None:
-            x = run_blocks(self.blocks, x, self.config.checkpointing)
-            return tied_logits(self.ln_f(x), self.embed.weight)
-        check_state(state, input_ids, len(self.blocks))
-        x, blocks = run_blocks_streaming(self.blocks, x, state.blocks, self.config.checkpointing)
-        logits = tied_logits(self.ln_f(x), self.embed.weight)
-        return logits, StreamState(state.batch_size, blocks, state.tokens + input_ids.shape[1])
 
 
 PRESETS = {

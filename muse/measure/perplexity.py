@@ -19,6 +19,12 @@ tokens of context.
 byte-level and lossless, so each token stands for a fixed byte string and the count is exact
 (for a whole encoded text it is the text's UTF-8 size minus the bytes of its first token).
 NLLs are natural-log, computed and summed in float64.
+
+Recall tokens. A scored target t is a recall token when its bigram (ids[t−1], ids[t]) already
+occurred earlier inside the window that scores it (`recall_mask`): the token could be copied from
+the context. This is Zoology's associative-recall split (Arora et al. 2023), where most of the
+gap between attention and recurrent models lies. The NLL is summed separately over recall and
+other tokens; the two sums add up to the total.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class PerplexityResult:
     bytes_scored: int
     context: int
     stride: int
+    recall_nll_sum: float  # nats, over the recall tokens (see the module doc)
+    other_nll_sum: float  # nats, over the rest
+    recall_tokens: int
 
     @property
     def nll_per_token(self) -> float:
@@ -48,6 +57,54 @@ class PerplexityResult:
     @property
     def bits_per_token(self) -> float:
         return self.nll_per_token / math.log(2)
+
+    @property
+    def other_tokens(self) -> int:
+        return self.tokens_scored - self.recall_tokens
+
+    @property
+    def recall_fraction(self) -> float:
+        return self.recall_tokens / self.tokens_scored
+
+    @property
+    def recall_ppl(self) -> float:
+        """PPL over the recall tokens alone; NaN when there are none (undefined, not 1)."""
+        return _ppl(self.recall_nll_sum, self.recall_tokens)
+
+    @property
+    def other_ppl(self) -> float:
+        return _ppl(self.other_nll_sum, self.other_tokens)
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens) if tokens else math.nan
+
+
+def recall_mask(windows: torch.Tensor) -> torch.Tensor:
+    """For token windows [..., L], a bool mask [..., L−1] over the targets windows[..., 1:]: True
+    at target j when the bigram (w[j−1], w[j]) is also the bigram (w[i−1], w[i]) of some earlier
+    target i < j of the same window. Each pair is hashed to prev·base + cur and a row offset, and
+    a pair is a repeat when its position is after the first position of its hash (sort-based
+    `unique`, then a scatter-min): O(L log L) per window, never the O(L²) pairwise comparison."""
+    if windows.dim() < 1 or windows.dtype not in (torch.int32, torch.int64):
+        raise ValueError("windows must be an integer tensor [..., L] of token ids")
+    w = windows.long().reshape(-1, windows.shape[-1])
+    rows, length = w.shape
+    if length < 2 or rows == 0:
+        return torch.zeros(*windows.shape[:-1], max(length - 1, 0), dtype=torch.bool,
+                           device=windows.device)
+    if int(w.min()) < 0:
+        raise ValueError(f"token ids must be ≥ 0, got {int(w.min())}")
+    base = int(w.max()) + 1
+    if rows * base * base >= 2**63:
+        raise ValueError(f"{rows} windows of ids < {base} overflow the int64 pair hash")
+    offsets = torch.arange(rows, device=w.device)[:, None] * (base * base)
+    keys = (w[:, :-1] * base + w[:, 1:] + offsets).flatten()
+    _, inverse = torch.unique(keys, return_inverse=True)
+    pos = torch.arange(keys.numel(), device=w.device)
+    first = torch.full((int(inverse.max()) + 1,), keys.numel(), device=w.device)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    return (pos > first[inverse]).reshape(*windows.shape[:-1], length - 1)
 
 
 def scored_bytes(tokenizer, ids: Sequence[int] | torch.Tensor) -> int:
@@ -127,6 +184,9 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    recall_sum = torch.zeros_like(nll_sum)
+    other_sum = torch.zeros_like(nll_sum)
+    recall_count = torch.zeros((), dtype=torch.long, device=device)
     scored = 0
     try:
         for group in groups:
@@ -137,12 +197,19 @@ def evaluate_perplexity(
                     f"model returned logits of shape {tuple(logits.shape)} for input "
                     f"{tuple(x.shape)}; expected [B, N, V]"
                 )
+            # the window with its last target: mask[j] classifies the target at input j + 1
+            recall = recall_mask(torch.stack([ids[a : e + 1] for a, e, _ in group]))
             for row, (a, e, first) in enumerate(group):
                 # logits at input position j (= token a + j) predict token a + j + 1
                 rows = logits[row, first - 1 - a : e - a].double()
                 targets = ids[first : e + 1]
+                is_recall = recall[row, first - 1 - a : e - a]
                 logp = torch.log_softmax(rows, dim=-1)
-                nll_sum -= logp.gather(-1, targets[:, None]).sum()
+                nll = -logp.gather(-1, targets[:, None])[:, 0]
+                nll_sum += nll.sum()
+                recall_sum += torch.where(is_recall, nll, 0.0).sum()
+                other_sum += torch.where(is_recall, 0.0, nll).sum()
+                recall_count += is_recall.sum()
                 scored += targets.numel()
     finally:
         model.train(was_training)
@@ -157,4 +224,7 @@ def evaluate_perplexity(
         bytes_scored=text_bytes,
         context=context,
         stride=stride,
+        recall_nll_sum=float(recall_sum.item()),
+        other_nll_sum=float(other_sum.item()),
+        recall_tokens=int(recall_count.item()),
     )

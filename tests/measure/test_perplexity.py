@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.data import get_tokenizer
-from muse.measure.perplexity import evaluate_perplexity, scored_bytes, windows
+from muse.measure.perplexity import evaluate_perplexity, recall_mask, scored_bytes, windows
 from muse.models import build
 
 COMBOS = [(2, 1), (2, 2), (5, 3), (8, 8), (16, 1), (16, 7), (37, 37), (64, 16), (1000, 1000)]
@@ -94,6 +94,83 @@ def test_each_token_scored_exactly_once(context, stride):
     result = evaluate_perplexity(model, ids, 500, context, stride, batch_size=3)
     assert result.tokens_scored == n - 1
     assert result.nll_sum == pytest.approx(direct, rel=1e-12)
+
+
+def brute_recall(window: list[int]) -> list[bool]:
+    """Target j of a window is a recall token iff an earlier target i has the same bigram."""
+    pairs = list(zip(window[:-1], window[1:], strict=True))
+    return [any(pairs[i] == pairs[j] for i in range(j)) for j in range(len(pairs))]
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 7, 50])
+@pytest.mark.parametrize("length", [1, 2, 3, 10, 97])
+def test_recall_mask_matches_brute_force(vocab, length):
+    ids = random_ids(length, vocab, seed=length * 100 + vocab)
+    assert recall_mask(ids).tolist() == brute_recall(ids.tolist())
+    rows = torch.stack([random_ids(length, vocab, seed=s) for s in range(5)])
+    mask = recall_mask(rows)  # rows are independent windows
+    assert mask.shape == (5, max(length - 1, 0))
+    assert mask.tolist() == [brute_recall(r) for r in rows.tolist()]
+
+
+def test_recall_mask_by_hand():
+    # pairs: (1,2) (2,1) (1,2) (2,3) (3,1) (1,2) (2,1): repeats at targets 3, 6 and 7
+    assert recall_mask(torch.tensor([1, 2, 1, 2, 3, 1, 2, 1])).tolist() == [
+        False, False, True, False, False, True, True]
+    # a repeated token is not enough: the pair (prev, cur) must repeat
+    assert not recall_mask(torch.tensor([5, 9, 4, 9, 6, 9])).any()
+    assert recall_mask(torch.tensor([7, 7, 7])).tolist() == [False, True]
+    with pytest.raises(ValueError, match="must be ≥ 0"):
+        recall_mask(torch.tensor([1, -2, 3]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        recall_mask(torch.tensor([1.0, 2.0]))
+
+
+def brute_split(model, ids, context, stride):
+    """Recall and other NLL sums and the recall count, token by token, in float64."""
+    recall = other = 0.0
+    count = 0
+    for a, e, first in windows(ids.numel(), context, stride):
+        window = ids[a : e + 1].tolist()
+        logp = torch.log_softmax(model(ids[a:e]).double(), dim=-1)
+        for t in range(first, e + 1):
+            nll = -logp[t - 1 - a, ids[t]].item()
+            j = t - a  # the target's position in the window
+            if any(window[i - 1 : i + 1] == window[j - 1 : j + 1] for i in range(1, j)):
+                recall, count = recall + nll, count + 1
+            else:
+                other += nll
+    return recall, other, count
+
+
+@pytest.mark.parametrize("context,stride", COMBOS)
+def test_recall_and_other_split_the_total(context, stride):
+    vocab, n = 4, 101  # a small vocabulary: many repeated pairs
+    model = Bigram(vocab, seed=1).double()
+    ids = random_ids(n, vocab, seed=5)
+    result = evaluate_perplexity(model, ids, 500, context, stride, batch_size=3)
+    recall, other, count = brute_split(model, ids, context, stride)
+    assert result.recall_tokens == count and result.other_tokens == n - 1 - count
+    assert result.recall_nll_sum == pytest.approx(recall, rel=1e-12, abs=1e-12)
+    assert result.other_nll_sum == pytest.approx(other, rel=1e-12, abs=1e-12)
+    assert result.recall_nll_sum + result.other_nll_sum == pytest.approx(result.nll_sum,
+                                                                         rel=1e-12)
+    assert result.recall_fraction == count / (n - 1)
+    if count:
+        assert result.recall_ppl == pytest.approx(math.exp(recall / count), rel=1e-12)
+    else:  # a window of 2 tokens holds one pair: nothing to recall, and no PPL to claim
+        assert math.isnan(result.recall_ppl)
+    assert result.other_ppl == pytest.approx(math.exp(other / (n - 1 - count)), rel=1e-12)
+
+
+def test_recall_fraction_of_a_repeated_text():
+    # two copies of 20 random ids (no pair repeats within one) in one window: targets 21..39
+    # repeat a pair of the first copy; target 20's pair (x19, x0) spans the seam and is new
+    ids = torch.cat([random_ids(20, 1000, seed=2)] * 2)
+    assert not recall_mask(ids[:20]).any()
+    result = evaluate_perplexity(Uniform(1000), ids, 40, context=40, stride=40)
+    assert result.recall_tokens == 19
+    assert result.recall_ppl == pytest.approx(1000, rel=1e-9)
 
 
 @pytest.mark.parametrize("context,stride", COMBOS)

@@ -20,12 +20,15 @@ miscompile, fla issue #640), which is what the lent H100/H200 machines have (Tri
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
+from muse.layers.short_conv import ShortConv
 
 BACKENDS = ("auto", "fla", "torch")
 
@@ -156,48 +159,111 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla"
 
 
+DECAYS = ("softplus", "mamba2")
+QK_NORMS = ("k", "l2")
+
+
 class DissipativeHebbian(nn.Module):
-    """(B, N, D) → (B, N, D). Γ_t = softplus(Linear(x_t)) per head, so forgetting is chosen by
-    the input; η and dt are fixed scalars (η also scales keys at init)."""
+    """(B, N, D) → (B, N, D). Γ_t ≥ 0 per head is chosen by the input; η and dt are fixed.
+
+    The read-out options close the gap to attention the way gated linear-attention models do
+    (QUALITY.md): `conv` a short causal conv + SiLU on q, k, v; `qk_norm="l2"` unit q and k
+    (default "k": unit keys only); `decay="mamba2"` Γ_t = A·softplus(w·x_t + b) with A spread
+    over [1, 16] and softplus(b) log-uniform in [1e-3, 0.1] (default "softplus": Γ_t =
+    softplus(w·x_t + b), b spread by `gamma_init`); `out_gate` a per-head RMSNorm with a gain,
+    times SiLU(W_g x); `local_window` w > 0 adds exact softmax attention over the last w tokens
+    on the same q, k, v (rotary positions), mixed per head and token with the fast-weight
+    read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
-                 gamma_init: tuple[float, float] = (-9.0, -3.0)):
+                 gamma_init: tuple[float, float] = (-9.0, -3.0), conv: int = 0,
+                 qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
+                 local_window: int = 0, rope_base: float = 10000.0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"hebbian decay must be one of {DECAYS}, got {decay!r}")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"hebbian qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        if conv < 0 or local_window < 0:
+            raise ValueError(f"conv and local_window must be ≥ 0, got {conv}, {local_window}")
         self.n_heads, self.head_dim = n_heads, head_dim
         self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
         self.out_norm = out_norm  # each head's read-out divided by its RMS (see layers.norm)
-        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
+        self.qk_norm, self.decay, self.local_window, self.rope_base = (
+            qk_norm, decay, local_window, rope_base)
+        inner = n_heads * head_dim
+        self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
+        self.conv = ShortConv(3 * inner, conv) if conv else None
         self.gamma = nn.Linear(d_model, n_heads)
-        # Γ ≈ softplus(bias) spread from 1e-4 to 5e-2 per step across heads at init: memories
-        # of ~10k down to ~20 tokens. With bias 0 (Γ ≈ 0.7, decay 0.5 a step) the last token's
-        # gradient at the first 128 of 1024 tokens underflowed to exactly 0 in float32.
         with torch.no_grad():
-            self.gamma.bias.copy_(torch.linspace(*map(float, gamma_init), n_heads))
-        self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
+            if decay == "softplus":
+                # Γ ≈ softplus(bias) spread from 1e-4 to 5e-2 per step across heads at init:
+                # memories of ~10k down to ~20 tokens. With bias 0 (Γ ≈ 0.7, decay 0.5 a step)
+                # the last token's gradient at the first 128 of 1024 tokens underflowed to 0.
+                self.gamma.bias.copy_(torch.linspace(*map(float, gamma_init), n_heads))
+            else:
+                # Mamba2's start: per-step decays e^{−A·dt} from ≈ 0.2 to ≈ 1 across heads
+                step = torch.exp(torch.linspace(math.log(1e-3), math.log(0.1), n_heads))
+                self.gamma.bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus⁻¹
+        if decay == "mamba2":
+            self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, n_heads)))
+        self.mix = nn.Linear(d_model, n_heads) if local_window else None
+        self.gate = nn.Linear(d_model, inner, bias=False) if out_gate else None
+        self.head_gain = nn.Parameter(torch.ones(head_dim)) if out_gate else None
+        self.out = nn.Linear(inner, d_model, bias=False)
+
+    def init_tails(self, batch: int, device=None, dtype=None) -> dict:
+        """What besides W a stream carries: the conv's last inputs, the window's keys/values."""
+        tails = {}
+        if self.conv is not None:
+            tails["conv"] = self.conv.init_tail(batch, device, dtype)
+        if self.local_window:
+            ref = self.qkv.weight
+            shape = (batch, self.n_heads, 0, self.head_dim)
+            empty = torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)
+            tails["k"], tails["v"] = empty, empty.clone()
+        return tails
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """−Γ_t·dt per head, (B, N, H), in float32 at least."""
+        gate = self.gamma(x)
+        gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
+        if self.decay == "mamba2":
+            return -torch.exp(self.a_log.float()) * F.softplus(gate) * self.dt
+        log_decay = -F.softplus(gate)
+        return log_decay * self.dt if self.dt != 1.0 else log_decay
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 return_state: bool = False, gamma_offset: torch.Tensor | None = None,
-                eta_scale: torch.Tensor | None = None):
+                eta_scale: torch.Tensor | None = None, tails: dict | None = None):
         """x (B, N, D); `state` is W carried in, (B, H, D_h, D_h); with `return_state`,
-        returns (y, W at the end). `gamma_offset` (B, H) ≥ 0 is added to every Γ_t and
-        `eta_scale` (B, H) multiplies η, per head, for this call (the streaming SNR filter)."""
+        returns (y, W at the end), and with `tails` (from `init_tails`) also the next tails.
+        `gamma_offset` (B, H) ≥ 0 is added to every Γ_t and `eta_scale` (B, H) multiplies η,
+        per head, for this call (the streaming SNR filter)."""
         bsz, n, _ = x.shape
-        q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).unbind(2)
+        new_tails = {}
+        p = self.qkv(x)
+        if self.conv is not None:
+            if tails is None:
+                p = self.conv(p)
+            else:
+                p, new_tails["conv"] = self.conv(p, tails["conv"])
+        q, k, v = p.view(bsz, n, 3, self.n_heads, self.head_dim).unbind(2)
+        raw_q, raw_k = q, k
         # unit keys keep ‖W‖ bounded by η/(1 − e^{−Γ dt}); autocast runs the norm in float32,
         # and fla's kernels need q, k, v of one dtype
         k = F.normalize(k, dim=-1).to(q.dtype)
+        if self.qk_norm == "l2":
+            q = F.normalize(q, dim=-1).to(k.dtype)
         if eta_scale is not None:
             # η multiplies every write k vᵀ, so a per-head η is a per-head scale on the keys
             k = k * eta_scale[:, None, :, None].to(k.dtype)
-        gate = self.gamma(x)
-        log_decay = -F.softplus(gate.to(torch.promote_types(gate.dtype, torch.float32)))
+        log_decay = self.log_decay(x)
         if gamma_offset is not None:
-            log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype)
-        if self.dt != 1.0:
-            log_decay = log_decay * self.dt  # (B, N, H)
+            log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype) * self.dt
         if resolve_backend(self.backend, x.device) == "fla":
             y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)
             y = y.to(q.dtype)
@@ -206,7 +272,20 @@ class DissipativeHebbian(nn.Module):
             y, w = hebbian_chunked(*heads_first, log_decay.transpose(1, 2), self.eta, state,
                                    chunk=self.chunk)
             y = y.transpose(1, 2).to(q.dtype)
-        if self.out_norm:
+        if self.local_window:
+            past = None if tails is None else (tails["k"], tails["v"])
+            local, past = rotary_local_attention(
+                *(t.transpose(1, 2) for t in (raw_q, raw_k, v)), self.local_window,
+                self.rope_base, past)
+            if tails is not None:
+                new_tails["k"], new_tails["v"] = past
+            g = torch.sigmoid(self.mix(x))[..., None]  # (B, N, H, 1)
+            y = g * rms_normalize(local.transpose(1, 2)) + (1 - g) * rms_normalize(y)
+        if self.out_norm or self.gate is not None:
             y = rms_normalize(y)
+        if self.gate is not None:
+            y = (y * self.head_gain).reshape(bsz, n, -1) * F.silu(self.gate(x))
         y = self.out(y.reshape(bsz, n, -1))
-        return (y, w) if return_state else y
+        if not return_state:
+            return y
+        return (y, w, new_tails) if tails is not None else (y, w)

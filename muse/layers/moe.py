@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from muse.layers.mlp import MLP
+from muse.layers.mlp import MLP, SwiGLU
 
-FFNS = ("mlp", "moe")
+FFNS = ("mlp", "swiglu", "moe")
 
 
 def check_moe_sizes(
@@ -104,6 +104,8 @@ def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 def make_ffn(kind: str, *, d_model: int, d_ff: int, n_experts: int, top_k: int) -> nn.Module:
     if kind == "mlp":
         return MLP(d_model=d_model, d_ff=d_ff)
+    if kind == "swiglu":
+        return SwiGLU(d_model=d_model, d_ff=d_ff)
     if kind == "moe":
         return MoE(d_model=d_model, d_ff=d_ff, n_experts=n_experts, top_k=top_k)
     raise ValueError(f"ffn must be one of {', '.join(FFNS)}, got {kind!r}")

@@ -15,6 +15,7 @@ frequencies (layers.zeta).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from muse.layers.zeta import zeta_token_table
 from muse.models.common import StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
+
+INITS = ("torch", "gpt2")
 
 
 @dataclass
@@ -54,6 +57,14 @@ class Phase2Config(StrictConfig):
     hebbian_gamma_init: tuple[float, float] = (-9.0, -3.0)
     hebbian_out_norm: bool = True  # each head's read-out divided by its RMS (layers.norm)
     hebbian_backend: str = "auto"  # "auto" = "torch" (chunked + Triton scan), or "fla"
+    # the read-out of gated linear-attention models (layers.hebbian, QUALITY.md items 1–4, 7)
+    hebbian_conv: int = 0  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
+    hebbian_qk_norm: str = "k"  # "k": unit keys; "l2": unit queries and keys
+    hebbian_decay: str = "softplus"  # "softplus" (Γ spread by gamma_init) or "mamba2"
+    hebbian_out_gate: bool = False  # per-head RMSNorm with a gain × SiLU(W_g x)
+    local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
+    bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
+    init: str = "torch"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
     # the token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)
@@ -83,6 +94,12 @@ class Phase2Config(StrictConfig):
             raise ValueError(
                 f"hebbian_backend must be one of {HEBBIAN_BACKENDS}, got {self.hebbian_backend!r}"
             )
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for key in ("hebbian_conv", "local_window"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an integer ≥ 0 (0: off), got {value!r}")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
         self.reject_unused("snr_filter", "snr_threshold", "snr_gamma_scale", "snr_eta_scale")
@@ -105,14 +122,17 @@ class Phase2Block(nn.Module):
     def __init__(self, config: Phase2Config):
         super().__init__()
         d = config.d_model
-        self.ln_bk = nn.LayerNorm(d)
-        self.bk = NonHermitianBKMixer(
-            d_model=d,
-            channels=config.bk_channels,
-            gamma_base=config.gamma_base,
-            backend=config.backend,
-            z_imag_init=config.bk_z_imag_init,
-        )
+        if config.bk_mixer:
+            self.ln_bk = nn.LayerNorm(d)
+            self.bk = NonHermitianBKMixer(
+                d_model=d,
+                channels=config.bk_channels,
+                gamma_base=config.gamma_base,
+                backend=config.backend,
+                z_imag_init=config.bk_z_imag_init,
+            )
+        else:
+            self.ln_bk = self.bk = None
         self.ln_hebb = nn.LayerNorm(d)
         self.hebbian = DissipativeHebbian(
             d_model=d,
@@ -124,6 +144,11 @@ class Phase2Block(nn.Module):
             backend=config.hebbian_backend,
             out_norm=config.hebbian_out_norm,
             gamma_init=tuple(config.hebbian_gamma_init),
+            conv=config.hebbian_conv,
+            qk_norm=config.hebbian_qk_norm,
+            decay=config.hebbian_decay,
+            out_gate=config.hebbian_out_gate,
+            local_window=config.local_window,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(
@@ -150,15 +175,17 @@ class Phase2Block(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         """Zero boundary value and W; with the SNR filter, no adjustment (ΔΓ = 0, η × 1)."""
-        ref = self.ln_bk.weight
+        ref = self.ln_hebb.weight
         device = device or ref.device
         # W accumulates in float32 at least (both Hebbian backends keep it there)
         wide = torch.promote_types(dtype or ref.dtype, torch.float32)
         heads, dh = self.hebbian.n_heads, self.hebbian.head_dim
-        state = {
-            "bk": self.bk.init_carry(batch, device=device, dtype=dtype),
-            "hebbian": torch.zeros(batch, heads, dh, dh, device=device, dtype=wide),
-        }
+        state = {"hebbian": torch.zeros(batch, heads, dh, dh, device=device, dtype=wide)}
+        if self.bk is not None:
+            state["bk"] = self.bk.init_carry(batch, device=device, dtype=dtype)
+        tails = self.hebbian.init_tails(batch, device=device, dtype=dtype)
+        if tails:
+            state["tails"] = tails
         if self.snr is not None:
             state["gamma_offset"] = torch.zeros(batch, heads, device=device, dtype=wide)
             state["eta_scale"] = torch.ones(batch, heads, device=device, dtype=wide)
@@ -169,23 +196,30 @@ class Phase2Block(nn.Module):
         Hebbian W after the last token, resonance-filtered if on, and the SNR filter's
         adjustments for the next segment if on."""
         if state is None:
-            x = x + self.bk(self.ln_bk(x))
+            if self.bk is not None:
+                x = x + self.bk(self.ln_bk(x))
             x = x + self.hebbian(self.ln_hebb(x))
             return x + self.ffn(self.ln_ffn(x))
-        h, bk = self.bk(self.ln_bk(x), state["bk"])
-        x = x + h
-        h, w = self.hebbian(
+        new = {}
+        if self.bk is not None:
+            h, new["bk"] = self.bk(self.ln_bk(x), state["bk"])
+            x = x + h
+        out = self.hebbian(
             self.ln_hebb(x),
             state["hebbian"],
             return_state=True,
             gamma_offset=state.get("gamma_offset"),
             eta_scale=state.get("eta_scale"),
+            tails=state.get("tails"),
         )
-        x = x + h
+        x = x + out[0]
+        w = out[1]
+        if len(out) == 3:
+            new["tails"] = out[2]
         x = x + self.ffn(self.ln_ffn(x))
         if self.resonance is not None:
             w = self.resonance(w)
-        new = {"bk": bk, "hebbian": w}
+        new["hebbian"] = w
         if self.snr is not None:
             new["gamma_offset"], new["eta_scale"] = snr_adjustments(w, *self.snr)
         return x, new
@@ -204,6 +238,19 @@ class Phase2LM(StreamingLM):
                 self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
         self.blocks = nn.ModuleList(Phase2Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
+        if config.init == "gpt2":
+            gpt2_init(self.blocks, config.n_layers)
+
+
+def gpt2_init(blocks: nn.ModuleList, n_layers: int) -> None:
+    """The transformer baseline's init on every Linear weight of the blocks: N(0, 0.02), and
+    0.02/√(2L) on the projections that write into the residual stream (GPT-2), so both sides
+    of the gate start alike. Biases keep their own init (the decay and gate spreads)."""
+    residual = (".out.weight", ".down.weight")
+    for name, module in blocks.named_modules():
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layers) if f"{name}.weight".endswith(residual) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 PRESETS = {

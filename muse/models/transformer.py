@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from muse.layers.head import tied_logits
 from muse.layers.mlp import MLP
+from muse.layers.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
 from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -43,20 +44,6 @@ class TransformerConfig(StrictConfig):
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-
-
-def rotary_tables(n: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, ...]:
-    # RoFormer (Su et al. 2021): rotate channel pairs by position·θ_j, θ_j = base^(−2j/d).
-    # Built per call from the length, so any N works; angles in at least fp32 (fp64 for fp64).
-    ct = torch.promote_types(dtype, torch.float32)
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=ct) / head_dim)
-    angles = torch.outer(torch.arange(n, device=device, dtype=ct), inv_freq)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

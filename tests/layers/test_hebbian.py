@@ -121,3 +121,38 @@ def test_half_precision_weights_without_autocast():
     y16 = m.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
     assert torch.allclose(y16.float(), y32, rtol=5e-2, atol=5e-2)  # bf16: 8 bits of mantissa
+
+
+READOUT = dict(conv=4, qk_norm="l2", decay="mamba2", out_gate=True, local_window=8)
+
+
+def test_full_read_out_is_causal_and_every_parameter_learns():
+    torch.manual_seed(0)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, **READOUT).double()
+    x = torch.randn(2, 40, 16, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    x2 = x.detach().clone()
+    x2[:, 25:] += 1.0
+    assert torch.equal(m(x2)[:, :25], y[:, :25].detach())
+    y[:, -1].sum().backward()
+    assert x.grad[:, 0].abs().sum() > 0  # the fast weights reach past the 8-token window
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_mamba2_decay_starts_spread_from_slow_to_fast():
+    m = DissipativeHebbian(d_model=16, n_heads=4, head_dim=8, decay="mamba2")
+    with torch.no_grad():
+        per_step = torch.exp(m.log_decay(torch.zeros(1, 1, 16)))[0, 0]
+    # A·softplus(b): 1·1e-3 on the first head, 16·0.1 on the last
+    assert torch.allclose(per_step[[0, -1]], torch.exp(-torch.tensor([1e-3, 1.6])), rtol=1e-5)
+    assert (per_step.diff() < 0).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decay="exp"), "decay must be one of"),
+    (dict(qk_norm="q"), "qk_norm must be one of"),
+    (dict(conv=-1), "conv and local_window must be ≥ 0"),
+])
+def test_bad_read_out_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, **kwargs)

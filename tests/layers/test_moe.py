@@ -67,7 +67,7 @@ def test_bad_sizes_are_rejected_naming_the_value_and_the_range(n_experts, top_k,
 
 def test_ffn_config_checks_name_the_config_keys():
     check_ffn_config("moe", 8, 2, 0.01)
-    with pytest.raises(ValueError, match=r"ffn must be one of mlp, moe, got 'moe2'"):
+    with pytest.raises(ValueError, match=r"ffn must be one of mlp, swiglu, moe, got 'moe2'"):
         check_ffn_config("moe2", 8, 2, 0.01)
     with pytest.raises(ValueError, match=r"moe_top_k must be in \[2, moe_experts=8\], got 1"):
         check_ffn_config("moe", 8, 1, 0.01)

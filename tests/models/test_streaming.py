@@ -20,6 +20,10 @@ TOL = 1e-10
 STREAMING = [n for n in models.names() if hasattr(models.family(n).model_cls, "init_state")]
 
 
+READOUT = dict(hebbian_conv=4, hebbian_qk_norm="l2", hebbian_decay="mamba2",
+               hebbian_out_gate=True, local_window=16, ffn="swiglu", init="gpt2")
+
+
 def variants():
     out = []
     for name in STREAMING:
@@ -27,6 +31,9 @@ def variants():
         fields = models.family(name).config_cls.field_names()
         if "ffn" in fields:
             out.append(pytest.param(name, {"ffn": "moe"}, id=f"{name}-moe"))
+        if "local_window" in fields:  # the conv tail and the window's keys are carried too
+            out.append(pytest.param(name, READOUT, id=f"{name}-readout"))
+            out.append(pytest.param(name, {**READOUT, "bk_mixer": False}, id=f"{name}-no-bk"))
     return out
 
 

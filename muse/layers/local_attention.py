@@ -1,0 +1,86 @@
+"""Causal sliding-window softmax attention in O(N·w): token t attends to t−w+1 … t.
+
+Queries go in blocks of w; block c attends to the 2w keys of blocks c−1 and c through one
+banded mask, so one batched SDPA call does all blocks (the memory-efficient kernel on CUDA).
+The local window gives a recurrent model exact short-range copying, the part of language
+modelling a fixed-size state does worst (Based, Samba, Griffin; QUALITY.md item 7).
+Streaming: the keys and values of the last w−1 tokens are carried in, so segments run one after
+another equal one run over them all. Positions are rotary, counted from the first carried
+key, so only position differences enter and nothing absolute needs carrying.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from muse.layers.rotary import apply_rotary, rotary_tables
+
+
+def local_attention_naive(q, k, v, window: int):
+    """The definition, with the N×N scores: q, k, v (B, H, N, D), no positions added."""
+    n = q.shape[-2]
+    i = torch.arange(n, device=q.device)
+    allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1) @ v
+
+
+@functools.lru_cache(maxsize=32)
+def _band(window: int, past: int, device: torch.device) -> torch.Tensor:
+    """(2, w, 2w) masks: [0] for the first block (keys before the carried ones are padding),
+    [1] for every other block. Key s of block c sits at c·w + s and query r at w + c·w + r
+    (coordinates with w slots in front): allowed when r < s ≤ w + r."""
+    r = torch.arange(window, device=device)[:, None]
+    s = torch.arange(2 * window, device=device)[None, :]
+    band = (s > r) & (s <= window + r)
+    first = band & (s >= window - past)
+    return torch.stack((first, band))
+
+
+def local_attention(q, k, v, window: int, past_k=None, past_v=None):
+    """q, k, v (B, H, N, D) → (B, H, N, D); past_k, past_v (B, H, P, D) with P ≤ w − 1: the
+    tokens just before this segment (None: none). No positions are added here."""
+    if window < 1:
+        raise ValueError(f"window must be ≥ 1, got {window}")
+    bsz, heads, n, d = q.shape
+    past = 0 if past_k is None else past_k.shape[2]
+    if past >= window:
+        raise ValueError(f"at most window − 1 = {window - 1} past tokens, got {past}")
+    if past:
+        k, v = torch.cat((past_k.to(k.dtype), k), dim=2), torch.cat((past_v.to(v.dtype), v), dim=2)
+    m = -(-n // window)
+    # w slots in front (the carried keys at their end, zeros before), padding behind to M·w + w
+    front, back = window - past, m * window - n
+    kp = F.pad(k, (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
+    vp = F.pad(v, (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
+    qp = F.pad(q, (0, 0, 0, back)).view(bsz, heads, m, window, d)
+    band = _band(window, past, q.device)
+    mask = torch.cat((band[:1], band[1:].expand(m - 1, -1, -1)))  # (M, w, 2w)
+    flat = (bsz * heads, m)
+    y = F.scaled_dot_product_attention(
+        qp.reshape(*flat, window, d), kp.reshape(*flat, 2 * window, d),
+        vp.reshape(*flat, 2 * window, d), attn_mask=mask,
+    )
+    return y.view(bsz, heads, m * window, d)[:, :, :n]
+
+
+def rotary_local_attention(q, k, v, window: int, base: float, past=None):
+    """Rotary positions on q and k, then `local_attention`. `past` is (keys, values) of the
+    carried tokens before rotation (or None); returns (y, the next past, w − 1 tokens at most)."""
+    past_k, past_v = past if past is not None else (None, None)
+    p = 0 if past_k is None else past_k.shape[2]
+    if p:
+        k_all, v_all = torch.cat((past_k.to(k.dtype), k), 2), torch.cat((past_v.to(v.dtype), v), 2)
+    else:
+        k_all, v_all = k, v
+    cos, sin = rotary_tables(k_all.shape[2], q.shape[-1], base, q.device, q.dtype)
+    qr, kr = apply_rotary(q, cos[p:], sin[p:]), apply_rotary(k_all, cos, sin)
+    y = local_attention(qr, kr[:, :, p:], v, window, kr[:, :, :p] if p else None,
+                        v_all[:, :, :p] if p else None)
+    keep = min(window - 1, k_all.shape[2])
+    start = k_all.shape[2] - keep
+    return y, (k_all[:, :, start:], v_all[:, :, start:])

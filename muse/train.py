@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from muse import models
-from muse.data import check_vocab, get_tokenizer, load_corpus
+from muse.data import check_vocab, encoded_split, get_tokenizer, load_corpus
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, lm_loss, synchronize, torch_dtype
@@ -291,8 +291,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
 
     corpus = load_corpus(cfg.corpus)
     tokenizer = get_tokenizer(cfg.tokenizer, corpus)
-    train_ids = torch.tensor(tokenizer.encode(corpus.splits["train"]), dtype=torch.long)
-    valid_ids = torch.tensor(tokenizer.encode(corpus.splits["valid"]), dtype=torch.long)
+    train_ids = encoded_split(tokenizer, corpus, "train")
+    valid_ids = encoded_split(tokenizer, corpus, "valid")
     valid_ids = valid_ids[: cfg.eval_tokens]
     if train_ids.numel() < cfg.seq_len:
         raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than "

@@ -232,3 +232,19 @@ def test_check_vocab():
     check_vocab(256, tok)
     with pytest.raises(ValueError, match="512.*'bytes'.*256"):
         check_vocab(512, tok)
+
+
+def test_encoded_split_is_cached_and_equals_encode(tmp_path):
+    import torch
+
+    from muse.data import Corpus, bytes_tokenizer, encoded_split
+
+    corpus = Corpus("c", {"train": "héllo wörld " * 50, "valid": "ab", "test": "cd"})
+    tok = bytes_tokenizer()
+    first = encoded_split(tok, corpus, "train", cache_dir=tmp_path)
+    assert first.tolist() == tok.encode(corpus.splits["train"])
+    assert len(list(tmp_path.glob("ids-*-train.npy"))) == 1
+    again = encoded_split(tok, corpus, "train", cache_dir=tmp_path)
+    assert again.dtype == torch.long and torch.equal(again, first)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        encoded_split(tok, corpus, "dev", cache_dir=tmp_path)

@@ -3,8 +3,8 @@
 # tests of the layers, then the screening trainings given as arguments (scripts/quality_ablation.py
 # arguments). Output under $OUT. Carry: .data/carry.tgz (and .whl for fla).
 set -uo pipefail
-mkdir -p .data/en-prose ~/.cache/muse/tokenizers
-tar xzf .data/carry.tgz -C .data/unpacked 2>/dev/null || { mkdir -p .data/unpacked && tar xzf .data/carry.tgz -C .data/unpacked; }
+mkdir -p .data/unpacked ~/.cache/muse/tokenizers
+tar xzf .data/carry.tgz -C .data/unpacked
 cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
 export MUSE_GIT_SHA=${MUSE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"

@@ -20,16 +20,23 @@ def info(args: argparse.Namespace) -> int:
     import torch
 
     from muse import models
+    from muse.models.fla_peers import FlaUnavailable
     from muse.results import environment_facts
 
     rows = []
     for name in models.names():
         fam = models.family(name)
         for preset in fam.presets:
-            with torch.device("meta"):
-                params = models.build(name, preset).num_params()
+            # an optional backend that is not installed: the row says what to install
+            params, missing = None, None
+            try:
+                with torch.device("meta"):
+                    params = models.build(name, preset).num_params()
+            except FlaUnavailable as exc:
+                missing = str(exc)
             rows.append({"model": name, "preset": preset, "default": preset == fam.default_preset,
-                         "params": params, "baseline": ":".join(models.baseline_for(name, preset))})
+                         "params": params, "baseline": ":".join(models.baseline_for(name, preset)),
+                         **({"not_built": missing} if missing else {})})
     if args.json:
         print(json.dumps({"models": rows, "environment": environment_facts()}, indent=2))
         return 0
@@ -37,7 +44,11 @@ def info(args: argparse.Namespace) -> int:
     for r in rows:
         spec = f"{r['model']}:{r['preset']}"
         mark = " (default)" if r["default"] else ""
-        print(f"{spec:<{width}}  {r['params']:>13,} params  baseline {r['baseline']}{mark}")
+        params = f"{'?':>13}" if r["params"] is None else f"{r['params']:>13,}"
+        note = "  [not built, see below]" if "not_built" in r else ""
+        print(f"{spec:<{width}}  {params} params  baseline {r['baseline']}{mark}{note}")
+    for reason in dict.fromkeys(r["not_built"] for r in rows if "not_built" in r):
+        print(f"not built: {reason}")
     return 0
 
 

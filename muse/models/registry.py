@@ -20,6 +20,8 @@ class Family:
     default_preset: str
     # (preset, vocabulary size) → the `transformer` preset matched in parameter count
     baseline: Callable[[str, int], str]
+    # why the family cannot run on the CPU (e.g. CUDA-only kernels); "" when it can
+    cuda_only: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}

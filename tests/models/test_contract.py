@@ -32,7 +32,13 @@ def ids_for(seq: int, seed: int = 1) -> torch.Tensor:
     return random_ids(VOCAB, BATCH, seq, "cpu", seed=seed)
 
 
-@pytest.fixture(params=NAMES, ids=NAMES)
+def _runs_on_cpu(name: str):
+    reason = models.family(name).cuda_only
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(
+        bool(reason), reason=f"CUDA only, not run by these CPU tests: {reason}"))
+
+
+@pytest.fixture(params=[_runs_on_cpu(n) for n in NAMES])
 def name(request):
     return request.param
 
@@ -94,7 +100,8 @@ def test_forward_and_backward_are_finite_and_reach_every_parameter(name):
     assert not nonfinite, f"parameters with a non-finite gradient: {nonfinite}"
 
 
-BASELINES = {"transformer", "transformer-eager"}  # need not stream
+# the baselines and the fla peers need not stream
+BASELINES = {"transformer", "transformer-eager", *(n for n in NAMES if n.startswith("fla-"))}
 
 
 def test_every_muse_family_streams():

@@ -2,10 +2,11 @@
 `fla-deltanet` and `fla-gated-deltanet`, the anchors a new O(N) model is compared with.
 
 Each is fla's own token mixer (MultiScaleRetention, GatedLinearAttention, DeltaNet,
-GatedDeltaNet) at fla's default widths, in the transformer baseline's shell: token embedding,
-pre-LN blocks x + mixer(LN x), x + MLP(LN x), final LN, tied head, GPT-2 init. The GELU MLP's
-width takes what the mixer leaves of the matched transformer block's parameters, so each
-preset is within a few percent of the transformer preset of the same name at any vocabulary.
+GatedDeltaNet) at fla's default widths and the transformer's heads, in the transformer
+baseline's shell: token embedding, pre-LN blocks x + mixer(LN x), x + MLP(LN x), final LN,
+tied head, GPT-2 init. The GELU MLP's width takes what the mixer leaves of the matched
+transformer block's parameters, so each preset is within a few percent of the transformer
+preset of the same name at any vocabulary.
 
 fla is optional (`pip install -e ".[fla]"`) and its kernels are Triton, CUDA only: registering
 the families imports nothing from fla; building a model does, and running one needs CUDA.
@@ -32,9 +33,11 @@ from muse.models.transformer import PRESETS as TRANSFORMER_PRESETS
 INSTALL = 'pip install -e ".[fla]"'
 
 # kind → (fla layer, fla's default key and value widths as multiples of d_model, MLP width as a
-# multiple of d_model). A mixer of widths (k, v) holds about (2k + 3v)·D² weights (q, k; v,
-# output gate, output), (2k + 2v)·D² without the gate (DeltaNet); attention holds 4·D², so a
-# mixer of 8·D² leaves the MLP 4·D² (d_ff = 2·D) of the transformer block's 12·D².
+# multiple of d_model). Gated DeltaNet's keys are 1·D here, 64 wide a head as the transformer's
+# (fla's 2048-wide default: 6 heads of 256, 0.75·D). A mixer of widths (k, v) holds about
+# (2k + 3v)·D² weights (q, k; v, output gate, output), (2k + 2v)·D² without the gate
+# (DeltaNet); attention holds 4·D², so a mixer of 8·D² leaves the MLP 4·D² (d_ff = 2·D) of the
+# transformer block's 12·D².
 KINDS = {
     "retnet": ("MultiScaleRetention", 1.0, 2.0, 2),
     "gla": ("GatedLinearAttention", 0.5, 1.0, 4),

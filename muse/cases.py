@@ -41,6 +41,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type for a share of a whole: a number in (0, 1)."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
+    return value
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +72,21 @@ class Thresholds:
     max_ppl_degradation: float = 0.05
     min_r2: float = 0.95
     max_loglog_slope: float = 1.15
+    min_loglog_slope: float = 0.5  # scaling: below it at N_max a fixed cost hides the growth
+    max_quadratic_share: float = 0.1  # scaling: the N² term's share of t(N_max)
+    scaling_z: float = 2.0  # scaling: standard errors a fact must clear its threshold by
     min_speedup: float | None = None  # tokens/s over the matched transformer; None: recorded only
+
+    def linear_gate(self):
+        from muse.measure.scaling import LinearGate
+
+        return LinearGate(
+            self.min_r2,
+            self.max_loglog_slope,
+            self.min_loglog_slope,
+            self.max_quadratic_share,
+            self.scaling_z,
+        )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from muse.cases import DEFAULT_SEQS, Settings, Thresholds, positive_float, positive_int
+from muse.cases import DEFAULT_SEQS, Settings, Thresholds, fraction, positive_float, positive_int
 
 if TYPE_CHECKING:
     from muse.quality import GateRuns, QualitySettings
@@ -84,6 +84,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--max-ppl-degradation", type=positive_float, default=t.max_ppl_degradation)
     group.addoption("--min-r2", type=positive_float, default=t.min_r2)
     group.addoption("--max-loglog-slope", type=positive_float, default=t.max_loglog_slope)
+    group.addoption(
+        "--min-loglog-slope",
+        type=positive_float,
+        default=t.min_loglog_slope,
+        help="scaling: below this log-log slope at the longest seq a fixed cost hides the "
+        f"growth and the verdict is INCONCLUSIVE (default {t.min_loglog_slope})",
+    )
+    group.addoption(
+        "--max-quadratic-share",
+        type=fraction,
+        default=t.max_quadratic_share,
+        help="scaling: the most of t(N_max) the N² term of a + bN + cN² may take "
+        f"(default {t.max_quadratic_share})",
+    )
+    group.addoption(
+        "--scaling-z",
+        type=positive_float,
+        default=t.scaling_z,
+        help="scaling: standard errors of timing noise a fact must clear its threshold by "
+        f"(default {t.scaling_z})",
+    )
     group.addoption(
         "--min-speedup",
         type=positive_float,
@@ -206,8 +227,16 @@ def settings_from_options(config: pytest.Config) -> Settings:
         max_ppl_degradation=opt("max_ppl_degradation"),
         min_r2=opt("min_r2"),
         max_loglog_slope=opt("max_loglog_slope"),
+        min_loglog_slope=opt("min_loglog_slope"),
+        max_quadratic_share=opt("max_quadratic_share"),
+        scaling_z=opt("scaling_z"),
         min_speedup=opt("min_speedup"),
     )
+    if thresholds.min_loglog_slope >= thresholds.max_loglog_slope:
+        raise ValueError(
+            f"--min-loglog-slope {thresholds.min_loglog_slope} must be below "
+            f"--max-loglog-slope {thresholds.max_loglog_slope}"
+        )
     chosen = parse_models(opt("model"))
     device = resolve_device(opt("device"))
     return Settings(

@@ -6,6 +6,7 @@ by perf_counter. Warm-up keeps compilation, autotuning and allocator growth out 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,16 @@ class TimingStats:
     min_s: float
     rounds: int
     times_s: tuple[float, ...]
+
+    @property
+    def error_s(self) -> float:
+        return median_error(self.iqr_s, self.rounds)
+
+
+def median_error(iqr_s: float, rounds: int) -> float:
+    """Standard error of the median of `rounds` times with this IQR: for normal scatter
+    σ = IQR / 1.349, and the median's error is √(π/2) σ / √rounds."""
+    return math.sqrt(math.pi / 2) * iqr_s / 1.349 / math.sqrt(rounds)
 
 
 def summarize(times_s: list[float]) -> TimingStats:

@@ -78,6 +78,15 @@ def collected_ids(result) -> list[str]:
         (["--vram-limit-gb", "0"], "argument --vram-limit-gb: '0' is not a positive finite number"),
         (["--min-grad", "-1"], "argument --min-grad: '-1' is not a positive finite number"),
         (["--min-r2", "inf"], "argument --min-r2: 'inf' is not a positive finite number"),
+        (
+            ["--max-quadratic-share", "1"],
+            "argument --max-quadratic-share: '1' is not a fraction in (0, 1)",
+        ),
+        (["--scaling-z", "0"], "argument --scaling-z: '0' is not a positive finite number"),
+        (
+            ["--min-loglog-slope", "1.2"],
+            "--min-loglog-slope 1.2 must be below --max-loglog-slope 1.15",
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -523,3 +532,51 @@ def test_stability_and_gradient_flow_criteria_pass_on_cpu(pytester):
         rec = gated[metric]
         assert (rec["status"], rec["seq"], rec["threshold"]) == ("PASS", 64, 1e-5)
         assert rec["value"] >= 1e-5
+
+
+CONTROL_OOM = """
+import torch
+
+from muse.cases import Case
+
+build = Case.build
+
+
+def build_eager_that_runs_out_of_memory(self, *args, **kwargs):
+    model = build(self, *args, **kwargs)
+    if self.model == "transformer-eager":
+        forward = model.forward
+
+        def oom_from_128(ids, *a, **k):
+            if ids.shape[1] >= 128:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+            return forward(ids, *a, **k)
+
+        model.forward = oom_from_128
+    return model
+
+
+Case.build = build_eager_that_runs_out_of_memory
+"""
+
+
+@pytest.mark.slow
+def test_a_control_out_of_memory_does_not_fail_the_model_under_test(pytester):
+    shutil.copy(REPO / "bench" / "test_scaling.py", pytester.path / "test_scaling.py")
+    pytester.makeconftest(CONTROL_OOM)
+    result = pytester.runpytest_subprocess(
+        *NO_CACHE, "--results", str(results_dir(pytester)),
+        "--device", "cpu", "--dtype", "fp32", *TINY, "--seq", "32", "64", "128", "-rA",
+    )  # fmt: skip
+    assert "out of memory at transformer:tiny" not in result.stdout.str()
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    records = latest(pytester)["records"]
+    assert not [r for r in records if r["status"] in ("OOM", "ERROR")]
+    verdicts = [r for r in records if r["metric"].endswith("_loglog_slope_top")]
+    assert {r["extra"]["phase"] for r in verdicts} == {"forward", "train_step"}
+    for r in verdicts:
+        eager = r["extra"]["controls"]["transformer-eager:tiny"]
+        assert eager["verdict"] == "FAIL"
+        assert eager["reasons"][0].startswith("out of memory at seq 128: CUDA out of memory")
+        sdpa = r["extra"]["controls"]["transformer:tiny"]  # the model itself, matched to itself
+        assert sdpa["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")

@@ -1,6 +1,7 @@
 """Gradient flow at the longest seq with the loss on the last token only: the first layer's
-parameter gradient and the long-range gradient ‖∂L_last/∂h₀[t]‖ over the earliest positions
-are ≥ --min-grad, and nothing is NaN/Inf. The whole profile is recorded."""
+parameter gradient and the long-range gradient ‖∂ℓ_b/∂h₀[b, t]‖ (per sequence, at any --batch)
+over the earliest positions are ≥ --min-grad, and nothing is NaN/Inf. The whole profile is
+recorded."""
 
 import pytest
 

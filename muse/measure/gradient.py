@@ -2,8 +2,10 @@
 
 A first-layer *parameter* gradient is non-zero even for a model that ignores its context (the
 last token's own path runs through layer 0), so the real long-range signal is measured at the
-input: ‖∂L_last/∂h₀[t]‖ for every position t, h₀ being the output of `model.embed`, averaged
-over the batch and summarised per position bucket. Models expose `embed` and `blocks`.
+input: ‖∂ℓ_b/∂h₀[b, t]‖ for every position t, h₀ being the output of `model.embed` and ℓ_b the
+last-token loss of sequence b alone, averaged over the batch and summarised per position
+bucket, so a metric means the same at every batch size. Every sequence's last token has the
+same random target. Models expose `embed` and `blocks`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class GradientFlow:
 
     @property
     def long_range_grad_norm(self) -> float:
-        """Mean ‖∂L_last/∂h₀[t]‖ over the first position bucket: the farthest context."""
+        """Mean ‖∂ℓ_b/∂h₀[b, t]‖ over the first position bucket (the farthest context) and the
+        batch: one sequence's last-token loss, whatever the batch size."""
         return self.buckets[0].mean_grad_norm
 
 
@@ -124,9 +127,9 @@ def gradient_flow(
     seed: int = 0,
 ) -> GradientFlow:
     gen = torch.Generator().manual_seed(seed)
-    target = torch.randint(0, model.config.vocab_size, (ids.shape[0],), generator=gen).to(
-        ids.device
-    )
+    batch = ids.shape[0]
+    target = torch.randint(0, model.config.vocab_size, (1,), generator=gen).to(ids.device)
+    target = target.expand(batch)
 
     def last_token_loss(logits: torch.Tensor, _ids: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[:, -1].float(), target)
@@ -141,5 +144,6 @@ def gradient_flow(
         layer_grad_norms=layers,
         first_layer_grad_norm=layers[0],
         embedding_grad_norm=_norm([p.grad for p in model.embed.parameters()]),
-        buckets=position_buckets(probe.h0_grad.norm(dim=-1).mean(dim=0), n_buckets),
+        # The loss is the batch mean, and h₀[b] reaches only ℓ_b: ∂ℓ_b/∂h₀[b] = B·∂L/∂h₀[b].
+        buckets=position_buckets((probe.h0_grad * batch).norm(dim=-1).mean(dim=0), n_buckets),
     )

@@ -125,8 +125,30 @@ def test_gradient_flow_sees_no_long_range_signal_in_a_context_free_model():
     assert flow.buckets[-1].max_grad_norm > 0
 
 
+@pytest.mark.parametrize(
+    "model_fn", [tiny_transformer, PerTokenLM], ids=["transformer", "per-token"]
+)
+def test_gradient_flow_is_per_sequence(model_fn):
+    # The same sequence repeated B times must read the same: a batch-mean loss gives each
+    # sequence 1/B of the gradient, which made the long-range metric shrink as 1/B.
+    torch.manual_seed(0)
+    model = model_fn()
+    seq = random_ids(VOCAB, 1, 64, "cpu", seed=1)
+    flows = [gradient_flow(copy.deepcopy(model), seq.expand(b, -1).contiguous()) for b in (1, 2, 4)]
+    one = flows[0]
+    assert one.finite and one.first_layer_grad_norm > 0
+    for flow in flows[1:]:  # float32; only the order of batched sums may differ
+        assert flow.loss == pytest.approx(one.loss, rel=1e-5)
+        assert flow.long_range_grad_norm == pytest.approx(one.long_range_grad_norm, rel=1e-5)
+        for b, b1 in zip(flow.buckets, one.buckets, strict=True):
+            assert b.mean_grad_norm == pytest.approx(b1.mean_grad_norm, rel=1e-5, abs=1e-12)
+            assert b.max_grad_norm == pytest.approx(b1.max_grad_norm, rel=1e-5, abs=1e-12)
+        assert flow.layer_grad_norms == pytest.approx(one.layer_grad_norms, rel=1e-5)
+
+
 def direct_h0_grad_norms(model: nn.Module, ids: torch.Tensor, target: torch.Tensor):
-    """‖∂L_last/∂h₀[t]‖ averaged over the batch, with h₀ made a leaf by swapping embed's output."""
+    """Per-sequence ‖∂ℓ_b/∂h₀[b, t]‖ (ℓ_b: sequence b's last-token loss), averaged over the
+    batch, with h₀ made a leaf by swapping embed's output."""
     leaf = {}
 
     def swap(_module, _inputs, output):
@@ -135,7 +157,7 @@ def direct_h0_grad_norms(model: nn.Module, ids: torch.Tensor, target: torch.Tens
 
     handle = model.embed.register_forward_hook(swap)
     try:
-        loss = F.cross_entropy(model(ids)[:, -1], target)
+        loss = F.cross_entropy(model(ids)[:, -1], target, reduction="sum")
     finally:
         handle.remove()
     (grad,) = torch.autograd.grad(loss, leaf["h0"])
@@ -152,8 +174,8 @@ def test_gradient_flow_matches_direct_autograd_for_the_transformer():
     assert flow.finite and flow.loss_scale == 1.0
     assert flow.long_range_grad_norm > 0
 
-    # The same target gradient_flow draws from its seed.
-    target = torch.randint(0, VOCAB, (2,), generator=torch.Generator().manual_seed(0))
+    # The same target gradient_flow draws from its seed, one token for every sequence.
+    target = torch.randint(0, VOCAB, (1,), generator=torch.Generator().manual_seed(0)).expand(2)
     per_position32 = direct_h0_grad_norms(model, ids, target)
     per_position64 = direct_h0_grad_norms(reference64, ids, target)
     assert len(flow.buckets) == 8 and flow.buckets[0].stop == 8

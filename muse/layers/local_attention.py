@@ -15,6 +15,7 @@ import functools
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.layers.rotary import apply_rotary, rotary_tables
@@ -84,3 +85,32 @@ def rotary_local_attention(q, k, v, window: int, base: float, past=None):
     keep = min(window - 1, k_all.shape[2])
     start = k_all.shape[2] - keep
     return y, (k_all[:, :, start:], v_all[:, :, start:])
+
+
+class SlidingWindowAttention(nn.Module):
+    """(B, N, D) → (B, N, D): its own q, k, v and output projections, rotary positions,
+    `rotary_local_attention` per head. Streams with the window's keys and values."""
+
+    def __init__(self, *, d_model: int, n_heads: int, head_dim: int, window: int,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        if window < 1 or head_dim % 2:
+            raise ValueError(f"need window ≥ 1 and an even head_dim, got {window}, {head_dim}")
+        self.n_heads, self.head_dim, self.window, self.rope_base = (
+            n_heads, head_dim, window, rope_base)
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        ref = self.qkv.weight
+        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device or ref.device,
+                            dtype=dtype or ref.dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        bsz, n, _ = x.shape
+        q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        past = None if state is None else (state["k"], state["v"])
+        y, past = rotary_local_attention(q, k, v, self.window, self.rope_base, past)
+        y = self.out(y.transpose(1, 2).reshape(bsz, n, -1))
+        return y if state is None else (y, {"k": past[0], "v": past[1]})

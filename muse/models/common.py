@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,19 @@ from torch.utils.checkpoint import checkpoint
 
 from muse.layers.head import tied_logits
 from muse.layers.moe import moe_aux_loss, moe_diagnostics
+
+INITS = ("torch", "gpt2")  # a family's `init`: nn.Linear's own, or `gpt2_init`
+
+
+def gpt2_init(blocks: nn.ModuleList, n_layers: int) -> None:
+    """The transformer baseline's init on every Linear weight of the blocks: N(0, 0.02), and
+    0.02/√(2L) on the projections that write into the residual stream (GPT-2), so both sides
+    of the gate start alike. Biases keep their own init (the decay and gate spreads)."""
+    residual = (".out.weight", ".proj_out.weight", ".down.weight")
+    for name, module in blocks.named_modules():
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layers) if f"{name}.weight".endswith(residual) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 def check_input_ids(input_ids: torch.Tensor) -> None:

@@ -21,13 +21,15 @@ import torch.nn as nn
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
 from muse.layers.htt import HTTEmbedding
+from muse.layers.local_attention import SlidingWindowAttention
 from muse.layers.moe import check_ffn_config, make_ffn
 from muse.layers.zeta import zeta_token_table
-from muse.models.common import StreamingLM
+from muse.models.common import INITS, StreamingLM, gpt2_init
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
 EMBEDDINGS = ("htt", "dense")
+HEADS = ("tied", "dense")
 
 
 @dataclass
@@ -52,6 +54,15 @@ class Phase1Config(StrictConfig):
     ar_ssm_out_norm: bool = True  # s ⊙ w divided by its RMS over the rank (layers.norm)
     # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
     bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)  # a float: one value for all
+    # the output head: "tied" to the embedding (HTT's table when embedding="htt") or "dense", an
+    # untied V × D table of its own (V·D more parameters)
+    head: str = "tied"
+    # w > 0: a sliding-window softmax attention sublayer (layers.local_attention) after the
+    # AR-SSM in every block, local_heads × local_head_dim wide; exact recall inside w tokens
+    local_window: int = 0
+    local_heads: int = 4
+    local_head_dim: int = 64
+    init: str = "torch"  # "torch" (nn.Linear's own) or "gpt2" (models.common.gpt2_init)
     dropout: float = 0.0
     checkpointing: bool = False  # recompute each block in backward to save activation memory
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
@@ -63,6 +74,14 @@ class Phase1Config(StrictConfig):
         )
         if not isinstance(self.ar_ssm_rank, int) or self.ar_ssm_rank < 0:
             raise ValueError(f"ar_ssm_rank must be an integer ≥ 0, got {self.ar_ssm_rank!r}")
+        self.require_positive_ints("local_heads", "local_head_dim")
+        if not isinstance(self.local_window, int) or self.local_window < 0:
+            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
+                             f"{self.local_window!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.zeta_init and self.embedding != "dense":
@@ -93,6 +112,14 @@ class Phase1Block(nn.Module):
             if rank
             else None
         )
+        window = config.local_window
+        self.ln_local = nn.LayerNorm(d) if window else None
+        self.local = (
+            SlidingWindowAttention(d_model=d, n_heads=config.local_heads,
+                                   head_dim=config.local_head_dim, window=window)
+            if window
+            else None
+        )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(
             config.ffn,
@@ -107,6 +134,8 @@ class Phase1Block(nn.Module):
         state = {"bk": self.mixer.init_carry(batch, **where)}
         if self.ssm is not None:
             state["ssm"] = self.ssm.init_state(batch, **where)
+        if self.local is not None:
+            state["local"] = self.local.init_state(batch, **where)
         return state
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
@@ -115,12 +144,17 @@ class Phase1Block(nn.Module):
             x = x + self.drop(self.mixer(self.ln_mix(x)))
             if self.ssm is not None:
                 x = x + self.drop(self.ssm(self.ln_ssm(x)))
+            if self.local is not None:
+                x = x + self.drop(self.local(self.ln_local(x)))
             return x + self.drop(self.ffn(self.ln_ffn(x)))
         h, bk = self.mixer(self.ln_mix(x), state["bk"])
         x = x + self.drop(h)
         new = {"bk": bk}
         if self.ssm is not None:
             h, new["ssm"] = self.ssm(self.ln_ssm(x), state["ssm"])
+            x = x + self.drop(h)
+        if self.local is not None:
+            h, new["local"] = self.local(self.ln_local(x), state["local"])
             x = x + self.drop(h)
         return x + self.drop(self.ffn(self.ln_ffn(x))), new
 
@@ -144,12 +178,18 @@ class Phase1LM(StreamingLM):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Phase1Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
+        if config.head == "dense":
+            self.head = nn.Parameter(torch.randn(config.vocab_size, config.d_model) * 0.02)
+        if config.init == "gpt2":
+            gpt2_init(self.blocks, config.n_layers)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.drop(self.embed(input_ids))
 
     def output_table(self) -> torch.Tensor:
-        """The tied head: logits = h · Eᵀ with E the (materialised) embedding table."""
+        """logits = h · Eᵀ: E the untied head's table, or the (materialised) embedding table."""
+        if self.config.head == "dense":
+            return self.head
         if isinstance(self.embed, nn.Embedding):
             return self.embed.weight
         return self.embed.full_table()

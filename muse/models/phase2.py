@@ -15,7 +15,6 @@ frequencies (layers.zeta).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +26,9 @@ from muse.layers.hebbian import DissipativeHebbian
 from muse.layers.moe import check_ffn_config, make_ffn
 from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
 from muse.layers.zeta import zeta_token_table
-from muse.models.common import StreamingLM
+from muse.models.common import INITS, StreamingLM, gpt2_init
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
-
-INITS = ("torch", "gpt2")
 
 
 @dataclass
@@ -241,16 +238,6 @@ class Phase2LM(StreamingLM):
         if config.init == "gpt2":
             gpt2_init(self.blocks, config.n_layers)
 
-
-def gpt2_init(blocks: nn.ModuleList, n_layers: int) -> None:
-    """The transformer baseline's init on every Linear weight of the blocks: N(0, 0.02), and
-    0.02/√(2L) on the projections that write into the residual stream (GPT-2), so both sides
-    of the gate start alike. Biases keep their own init (the decay and gate spreads)."""
-    residual = (".out.weight", ".down.weight")
-    for name, module in blocks.named_modules():
-        if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * n_layers) if f"{name}.weight".endswith(residual) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 PRESETS = {

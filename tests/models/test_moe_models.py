@@ -82,7 +82,7 @@ def test_checkpointed_blocks_give_the_same_aux_gradient(name):
 @pytest.mark.parametrize(
     "override,match",
     [
-        (dict(ffn="gelu"), r"ffn must be one of mlp, moe, got 'gelu'"),
+        (dict(ffn="gelu"), r"ffn must be one of mlp, swiglu, moe, got 'gelu'"),
         (dict(moe_top_k=1), r"moe_top_k must be in \[2, moe_experts=8\], got 1"),
         (dict(moe_experts=4, moe_top_k=5), r"moe_top_k must be in \[2, moe_experts=4\], got 5"),
         (dict(moe_experts=1), r"moe_experts must be ≥ 2 for a mixture, got 1"),

@@ -62,3 +62,22 @@ def test_checkpointing_gives_the_same_gradients():
         m(ids).logsumexp(-1).sum().backward()
     for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_dense_head_is_untied_and_costs_v_times_d():
+    tied = models.build("phase1:tiny", vocab_size=300)
+    dense = models.build("phase1:tiny", vocab_size=300, head="dense")
+    assert dense.num_params() - tied.num_params() == 300 * 64
+    assert dense.output_table() is dense.head
+    with pytest.raises(ValueError, match="head must be one of"):
+        models.build("phase1:tiny", head="htt")
+
+
+def test_local_window_adds_an_attention_sublayer_per_block():
+    m = models.build("phase1:tiny", vocab_size=300, local_window=8, local_heads=2,
+                     local_head_dim=16)
+    base = models.build("phase1:tiny", vocab_size=300)
+    # q, k, v and out projections (4 · 64 · 32) and a LayerNorm (2 · 64) in each of 2 blocks
+    assert m.num_params() - base.num_params() == 2 * (4 * 64 * 32 + 2 * 64)
+    with pytest.raises(ValueError, match="local_window must be an integer ≥ 0"):
+        models.build("phase1:tiny", local_window=-1)

@@ -31,9 +31,13 @@ def variants():
         fields = models.family(name).config_cls.field_names()
         if "ffn" in fields:
             out.append(pytest.param(name, {"ffn": "moe"}, id=f"{name}-moe"))
-        if "local_window" in fields:  # the conv tail and the window's keys are carried too
+        if "hebbian_conv" in fields:  # the conv tail and the window's keys are carried too
             out.append(pytest.param(name, READOUT, id=f"{name}-readout"))
             out.append(pytest.param(name, {**READOUT, "bk_mixer": False}, id=f"{name}-no-bk"))
+        elif "local_window" in fields:
+            extra = dict(local_window=16, local_heads=2, local_head_dim=8, head="dense",
+                         init="gpt2")
+            out.append(pytest.param(name, extra, id=f"{name}-local"))
     return out
 
 

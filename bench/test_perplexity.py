@@ -1,9 +1,11 @@
 """Equal-budget perplexity: each --model against the `transformer` of matched size, both trained
 here with one recipe (--corpus, --tokenizer, --train-tokens, --train-seq, --train-batch,
---train-lr, --dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then scored on the test
-split with sliding windows (--ppl-context, --ppl-stride). Passes when the mean over seeds of
-PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself: an untrained
-copy of the model must fail that gate against the trained baseline (muse.quality)."""
+--train-lr or --lr-sweep, --dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then
+scored on the test split with sliding windows (--ppl-context, --ppl-stride). Passes when the mean
+over seeds of PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself:
+an untrained copy of the model must fail that gate against the trained baseline (muse.quality).
+Recorded beside the gate: PPL and degradation on recall tokens and on the rest, the chosen
+learning rates and each side's training budget."""
 
 import pytest
 
@@ -20,9 +22,9 @@ def test_perplexity_within_budget_of_matched_transformer(
     common = {**quality_runs.facts(), "baseline": cmp.baseline}
     seq = muse_settings.quality.eval_context
 
-    def put(metric, value, **kw):
+    def put(metric, value, unit="1", **kw):
         kw["extra"] = {**common, **kw.get("extra", {})}
-        return record(model_case, metric, value, "1", seq=seq, **kw)
+        return record(model_case, metric, value, unit, seq=seq, **kw)
 
     model, base = cmp.side("model"), cmp.side("baseline")
     put("ppl", model["ppl"], extra={**model, "summary": True})
@@ -31,6 +33,19 @@ def test_perplexity_within_budget_of_matched_transformer(
                extra={**cmp.gate_facts(), "summary": True})
     put("bits_per_byte", model["bits_per_byte"])
     put("baseline_bits_per_byte", base["bits_per_byte"])
+    for part in ("recall", "other"):
+        put(f"ppl_{part}", model[f"ppl_{part}"])
+        put(f"baseline_ppl_{part}", base[f"ppl_{part}"])
+        put(f"ppl_degradation_{part}", cmp.part_degradation(part), extra={
+            "summary": True, "per_seed": dict(zip(map(str, cmp.seeds),
+                                                  cmp.part_degradations(part), strict=True))})
+    # the same for both sides: it depends only on the test text and the windows
+    put("recall_fraction", model["recall_fraction"])
+    for prefix, side in (("", model), ("baseline_", base)):
+        lr_facts = {k: side[k] for k in ("lr_per_seed", "lr_tried", "lr_valid_loss")}
+        put(f"{prefix}lr", side["lr"], extra=lr_facts)
+        put(f"{prefix}train_budget_tokens", side["budget_tokens"], "tokens", extra={
+            "rates": len(side["lr_tried"]), "seeds": len(cmp.seeds)})
     put("control_ppl", cmp.control.ppl, extra=cmp.control.facts())
     control = put("control_degradation", cmp.control_degradation, threshold=limit,
                   comparison=">=", extra={"summary": True, "seed": cmp.control.seed})

@@ -146,8 +146,15 @@ def add_perplexity_options(group) -> None:
     group.addoption(
         "--train-lr",
         type=positive_float,
-        default=q.lr,
         help=f"perplexity: peak learning rate, cosine to a tenth (default {q.lr})",
+    )
+    group.addoption(
+        "--lr-sweep",
+        nargs="+",
+        type=positive_float,
+        metavar="LR",
+        help="perplexity: train every model and baseline at each peak rate, score the run with "
+        "the best final valid loss (instead of --train-lr; budget: tokens × rates)",
     )
     group.addoption(
         "--seeds",
@@ -193,13 +200,18 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
     if checkpoints and seeds:
         raise ValueError("--seeds and --checkpoint exclude each other: a checkpoint carries "
                          "the seed it was trained with")
+    lr, lr_sweep = opt("train_lr"), tuple(opt("lr_sweep") or ())
+    if lr is not None and lr_sweep:
+        raise ValueError("--train-lr and --lr-sweep exclude each other: the sweep trains at "
+                         "each rate it lists")
     quality = QualitySettings(
         corpus=opt("corpus"),
         tokenizer=opt("tokenizer"),
         train_tokens=opt("train_tokens"),
         seq_len=opt("train_seq"),
         batch_size=opt("train_batch"),
-        lr=opt("train_lr"),
+        lr=QualitySettings.lr if lr is None else lr,
+        lr_sweep=lr_sweep,
         dtype=opt("dtype"),
         device=device.type,
         seeds=tuple(seeds) if seeds else QualitySettings.seeds,

@@ -7,12 +7,20 @@ perplexity of `muse.measure.perplexity`. The two runs of a seed share the initia
 and the data order, so the degradation is taken per seed, PPL_model[s] / PPL_baseline[s] − 1,
 and gated on its mean over seeds; its spread over seeds is reported beside it.
 
+With a learning-rate sweep (`lr_sweep`, `--lr-sweep`) every model and baseline trains once per rate
+and seed; the run with the lowest final validation loss is the one scored on test, so each side
+gets its own best rate and a shared rate can neither hide nor invent a gap. The budget a model
+spent (training tokens × rates) is stated beside its score.
+
+The scored loss is also split into recall tokens and the rest (`muse.measure.perplexity`), with
+a degradation for each part, to show where a model loses to the transformer.
+
 The harness checks itself with a negative control: an untrained copy of the model (the
 trainer's initialisation for the first seed, zero steps) must fail the same gate against the
 trained baseline. When it passes, the gate cannot tell training from no training, and no
 verdict of the run means anything.
 
-A baseline is trained once per (spec, seed) in a session and shared by every model matched to
+A baseline is trained once per (spec, seed, rate) in a session and shared by every model matched to
 it. When the model is the baseline itself (`transformer:small` against `transformer:small`) its
 side is trained as runs of its own with the same seeds, so the comparison measures run-to-run
 noise: on CUDA the kernels are not bit-deterministic and the two runs drift apart; on the CPU
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -116,6 +125,7 @@ class QualitySettings:
     checkpoints: tuple[tuple[str, str], ...] = ()  # (spec, path); any: checkpoint mode
     train_dir: str | None = None  # checkpoints of the runs; None: a temporary folder
     val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
+    lr_sweep: tuple[float, ...] = ()  # peak rates each run trains at; (): `lr` alone
 
     def __post_init__(self) -> None:
         parse_tokenizer_name(self.tokenizer)
@@ -128,6 +138,14 @@ class QualitySettings:
                 f"--seeds needs at least 2 seeds for a spread over seeds, got "
                 f"{' '.join(map(str, self.seeds)) or 'none'}; e.g. --seeds 0 1"
             )
+        bad = [r for r in self.lr_sweep if not (isinstance(r, (int, float)) and 0 < r < math.inf)]
+        if bad:
+            raise ValueError(f"--lr-sweep: {bad[0]!r} is not a positive finite learning rate")
+        if len(set(self.lr_sweep)) != len(self.lr_sweep):
+            raise ValueError(f"--lr-sweep lists a rate twice: {' '.join(map(str, self.lr_sweep))}")
+        if self.lr_sweep and self.checkpoints:
+            raise ValueError("--lr-sweep and --checkpoint exclude each other: checkpoints are "
+                             "scored as they were trained")
         if self.seq_len < 2:
             raise ValueError(f"--train-seq must be ≥ 2 (one token to predict), got {self.seq_len}")
         if self.steps < 1:
@@ -146,6 +164,16 @@ class QualitySettings:
     @property
     def mode(self) -> str:
         return "checkpoint" if self.checkpoints else "trained"
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The peak learning rates every (model, seed) trains at."""
+        return self.lr_sweep or (self.lr,)
+
+    @property
+    def budget_tokens(self) -> int:
+        """Training tokens spent on one model and seed: one run per rate."""
+        return self.steps * self.tokens_per_step * len(self.rates)
 
     @property
     def tokens_per_step(self) -> int:
@@ -184,10 +212,11 @@ class QualitySettings:
                 "baseline of one"
             )
 
-    def train_config(self, spec: str, seed: int, out_dir: Path):
+    def train_config(self, spec: str, seed: int, out_dir: Path, lr: float | None = None):
         from muse.train import TrainConfig
 
         steps = self.steps
+        lr = self.lr if lr is None else lr
         return TrainConfig(
             model=spec,
             corpus=self.corpus,
@@ -195,8 +224,8 @@ class QualitySettings:
             seq_len=self.seq_len,
             batch_size=self.batch_size,
             steps=steps,
-            lr=self.lr,
-            min_lr=self.lr / 10,
+            lr=lr,
+            min_lr=lr / 10,
             warmup_steps=max(1, steps // 20),
             dtype=self.dtype,
             seed=seed,
@@ -211,10 +240,12 @@ class QualitySettings:
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(mode=self.mode, steps=self.steps, context=self.eval_context,
-                 stride=self.eval_stride, seeds=list(self.seeds),
+                 stride=self.eval_stride, seeds=list(self.seeds), rates=list(self.rates),
+                 budget_tokens=self.budget_tokens, lr_sweep=list(self.lr_sweep),
                  checkpoints=[f"{s}={p}" for s, p in self.checkpoints])
         if self.checkpoints:  # the recipe is the checkpoints' own
-            for key in ("train_tokens", "seq_len", "batch_size", "lr", "steps", "seeds"):
+            for key in ("train_tokens", "seq_len", "batch_size", "lr", "steps", "seeds", "rates",
+                        "budget_tokens", "lr_sweep"):
                 d.pop(key)
         return d
 
@@ -283,19 +314,31 @@ class Scored:
     role: str  # "model", "baseline" or "control"
     ppl: float
     bits_per_byte: float
+    ppl_recall: float  # over the recall tokens (muse.measure.perplexity), and the rest
+    ppl_other: float
+    recall_fraction: float  # of the scored tokens; a property of the text and the windows
     tokens_scored: int
     bytes_scored: int
     params: int  # at the tokenizer's vocabulary
     train_tokens: int  # tokens its weights saw: steps × batch × seq × accumulation
+    lr: float | None  # the peak learning rate of its run (None: untrained)
+    budget_tokens: int  # training tokens spent to get it: train_tokens × the rates tried
     train_seconds: float | None  # wall time of the training run (None: loaded or untrained)
     train_tokens_per_s: float | None  # the trainer's own step timing, median over steps
     source: str  # the run folder or checkpoint file
     config: dict = field(default_factory=dict, compare=False)
     model_overrides: dict = field(default_factory=dict, compare=False)
     corpus_sha256: str = ""
+    lr_tried: tuple[float, ...] = ()  # the rates its model and seed trained at, and the final
+    lr_valid_loss: tuple[float | None, ...] = ()  # validation loss (nats/token) of each run
 
     def facts(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("config", "model_overrides")}
+
+
+def _parts(result) -> dict[str, float]:
+    return {"ppl_recall": result.recall_ppl, "ppl_other": result.other_ppl,
+            "recall_fraction": result.recall_fraction}
 
 
 def score(model: torch.nn.Module, split: EvalSplit, settings: QualitySettings):
@@ -333,15 +376,24 @@ def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: Qu
         )
     result = score(model, split, settings)
     steps = [row["tokens_per_s"] for row in ckpt["history"] if row.get("tokens_per_s")]
+    lr = ckpt["config"]["lr"]
     return Scored(
         spec=ckpt["config"]["model"], seed=ckpt["config"]["seed"], role=role, ppl=result.ppl,
-        bits_per_byte=result.bits_per_byte, tokens_scored=result.tokens_scored,
+        bits_per_byte=result.bits_per_byte, **_parts(result), tokens_scored=result.tokens_scored,
         bytes_scored=result.bytes_scored, params=model.num_params(),
-        train_tokens=trained_tokens(ckpt), train_seconds=train_seconds,
+        train_tokens=trained_tokens(ckpt), lr=lr, budget_tokens=trained_tokens(ckpt),
+        lr_tried=(lr,), lr_valid_loss=(final_valid_loss(ckpt["history"]),),
+        train_seconds=train_seconds,
         train_tokens_per_s=statistics.median(steps) if steps else None, source=os.fspath(path),
         config=ckpt["config"], model_overrides=ckpt["model_overrides"],
         corpus_sha256=ckpt["corpus"]["sha256"],
     )
+
+
+def final_valid_loss(history: list[dict]) -> float | None:
+    """The validation loss of a run's last step (the trainer always validates there); None for a
+    checkpoint saved between validations."""
+    return history[-1].get("val_loss") if history else None
 
 
 def score_untrained(of: Scored, split: EvalSplit, settings: QualitySettings) -> Scored:
@@ -350,9 +402,10 @@ def score_untrained(of: Scored, split: EvalSplit, settings: QualitySettings) -> 
     result = score(model, split, settings)
     return Scored(
         spec=of.spec, seed=of.seed, role="control", ppl=result.ppl,
-        bits_per_byte=result.bits_per_byte, tokens_scored=result.tokens_scored,
-        bytes_scored=result.bytes_scored, params=model.num_params(), train_tokens=0,
-        train_seconds=None, train_tokens_per_s=None, source=f"untrained copy of {of.source}",
+        bits_per_byte=result.bits_per_byte, **_parts(result), tokens_scored=result.tokens_scored,
+        bytes_scored=result.bytes_scored, params=model.num_params(), train_tokens=0, lr=None,
+        budget_tokens=0, train_seconds=None, train_tokens_per_s=None,
+        source=f"untrained copy of {of.source}",
         config=of.config, model_overrides=of.model_overrides, corpus_sha256=of.corpus_sha256,
     )
 
@@ -403,6 +456,15 @@ class Comparison:
     def degradation(self) -> float:
         return statistics.fmean(self.degradations)
 
+    def part_degradations(self, part: str) -> list[float]:
+        """Per seed, the degradation on the recall tokens (part "recall") or the rest ("other")."""
+        key = {"recall": "ppl_recall", "other": "ppl_other"}[part]
+        return degradations([getattr(r, key) for r in self.model_runs],
+                            [getattr(r, key) for r in self.baseline_runs])
+
+    def part_degradation(self, part: str) -> float:
+        return statistics.fmean(self.part_degradations(part))
+
     @property
     def control_baseline(self) -> Scored:
         (base,) = [r for r in self.baseline_runs if r.seed == self.control.seed]
@@ -420,6 +482,15 @@ class Comparison:
             "ppl": statistics.fmean(ppls),
             "bits_per_byte": statistics.fmean(r.bits_per_byte for r in runs),
             "ppl_spread": spread(ppls),
+            "ppl_recall": statistics.fmean(r.ppl_recall for r in runs),
+            "ppl_other": statistics.fmean(r.ppl_other for r in runs),
+            "recall_fraction": statistics.fmean(r.recall_fraction for r in runs),
+            # the rates sit on a log grid: their mean over seeds is geometric
+            "lr": math.exp(statistics.fmean(math.log(r.lr) for r in runs)),
+            "lr_per_seed": {str(r.seed): r.lr for r in runs},
+            "lr_tried": list(runs[0].lr_tried),
+            "lr_valid_loss": {str(r.seed): list(r.lr_valid_loss) for r in runs},
+            "budget_tokens": statistics.fmean(r.budget_tokens for r in runs),
             "runs": [r.facts() for r in runs],
         }
 
@@ -450,6 +521,22 @@ class Comparison:
 
 def _label(spec: str, seed: int, role: str) -> str:
     return f"{spec} seed{seed} {role}"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One training run of a (model, seed) at one rate, before the choice."""
+
+    lr: float
+    out: Path
+    valid_loss: float
+    seconds: float
+
+
+def best_run(runs: list[SweepRun]) -> SweepRun:
+    """The run with the lowest final validation loss; a diverged run (NaN or ∞) is never chosen
+    over a finite one. Ties go to the rate listed first."""
+    return min(runs, key=lambda r: (not math.isfinite(r.valid_loss), r.valid_loss))
 
 
 class GateRuns:
@@ -497,35 +584,59 @@ class GateRuns:
         return Path(self._tmp)
 
     def trained(self, spec: str, seed: int, role: str) -> Scored:
+        """Trains `spec` at every rate of the recipe, and scores on test only the run with the
+        best final validation loss."""
         key = (spec, seed, role)
         if key not in self._scored:
-            from muse.train import train
-
             split = self.split()  # first: builds (and caches) the tokenizer the trainer uses
-            out = self._train_root() / f"{spec.replace(':', '-')}-seed{seed}-{role}"
-            cfg = self.settings.train_config(spec, seed, out)
-            t0 = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t0
-            scored = score_checkpoint(out / "final.pt", role, split, self.settings, seconds)
+            runs = [self._train_at(spec, seed, role, lr) for lr in self.settings.rates]
+            chosen = best_run(runs)
+            scored = score_checkpoint(chosen.out / "final.pt", role, split, self.settings,
+                                      chosen.seconds)
+            scored = replace(scored, budget_tokens=scored.train_tokens * len(runs),
+                             lr_tried=tuple(r.lr for r in runs),
+                             lr_valid_loss=tuple(r.valid_loss for r in runs))
             if self.settings.train_dir is None:
-                scored = replace(scored, source=f"{out.name} (temporary, removed)")
+                scored = replace(scored, source=f"{chosen.out.name} (temporary, removed)")
             self._scored[key] = scored
-            self._keep_history(_label(spec, seed, role), result.history, scored)
+            self._keep_run(scored)
         return self._scored[key]
+
+    def _train_at(self, spec: str, seed: int, role: str, lr: float) -> SweepRun:
+        from muse.train import train
+
+        sweep = bool(self.settings.lr_sweep)
+        name = f"{spec.replace(':', '-')}-seed{seed}-{role}" + (f"-lr{lr:g}" if sweep else "")
+        out = self._train_root() / name
+        t0 = time.perf_counter()
+        result = train(self.settings.train_config(spec, seed, out, lr))
+        seconds = time.perf_counter() - t0
+        valid_loss = final_valid_loss(result.history)
+        if valid_loss is None:
+            raise RuntimeError(f"the run of {spec} (seed {seed}, lr {lr:g}) has no validation "
+                               "loss at its last step; the learning-rate choice needs one")
+        label = _label(spec, seed, role) + (f" lr{lr:g}" if sweep else "")
+        self._keep_history(label, result.history)
+        return SweepRun(lr, out, valid_loss, seconds)
 
     def loaded(self, path: str, role: str) -> Scored:
         if (path, role) not in self._loaded:
             self._loaded[path, role] = score_checkpoint(path, role, self.split(), self.settings)
         return self._loaded[path, role]
 
-    def _keep_history(self, label: str, history: list, scored: Scored) -> None:
+    def _keep_history(self, label: str, history: list) -> None:
         if self.history_dir is None:
             return
         self._histories[label] = history
-        self._runs.append({"label": label, **scored.facts(), "config": scored.config})
         atomic_write_text(self.history_dir / "history.json",
                           json.dumps(self._histories, indent=1) + "\n")
+
+    def _keep_run(self, scored: Scored) -> None:
+        """runs.json: each scored run, with its recipe and (under a sweep) the rates it beat."""
+        if self.history_dir is None:
+            return
+        label = _label(scored.spec, scored.seed, scored.role)
+        self._runs.append({"label": label, **scored.facts(), "config": scored.config})
         atomic_write_text(self.history_dir / "runs.json", json.dumps(self._runs, indent=1) + "\n")
 
     def compare(self, spec: str) -> Comparison:

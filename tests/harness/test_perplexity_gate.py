@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import muse.quality
 import muse.results
 import muse.train
 from muse.quality import (
@@ -19,6 +20,8 @@ from muse.quality import (
     GateRuns,
     QualitySettings,
     Scored,
+    SweepRun,
+    best_run,
     checkpoint_arg,
     degradations,
     untrained_copy,
@@ -52,10 +55,15 @@ def tiny_settings(corpus: Path, **kw) -> QualitySettings:
     return QualitySettings(**{**values, **kw})
 
 
-def scored(seed: int, ppl: float, role: str = "model", spec: str = "transformer:tiny") -> Scored:
-    return Scored(spec=spec, seed=seed, role=role, ppl=ppl, bits_per_byte=1.0, tokens_scored=10,
-                  bytes_scored=10, params=1, train_tokens=0 if role == "control" else 100,
-                  train_seconds=None, train_tokens_per_s=None, source="x")
+def scored(seed: int, ppl: float, role: str = "model", spec: str = "transformer:tiny",
+           recall: float | None = None, other: float | None = None, lr: float = 1e-3) -> Scored:
+    tokens = 0 if role == "control" else 100
+    return Scored(spec=spec, seed=seed, role=role, ppl=ppl, bits_per_byte=1.0,
+                  ppl_recall=recall or ppl, ppl_other=other or ppl, recall_fraction=0.25,
+                  tokens_scored=10, bytes_scored=10, params=1, train_tokens=tokens,
+                  lr=None if role == "control" else lr, budget_tokens=tokens * 2,
+                  train_seconds=None, train_tokens_per_s=None, source="x", lr_tried=(1e-3, 1e-2),
+                  lr_valid_loss=(2.5, 3.0) if lr == 1e-3 else (3.0, 2.5))
 
 
 # --- arithmetic -------------------------------------------------------------------------------
@@ -72,8 +80,10 @@ def test_comparison_means_over_seeds_and_scores_the_control_against_its_own_seed
         model="phase2:tiny",
         baseline="transformer:tiny",
         mode="trained",
-        model_runs=(scored(3, 12.0), scored(7, 10.5)),
-        baseline_runs=(scored(3, 10.0, "baseline"), scored(7, 15.0, "baseline")),
+        model_runs=(scored(3, 12.0, recall=20.0, other=11.0, lr=1e-3),
+                    scored(7, 10.5, recall=16.0, other=10.0, lr=1e-2)),
+        baseline_runs=(scored(3, 10.0, "baseline", recall=10.0, other=10.0),
+                       scored(7, 15.0, "baseline", recall=10.0, other=12.5)),
         control=scored(7, 30.0, "control"),
     )
     assert cmp.seeds == [3, 7]
@@ -89,6 +99,20 @@ def test_comparison_means_over_seeds_and_scores_the_control_against_its_own_seed
     side = cmp.side("baseline")
     assert side["ppl"] == pytest.approx(12.5)
     assert [r["seed"] for r in side["runs"]] == [3, 7]
+    # the recall / other split: per seed, then the mean
+    assert cmp.part_degradations("recall") == pytest.approx([1.0, 0.6])
+    assert cmp.part_degradations("other") == pytest.approx([0.1, -0.2])
+    assert cmp.part_degradation("recall") == pytest.approx(0.8)
+    assert cmp.part_degradation("other") == pytest.approx(-0.05)
+    model = cmp.side("model")
+    assert (model["ppl_recall"], model["ppl_other"]) == pytest.approx((18.0, 10.5))
+    assert model["recall_fraction"] == 0.25
+    # a rate per seed; their mean over seeds is geometric
+    assert model["lr_per_seed"] == {"3": 1e-3, "7": 1e-2}
+    assert model["lr"] == pytest.approx(1e-2 / 10**0.5)
+    assert model["lr_tried"] == [1e-3, 1e-2]
+    assert model["lr_valid_loss"] == {"3": [2.5, 3.0], "7": [3.0, 2.5]}
+    assert model["budget_tokens"] == 200
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -103,6 +127,11 @@ def test_comparison_means_over_seeds_and_scores_the_control_against_its_own_seed
                                 "× --train-seq 64 = 256 tokens"),
         ({"context": 32, "stride": 33}, "--ppl-stride must be in [1, --ppl-context 32], got 33"),
         ({"tokenizer": "bpe:12"}, "bpe vocab size must be >= 257"),
+        ({"lr_sweep": (1e-3, -1.0)}, "--lr-sweep: -1.0 is not a positive finite learning rate"),
+        ({"lr_sweep": (float("nan"),)}, "--lr-sweep: nan is not a positive finite learning rate"),
+        ({"lr_sweep": (1e-3, 1e-3)}, "--lr-sweep lists a rate twice: 0.001 0.001"),
+        ({"lr_sweep": (1e-3,), "checkpoints": (("transformer:tiny", "a.pt"),)},
+         "--lr-sweep and --checkpoint exclude each other"),
     ],
 )
 def test_bad_settings_name_the_value(tmp_path, kw, message):
@@ -157,6 +186,14 @@ def test_x(muse_settings, quality_runs):
         (["--ppl-context", "8", "--ppl-stride", "9"], "--ppl-stride must be in [1, --ppl-context "
                                                       "8], got 9"),
         (["--corpus", "no/such/folder"], "--corpus 'no/such/folder' does not exist"),
+        (["--lr-sweep"], "argument --lr-sweep: expected at least one argument"),
+        (["--lr-sweep", "1e-3", "fast"], "argument --lr-sweep: 'fast' is not a number"),
+        (["--lr-sweep", "1e-3", "0"], "argument --lr-sweep: '0' is not a positive finite number"),
+        (["--lr-sweep=-1e-3"], "argument --lr-sweep: '-1e-3' is not a positive finite number"),
+        (["--lr-sweep", "3e-3", "-1e-3"], "unrecognized arguments: -1e-3"),  # argparse's word
+        (["--lr-sweep", "1e-3", "1e-3"], "--lr-sweep lists a rate twice: 0.001 0.001"),
+        (["--train-lr", "1e-3", "--lr-sweep", "1e-3", "3e-3"],
+         "--train-lr and --lr-sweep exclude each other"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -177,6 +214,18 @@ def test_seeds_and_checkpoints_exclude_each_other(pytester, tmp_path):
                                 "--checkpoint", f"transformer:tiny={ckpt}")
     assert result.ret == USAGE_ERROR
     assert "--seeds and --checkpoint exclude each other" in result.stderr.str()
+
+
+def test_the_sweep_keeps_the_lowest_final_valid_loss():
+    def runs(*losses):
+        return [SweepRun(lr=10.0 ** -i, out=Path(f"r{i}"), valid_loss=v, seconds=1.0)
+                for i, v in enumerate(losses)]
+
+    assert best_run(runs(3.0, 2.0, 2.5)).lr == 1e-1
+    assert best_run(runs(2.0, 2.0)).lr == 1.0  # a tie: the rate listed first
+    # a diverged run is never chosen, whatever its NaN or ∞ compares as
+    assert best_run(runs(float("nan"), 4.0)).lr == 1e-1
+    assert best_run(runs(4.0, float("inf"), float("nan"))).lr == 1.0
 
 
 # --- training, the control, shared baselines, checkpoints -------------------------------------
@@ -251,6 +300,73 @@ def test_histories_are_written_for_the_report(trained):
     assert runs.facts()["tokenizer"] == "bytes"
 
 
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """transformer:tiny against itself and transformer-eager:tiny against it, each trained at an
+    absurd rate (1e-9: the weights barely move) and a sound one, with the training runs and the
+    checkpoints scored on test."""
+    root = tmp_path_factory.mktemp("sweep")
+    settings = tiny_settings(write_corpus(root / "corpus"), seq_len=32, train_tokens=32 * 4 * 10,
+                             lr_sweep=(1e-9, 1e-2), train_dir=str(root / "runs"))
+    runs = GateRuns(settings, history_dir=root / "history")
+    calls, tested = [], []
+    real_train, real_score = muse.train.train, muse.quality.score_checkpoint
+
+    def counting(cfg):
+        calls.append((cfg.model, cfg.seed, cfg.lr))
+        return real_train(cfg)
+
+    def scoring(path, *args, **kw):
+        tested.append(Path(path).parent.name)
+        return real_score(path, *args, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(muse.train, "train", counting)
+    mp.setattr(muse.quality, "score_checkpoint", scoring)
+    try:
+        own = runs.compare("transformer:tiny")
+        eager = runs.compare("transformer-eager:tiny")
+    finally:
+        mp.undo()
+    return settings, own, eager, calls, tested, root
+
+
+def test_the_sweep_scores_only_the_rate_with_the_best_valid_loss(swept):
+    settings, own, eager, _, tested, root = swept
+    history = json.loads((root / "history" / "history.json").read_text())
+    tokens = settings.steps * settings.tokens_per_step
+    for run in (*own.model_runs, *own.baseline_runs, *eager.model_runs):
+        assert run.lr_tried == (1e-9, 1e-2)
+        absurd, sound = run.lr_valid_loss
+        assert absurd > 5.0 > 4.0 > sound  # ≈ ln 256 (untrained) against a trained model
+        assert run.lr == 1e-2 and run.config["lr"] == 1e-2
+        # the losses that decided are the runs' own final validation losses
+        for lr, loss in zip(run.lr_tried, run.lr_valid_loss, strict=True):
+            label = f"{run.spec} seed{run.seed} {run.role} lr{lr:g}"
+            assert history[label][-1]["val_loss"] == loss
+        assert run.train_tokens == tokens
+        assert run.budget_tokens == 2 * tokens == settings.budget_tokens
+    # one test score per (model, seed, side), each from the run at the chosen rate
+    assert sorted(tested) == sorted(
+        f"{name}-seed{s}-{role}-lr0.01" for s in (0, 1)
+        for name, role in (("transformer-tiny", "baseline"), ("transformer-tiny", "model"),
+                           ("transformer-eager-tiny", "model")))
+    assert (root / "runs" / "transformer-tiny-seed0-baseline-lr1e-09" / "final.pt").is_file()
+
+
+def test_the_sweep_shares_baselines_and_keeps_the_checks(swept):
+    settings, own, eager, calls, _, _ = swept
+    runs = [(spec, s, lr) for s in (0, 1) for lr in (1e-9, 1e-2)
+            for spec in ("transformer:tiny", "transformer:tiny", "transformer-eager:tiny")]
+    assert sorted(calls) == sorted(runs)  # the baseline trained once per (seed, rate)
+    assert eager.baseline_runs == own.baseline_runs
+    assert own.degradations == [0.0, 0.0]  # the self-comparison: identical runs on the CPU
+    assert own.control.train_tokens == own.control.budget_tokens == 0 and own.control.lr is None
+    assert own.control.ppl > 150.0 and own.control_degradation > 1.0
+    assert settings.describe()["rates"] == [1e-9, 1e-2]
+    assert settings.describe()["budget_tokens"] == 2 * settings.train_tokens
+
+
 def test_the_control_is_the_trainers_initialisation(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = TrainConfig(model="transformer:tiny", corpus=str(corpus), tokenizer="bytes", seq_len=16,
@@ -314,10 +430,16 @@ from muse.quality import Comparison, Scored
 
 PPLS = {ppls!r}
 
+RECALL = {{"model": 3.0, "baseline": 2.0, "control": 1.0}}  # PPL on recall tokens / PPL
+LR = {{"model": (1e-3, 2e-3), "baseline": (3e-3, 3e-3), "control": (None, None)}}
+
 def scored(seed, ppl, role):
     return Scored(spec="transformer:tiny", seed=seed, role=role, ppl=ppl, bits_per_byte=ppl / 10,
-                  tokens_scored=9, bytes_scored=9, params=1, train_tokens=0, train_seconds=None,
-                  train_tokens_per_s=None, source="canned")
+                  ppl_recall=ppl * RECALL[role], ppl_other=ppl * 0.8, recall_fraction=0.25,
+                  tokens_scored=9, bytes_scored=9, params=1, train_tokens=100,
+                  lr=LR[role][seed], budget_tokens=300, train_seconds=None,
+                  train_tokens_per_s=None, source="canned", lr_tried=(1e-3, 2e-3, 3e-3),
+                  lr_valid_loss=(2.0, 1.5, 1.7))
 
 class Canned:
     history_dir = None
@@ -352,8 +474,12 @@ def test_bench_records_a_pass(pytester):
     result, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
                                            "control": 250.0})
     result.assert_outcomes(passed=1)
-    assert list(records) == ["ppl", "baseline_ppl", "ppl_degradation", "bits_per_byte",
-                             "baseline_bits_per_byte", "control_ppl", "control_degradation"]
+    assert list(records) == [
+        "ppl", "baseline_ppl", "ppl_degradation", "bits_per_byte", "baseline_bits_per_byte",
+        "ppl_recall", "baseline_ppl_recall", "ppl_degradation_recall",
+        "ppl_other", "baseline_ppl_other", "ppl_degradation_other", "recall_fraction",
+        "lr", "train_budget_tokens", "baseline_lr", "baseline_train_budget_tokens",
+        "control_ppl", "control_degradation"]
     gate = records["ppl_degradation"]
     assert gate["value"] == pytest.approx((0.02 - 0.01) / 2)
     assert (gate["threshold"], gate["comparison"], gate["status"]) == (0.05, "<", "PASS")
@@ -361,6 +487,43 @@ def test_bench_records_a_pass(pytester):
     assert records["ppl"]["value"] == pytest.approx(10.05)
     assert records["control_degradation"]["value"] == pytest.approx(24.0)
     assert records["control_degradation"]["status"] == "PASS"
+    # the recall / other split, each part's degradation the mean of its per-seed ratios
+    assert records["ppl_recall"]["value"] == pytest.approx(3.0 * 10.05)
+    assert records["baseline_ppl_recall"]["value"] == pytest.approx(20.0)
+    recall = records["ppl_degradation_recall"]
+    assert recall["value"] == pytest.approx((30.6 / 20 + 29.7 / 20) / 2 - 1)
+    assert recall["extra"]["per_seed"] == pytest.approx({"0": 30.6 / 20 - 1, "1": 29.7 / 20 - 1})
+    assert recall["status"] == "RECORDED" and recall["extra"]["summary"] is True
+    assert records["ppl_other"]["value"] == pytest.approx(0.8 * 10.05)
+    assert records["ppl_degradation_other"]["value"] == pytest.approx(gate["value"])
+    assert records["recall_fraction"]["value"] == 0.25
+    # the rates (a geometric mean over seeds) and the budget, tokens × rates, per side
+    lr = records["lr"]
+    assert lr["value"] == pytest.approx(2**0.5 * 1e-3)
+    assert lr["extra"]["lr_per_seed"] == {"0": 1e-3, "1": 2e-3}
+    assert lr["extra"]["lr_tried"] == [1e-3, 2e-3, 3e-3]
+    assert lr["extra"]["lr_valid_loss"] == {"0": [2.0, 1.5, 1.7], "1": [2.0, 1.5, 1.7]}
+    assert records["baseline_lr"]["value"] == pytest.approx(3e-3)
+    budget = records["train_budget_tokens"]
+    assert (budget["value"], budget["unit"], budget["extra"]["rates"]) == (300, "tokens", 3)
+    assert records["baseline_train_budget_tokens"]["value"] == 300
+
+
+def test_the_report_labels_the_new_metrics(pytester):
+    from muse.report import LABELS, TABLES, build_table, record_frame
+    from muse.results import Record
+
+    _, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
+                                      "control": 250.0})
+    (spec,) = [t for t in TABLES if t.name == "perplexity"]
+    table = build_table(spec, record_frame([Record.from_dict(r) for r in records.values()]))
+    assert all(m in LABELS for m in table.metrics)  # every metric the gate records has a label
+    assert {"PPL recall", "degradation other", "recall tokens", "lr",
+            "training tokens/seed"} <= set(table.headers)
+    ((model, _, cells),) = table.rows
+    text = dict(zip(table.metrics, (c.text for c in cells), strict=True))
+    assert text["train_budget_tokens"] == "300 tokens"
+    assert text["ppl_degradation_recall"] == "0.5075"
 
 
 def test_bench_fails_a_degraded_model(pytester):

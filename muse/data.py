@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes, atomic_write_text
 
 SPLITS = ("train", "valid", "test")
@@ -32,11 +33,11 @@ CORPUS_FORMS = (
 )
 
 
-class CorpusUnavailable(ValueError):
+class CorpusUnavailable(MuseError):
     """A named corpus that cannot be had here (no network and no cache)."""
 
 
-class TokenizerUnavailable(ValueError):
+class TokenizerUnavailable(MuseError):
     """A named tokenizer that cannot be had here (no network and no cache)."""
 
 
@@ -52,7 +53,8 @@ class Corpus:
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
-            raise ValueError(f"corpus {self.name!r} lacks split(s) {missing}")
+            raise MuseError(f"corpus {self.name!r} lacks split(s) {missing}; a corpus has "
+                            f"{', '.join(SPLITS)}")
         if not self.sha256:
             self.sha256 = corpus_hash(self.splits)
 
@@ -78,22 +80,32 @@ def load_corpus(spec: str | os.PathLike) -> Corpus:
         return _load_folder(path)
     if path.is_file():
         if path.suffix != ".txt":
-            raise ValueError(f"corpus file {text_spec!r} is not a .txt file; valid: {CORPUS_FORMS}")
+            raise MuseError(f"corpus file {text_spec!r} is not a .txt file; valid: {CORPUS_FORMS}")
         return _load_file(path)
     if path.suffix == ".txt" or os.sep in text_spec or text_spec.startswith("."):
-        raise FileNotFoundError(f"corpus {text_spec!r} does not exist; valid: {CORPUS_FORMS}")
-    raise ValueError(f"unknown corpus {text_spec!r}; valid: {CORPUS_FORMS}")
+        raise MuseError(f"corpus {text_spec!r} does not exist; valid: {CORPUS_FORMS}")
+    raise MuseError(f"unknown corpus {text_spec!r}; valid: {CORPUS_FORMS}")
 
 
 def _read(path: Path) -> str:
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    # bytes decoded in one piece, so a decoding error's offset is the file's byte offset
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MuseError(f"cannot read corpus file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MuseError(
+            f"corpus file {str(path)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte "
+            f"offset {e.start} ({e.reason}); a corpus is UTF-8 text"
+        ) from None
 
 
 def _load_folder(path: Path) -> Corpus:
     missing = [f"{s}.txt" for s in SPLITS if not (path / f"{s}.txt").is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MuseError(
             f"corpus folder {str(path)!r} lacks {', '.join(missing)}; a corpus folder holds "
             "train.txt, valid.txt and test.txt"
         )
@@ -106,7 +118,7 @@ def split_lines(text: str) -> dict[str, str]:
     lines = text.splitlines(keepends=True)
     n = len(lines)
     if n < 3:
-        raise ValueError(f"a single-file corpus needs at least 3 lines to split, got {n}")
+        raise MuseError(f"a single-file corpus needs at least 3 lines to split, got {n}")
     n_valid = max(1, n * 5 // 100)
     n_test = max(1, n * 5 // 100)
     n_train = n - n_valid - n_test
@@ -120,8 +132,8 @@ def split_lines(text: str) -> dict[str, str]:
 def _load_file(path: Path) -> Corpus:
     try:
         splits = split_lines(_read(path))
-    except ValueError as e:
-        raise ValueError(f"corpus file {str(path)!r}: {e}") from None
+    except MuseError as e:
+        raise MuseError(f"corpus file {str(path)!r}: {e}") from None
     return Corpus(path.stem, splits)
 
 
@@ -174,7 +186,7 @@ class Tokenizer:
 def check_vocab(model_vocab_size: int, tokenizer: Tokenizer) -> None:
     """A model must have exactly the tokenizer's vocabulary size."""
     if model_vocab_size != tokenizer.vocab_size:
-        raise ValueError(
+        raise MuseError(
             f"model vocab_size {model_vocab_size} does not match tokenizer {tokenizer.name!r} "
             f"vocab_size {tokenizer.vocab_size}; build the model with "
             f"vocab_size={tokenizer.vocab_size}"
@@ -187,10 +199,10 @@ def parse_tokenizer_name(name: str) -> tuple[str, int | None]:
         return name, None
     m = re.fullmatch(r"bpe:(\d+)", name) if isinstance(name, str) else None
     if m is None:
-        raise ValueError(f"unknown tokenizer {name!r}; valid: {TOKENIZER_FORMS}")
+        raise MuseError(f"unknown tokenizer {name!r}; valid: {TOKENIZER_FORMS}")
     vocab = int(m.group(1))
     if vocab < 257:
-        raise ValueError(
+        raise MuseError(
             f"tokenizer {name!r}: bpe vocab size must be >= 257 (256 byte tokens plus at least "
             f"one merge), got {vocab}; valid: {TOKENIZER_FORMS}"
         )
@@ -316,7 +328,7 @@ def encoded_split(tokenizer: Tokenizer, corpus: Corpus, split: str,
     import torch
 
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise MuseError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     path = cache / f"ids-{tokenizer.sha256[:16]}-{corpus.sha256[:24]}-{split}.npy"
     if path.is_file():

@@ -14,6 +14,7 @@ from muse.data import (
     get_tokenizer,
     load_corpus,
 )
+from muse.errors import MuseError
 
 
 def sample_text(n_lines=400, seed=0):
@@ -84,15 +85,23 @@ def test_single_file_small_and_too_small(tmp_path):
 
 
 def test_missing_folder_or_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.*train.txt"):
+    with pytest.raises(MuseError, match="nope.*train.txt"):
         load_corpus(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(MuseError, match="missing.txt"):
         load_corpus(tmp_path / "missing.txt")
 
 
 def test_folder_without_splits(tmp_path):
     folder = write_folder(tmp_path / "half", {"train": "x\n"})
-    with pytest.raises(FileNotFoundError, match="valid.txt, test.txt"):
+    with pytest.raises(MuseError, match="valid.txt, test.txt"):
+        load_corpus(folder)
+
+
+def test_non_utf8_file_is_named_with_its_byte_offset(tmp_path):
+    folder = write_folder(tmp_path / "c", {"train": "x\n", "valid": "y\n", "test": "z\n"})
+    (folder / "valid.txt").write_bytes("héllo\n".encode() + b"ab\xffcd\n")
+    with pytest.raises(MuseError, match=r"valid\.txt' is not UTF-8 text: byte 0xff at byte "
+                       r"offset 9 \(invalid start byte\)"):
         load_corpus(folder)
 
 

@@ -580,3 +580,19 @@ def test_a_control_out_of_memory_does_not_fail_the_model_under_test(pytester):
         assert eager["reasons"][0].startswith("out of memory at seq 128: CUDA out of memory")
         sdpa = r["extra"]["controls"]["transformer:tiny"]  # the model itself, matched to itself
         assert sdpa["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+
+
+def test_memory_is_gated_at_the_gate_seq_when_every_seq_is_below_it(pytester):
+    shutil.copy(REPO / "bench" / "test_memory.py", pytester.path / "test_memory.py")
+    below = run(pytester, *TINY, "--seq", "64", "128", "--collect-only", "-q", results=False)
+    assert "test_memory.py::test_forward_peak_vram_at_the_gate_seq[transformer:tiny-seq4096-fp16]"\
+        in collected_ids(below)
+    below = run(pytester, *TINY, "--seq", "64", "128", "--vram-gate-seq", "2048", "--collect-only",
+                "-q", results=False)
+    assert "test_memory.py::test_forward_peak_vram_at_the_gate_seq[transformer:tiny-seq2048-fp16]"\
+        in collected_ids(below)
+    reaching = run(pytester, *TINY, "--seq", "64", "4096", "-rs", results=False)
+    reaching.assert_outcomes(skipped=5)  # on the CPU every memory case skips, saying why
+    reaching.stdout.fnmatch_lines(
+        ["SKIPPED ?1? test_memory.py: --seq reaches --vram-gate-seq 4096: test_forward_peak_vram*"]
+    )

@@ -4,7 +4,10 @@ workloads, and the git facts a results file carries. No assertion is made on a t
 
 import copy
 import dataclasses
+import os
 import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from muse import models
 from muse.measure.causality import causal_leak
 from muse.measure.gradient import backward_probe, gradient_flow, position_buckets
-from muse.measure.memory import peak_memory
+from muse.measure.memory import NVMLMemory, nvml_memory, peak_memory
 from muse.measure.phases import TrainStep, lm_loss, random_ids, torch_dtype
 from muse.measure.timing import summarize, time_callable
 from muse.results import git_facts
@@ -364,3 +367,50 @@ def test_the_copiers_word_beats_a_stale_git_inside_a_repository(monkeypatch):
     monkeypatch.setenv("MUSE_GIT_SHA", "c68a68c")
     monkeypatch.setenv("MUSE_GIT_DIRTY", "0")
     assert git_facts() == {"sha": "c68a68c", "dirty": False}
+
+
+# -- NVML: what its figures are ----------------------------------------------------------------
+
+
+class FakeNVML:
+    """pynvml's calls as used by nvml_memory: 40 GB used on the device, 3 GB of it ours."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, processes):
+        self.processes = processes
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        assert index == 0
+        return "handle"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=40_000_000_000, total=141_000_000_000)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return self.processes
+
+
+def test_nvml_reports_the_device_and_this_process_apart(monkeypatch):
+    ours = SimpleNamespace(pid=os.getpid(), usedGpuMemory=3_000_000_000)
+    other = SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=37_000_000_000)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([other, ours]))
+    reading = nvml_memory(torch.device("cuda", 0))
+    assert reading == NVMLMemory(device_used_bytes=40_000_000_000, process_bytes=3_000_000_000)
+
+
+def test_nvml_process_figure_is_none_when_this_pid_is_not_listed(monkeypatch):
+    # In a container NVML lists host pids: ours may not appear, and no other figure stands in.
+    other = SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=37_000_000_000)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([other]))
+    reading = nvml_memory(torch.device("cuda", 0))
+    assert reading == NVMLMemory(device_used_bytes=40_000_000_000, process_bytes=None)
+
+
+def test_nvml_absent_reads_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert nvml_memory(torch.device("cuda", 0)) is None

@@ -596,3 +596,45 @@ def test_memory_is_gated_at_the_gate_seq_when_every_seq_is_below_it(pytester):
     reaching.stdout.fnmatch_lines(
         ["SKIPPED ?1? test_memory.py: --seq reaches --vram-gate-seq 4096: test_forward_peak_vram*"]
     )
+
+
+PEEKING = """
+from muse.cases import Case
+
+build = Case.build
+
+
+def build_peeking(self, *args, **kwargs):
+    model = build(self, *args, **kwargs)
+    if self.preset == "tiny":
+        forward = model.forward
+        # A kernel that reads ahead: each position's logits move with the next token.
+        model.forward = lambda ids, *a, **k: forward(ids) + 1e-2 * forward(ids.roll(-1, 1))
+    return model
+
+
+Case.build = build_peeking
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peeking", [False, True], ids=["causal", "reads-ahead"])
+def test_causality_criterion_fails_a_model_that_reads_ahead(pytester, peeking):
+    shutil.copy(REPO / "bench" / "test_causality.py", pytester.path / "test_causality.py")
+    if peeking:
+        pytester.makeconftest(PEEKING)
+    result = pytester.runpytest_subprocess(
+        *NO_CACHE, "--results", str(results_dir(pytester)),
+        "--device", "cpu", "--dtype", "fp32", *TINY, "--seq", "16", "64",
+    )  # fmt: skip
+    records = [r for r in latest(pytester)["records"] if r["metric"] == "future_token_leak"]
+    assert [r["seq"] for r in records] == [16, 64]
+    if peeking:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.assert_outcomes(failed=2)
+        assert all(r["status"] == "FAIL" and r["value"] > 1e-4 for r in records)
+    else:
+        assert result.ret == pytest.ExitCode.OK
+        result.assert_outcomes(passed=2)
+        assert all(r["status"] == "PASS" and r["value"] == 0.0 for r in records)
+    assert all(r["threshold"] == r["extra"]["rerun_noise"] for r in records)

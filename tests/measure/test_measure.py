@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse import models
-from muse.measure.causality import causal_leak
+from muse.measure.causality import causal_leak, causal_probe, probe_positions
 from muse.measure.gradient import backward_probe, gradient_flow, position_buckets
 from muse.measure.memory import NVMLMemory, nvml_memory, peak_memory
 from muse.measure.phases import TrainStep, lm_loss, random_ids, torch_dtype
@@ -275,6 +275,31 @@ def test_causal_leak_finds_a_model_reading_the_next_token(t):
     torch.manual_seed(0)
     model = PeekingLM().double()
     assert causal_leak(model, random_ids(VOCAB, 2, 33, "cpu", seed=1), t) > 1e-3
+
+
+def test_causal_probe_times_are_spread_and_inside_the_sequence():
+    assert probe_positions(2) == (0,)
+    assert probe_positions(3) == (0, 1)
+    assert probe_positions(4096) == (0, 1365, 2048, 4094)
+
+
+def test_causal_probe_finds_a_peeking_model_above_its_rerun_noise():
+    torch.manual_seed(0)
+    probe = causal_probe(PeekingLM().double(), random_ids(VOCAB, 2, 33, "cpu", seed=1))
+    assert probe.positions == (0, 11, 16, 31)
+    assert probe.rerun_noise == 0.0
+    assert probe.leak > 1e-3 and not probe.causal
+    assert set(probe.leaks) == set(probe.positions) and max(probe.leaks.values()) == probe.leak
+
+
+def test_causal_probe_of_the_transformer_is_exactly_causal():
+    probe = causal_probe(tiny_transformer().eval(), random_ids(VOCAB, 2, 33, "cpu", seed=1))
+    assert (probe.leak, probe.rerun_noise, probe.causal) == (0.0, 0.0, True)
+
+
+def test_causal_probe_refuses_a_sequence_without_a_future():
+    with pytest.raises(ValueError, match="needs a sequence of ≥ 2 tokens, got 1"):
+        causal_probe(tiny_transformer(), random_ids(VOCAB, 1, 1, "cpu"))
 
 
 @pytest.mark.parametrize("t", [0, 16, 31])

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
+from muse.ops.decayed_cumsum import pad_time
+from muse.ops.delta_rule import delta_rule_chunked
 
 BACKENDS = ("auto", "fla", "torch")
 
@@ -45,14 +47,6 @@ def hebbian_naive(q, k, v, log_decay, eta: float = 1.0, state=None):
     return torch.stack(out, dim=2), w
 
 
-def _pad_time(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    if size == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = size
-    return torch.cat((x, x.new_zeros(shape)), dim=dim)
-
-
 def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int = 64):
     """Same contract as `hebbian_naive`; O(N·T) work in batched chunk products, O(N/T)
     carried (D_h × D_h) steps. Padding at the end uses log-decay 0 and zero keys, so it
@@ -63,8 +57,8 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     dv = v.shape[-1]
     m = -(-n // chunk)
     pad = m * chunk - n
-    qc, kc, vc = (_pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
-    b = torch.cumsum(_pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
+    qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
+    b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
     # b_t − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
     lag = (b[..., :, None] - b[..., None, :]).masked_fill(_above(chunk, q.device), -torch.inf)
     # the decay factors are in [0, 1] and b is kept wide (float32 under autocast): each factor
@@ -173,13 +167,15 @@ class DissipativeHebbian(nn.Module):
     softplus(w·x_t + b), b spread by `gamma_init`); `out_gate` a per-head RMSNorm with a gain,
     times SiLU(W_g x); `local_window` w > 0 adds exact softmax attention over the last w tokens
     on the same q, k, v (rotary positions), mixed per head and token with the fast-weight
-    read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first."""
+    read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first. `delta=True`
+    erases before it writes (the gated delta rule, muse.ops.delta_rule) with a write strength
+    β_t = η·σ(w_β·x_t) per head."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
                  gamma_init: tuple[float, float] = (-9.0, -3.0), conv: int = 0,
                  qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
-                 local_window: int = 0, rope_base: float = 10000.0):
+                 local_window: int = 0, rope_base: float = 10000.0, delta: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
@@ -187,6 +183,11 @@ class DissipativeHebbian(nn.Module):
             raise ValueError(f"hebbian decay must be one of {DECAYS}, got {decay!r}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"hebbian qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        if delta and not 0 < eta <= 1:
+            raise ValueError(f"the delta rule needs 0 < eta ≤ 1 (β = η·σ(·) ≤ 1), got {eta}")
+        if delta and backend == "fla":
+            raise ValueError("hebbian backend 'fla' runs the plain rule; the delta rule runs on "
+                             "backend 'torch' or 'auto'")
         if conv < 0 or local_window < 0:
             raise ValueError(f"conv and local_window must be ≥ 0, got {conv}, {local_window}")
         self.n_heads, self.head_dim = n_heads, head_dim
@@ -210,6 +211,9 @@ class DissipativeHebbian(nn.Module):
                 self.gamma.bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus⁻¹
         if decay == "mamba2":
             self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, n_heads)))
+        self.beta = nn.Linear(d_model, n_heads) if delta else None  # σ(0) = ½ at the start
+        if delta:
+            nn.init.zeros_(self.beta.bias)
         self.mix = nn.Linear(d_model, n_heads) if local_window else None
         self.gate = nn.Linear(d_model, inner, bias=False) if out_gate else None
         self.head_gain = nn.Parameter(torch.ones(head_dim)) if out_gate else None
@@ -258,13 +262,24 @@ class DissipativeHebbian(nn.Module):
         k = F.normalize(k, dim=-1).to(q.dtype)
         if self.qk_norm == "l2":
             q = F.normalize(q, dim=-1).to(k.dtype)
-        if eta_scale is not None:
+        beta = None
+        if self.beta is not None:  # the write strength is β; the keys stay unit
+            logit = self.beta(x)
+            beta = torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
+            beta = beta * self.eta if self.eta != 1.0 else beta
+            if eta_scale is not None:
+                beta = beta * eta_scale[:, None, :].to(beta.dtype)
+        elif eta_scale is not None:
             # η multiplies every write k vᵀ, so a per-head η is a per-head scale on the keys
             k = k * eta_scale[:, None, :, None].to(k.dtype)
         log_decay = self.log_decay(x)
         if gamma_offset is not None:
             log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype) * self.dt
-        if resolve_backend(self.backend, x.device) == "fla":
+        if beta is not None:
+            heads_first = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
+            y, w = delta_rule_chunked(*heads_first, state=state, chunk=self.chunk)
+            y = y.transpose(1, 2).to(q.dtype)
+        elif resolve_backend(self.backend, x.device) == "fla":
             y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)
             y = y.to(q.dtype)
         else:

@@ -59,6 +59,7 @@ class Phase2Config(StrictConfig):
     hebbian_qk_norm: str = "k"  # "k": unit keys; "l2": unit queries and keys
     hebbian_decay: str = "softplus"  # "softplus" (Γ spread by gamma_init) or "mamba2"
     hebbian_out_gate: bool = False  # per-head RMSNorm with a gain × SiLU(W_g x)
+    hebbian_delta: bool = False  # erase before write: the gated delta rule (ops.delta_rule)
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
     init: str = "torch"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
@@ -146,6 +147,7 @@ class Phase2Block(nn.Module):
             decay=config.hebbian_decay,
             out_gate=config.hebbian_out_gate,
             local_window=config.local_window,
+            delta=config.hebbian_delta,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

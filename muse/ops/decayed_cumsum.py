@@ -46,3 +46,12 @@ def decayed_cumsum(u: torch.Tensor, log_decay: torch.Tensor, chunk: int = 64) ->
     steps = torch.arange(1, chunk + 1, device=u.device, dtype=log_decay.dtype)
     s = local + before[:, :, None, :] * _powers(steps, log_decay).to(u.dtype)
     return s.reshape(bsz, m * chunk, r)[:, :n]
+
+
+def pad_time(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """x with `size` zeros appended along `dim`."""
+    if size == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size
+    return torch.cat((x, x.new_zeros(shape)), dim=dim)

@@ -156,3 +156,18 @@ def test_mamba2_decay_starts_spread_from_slow_to_fast():
 def test_bad_read_out_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, **kwargs)
+
+
+def test_delta_rule_layer_is_causal_and_learns_its_write_strength():
+    torch.manual_seed(0)
+    m = DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, chunk=8, delta=True,
+                           **READOUT).double()
+    x = torch.randn(2, 40, 16, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    x2 = x.detach().clone()
+    x2[:, 25:] += 1.0
+    assert torch.equal(m(x2)[:, :25], y[:, :25].detach())
+    y[:, -1].sum().backward()
+    assert m.beta.weight.grad.abs().sum() > 0 and x.grad[:, 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="the delta rule needs 0 < eta ≤ 1"):
+        DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, delta=True, eta=2.0)

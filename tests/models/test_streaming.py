@@ -34,6 +34,7 @@ def variants():
         if "hebbian_conv" in fields:  # the conv tail and the window's keys are carried too
             out.append(pytest.param(name, READOUT, id=f"{name}-readout"))
             out.append(pytest.param(name, {**READOUT, "bk_mixer": False}, id=f"{name}-no-bk"))
+            out.append(pytest.param(name, {**READOUT, "hebbian_delta": True}, id=f"{name}-delta"))
         elif "local_window" in fields:
             extra = dict(local_window=16, local_heads=2, local_head_dim=8, head="dense",
                          init="gpt2")

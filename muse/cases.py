@@ -137,10 +137,11 @@ def _num_params(model: str, preset: str) -> int:
 
 def parse_models(specs: list[str] | None) -> tuple[tuple[str, str], ...]:
     """Registry specs (`name` or `name:preset`) → (name, preset); unknown ones raise ValueError
-    listing the valid names. No specs: every registered family at its default preset."""
+    listing the valid names. No specs: every family that needs no optional extra (the fla peers
+    run when named), at its default preset."""
     from muse import models
 
-    specs = specs or models.names()
+    specs = specs or models.default_names()
     resolved = tuple(models.resolve(s) for s in specs)
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"--model lists a model twice: {' '.join(specs)}")

@@ -2,7 +2,16 @@
 
 from muse.models import fla_peers, phase1, phase2, transformer  # noqa: F401  (registration)
 from muse.models.config import StrictConfig
-from muse.models.registry import baseline_for, build, config, family, names, presets, resolve
+from muse.models.registry import (
+    baseline_for,
+    build,
+    config,
+    default_names,
+    family,
+    names,
+    presets,
+    resolve,
+)
 
 __all__ = [
     "StrictConfig",
@@ -10,6 +19,7 @@ __all__ = [
     "build",
     "config",
     "family",
+    "default_names",
     "names",
     "presets",
     "resolve",

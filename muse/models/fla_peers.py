@@ -256,4 +256,4 @@ FLA_CUDA_ONLY = f"fla's kernels are Triton, CUDA only ({INSTALL})"
 
 for _kind in KINDS:
     register(Family(f"fla-{_kind}", FlaPeerConfig, _builder(_kind), presets(_kind), "small",
-                    _same_preset, cuda_only=FLA_CUDA_ONLY))
+                    _same_preset, cuda_only=FLA_CUDA_ONLY, extra="fla"))

@@ -22,6 +22,8 @@ class Family:
     baseline: Callable[[str, int], str]
     # why the family cannot run on the CPU (e.g. CUDA-only kernels); "" when it can
     cuda_only: str = ""
+    # the pip extra the family needs (e.g. "fla"); such a family runs only when named
+    extra: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -40,6 +42,11 @@ def register(family: Family) -> Family:
 
 def names() -> list[str]:
     return sorted(_FAMILIES)
+
+
+def default_names() -> list[str]:
+    """The families a run takes when it names none: those that need no optional extra."""
+    return [name for name in names() if not _FAMILIES[name].extra]
 
 
 def family(name: str) -> Family:

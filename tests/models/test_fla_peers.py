@@ -252,3 +252,12 @@ def test_cuda_training_step_reaches_every_parameter_or_says_why_not(name):
     assert not missing, f"parameters without a gradient: {missing}"
     nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
     assert not nonfinite, f"parameters with a non-finite gradient: {nonfinite}"
+
+
+def test_a_run_that_names_no_model_leaves_the_fla_peers_out():
+    from muse.cases import parse_models
+
+    defaults = {name for name, _ in parse_models(None)}
+    assert not any(name.startswith("fla-") for name in defaults)
+    assert {"phase1", "phase2", "transformer"} <= defaults
+    assert parse_models(["fla-retnet"]) == (("fla-retnet", "small"),)

@@ -11,6 +11,11 @@ optional filters act on the carried W between segments (layers.state_filters): t
 mean|W|/std(W), and memory resonance (`resonance`) projects W onto a zeta-zero plane-wave basis
 and drops its weak modes. `zeta_init` starts the token embedding as sinusoids at zeta-zero
 frequencies (layers.zeta).
+
+The Hebbian's read-out options (`hebbian_conv`, `hebbian_qk_norm`, `hebbian_decay`,
+`hebbian_out_gate`, `hebbian_delta`, `local_window`; see layers.hebbian) and `ffn="swiglu"`,
+`init="gpt2"` are what published gated linear-attention models have and this block lacked;
+`bk_mixer=False` drops the BK sublayer to measure what it adds.
 """
 
 from __future__ import annotations

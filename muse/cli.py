@@ -64,8 +64,9 @@ def report(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from muse.compare import check, table
     from muse.compare import compare as deltas_of
-    from muse.compare import table
+    from muse.errors import MuseError
     from muse.results import read_document
 
     docs = []
@@ -74,6 +75,13 @@ def compare(args: argparse.Namespace) -> int:
             docs.append(read_document(path))
         except (OSError, ValueError) as exc:
             args.parser.error(f"cannot read results file {str(path)!r}: {exc}")
+    try:  # runs with nothing in common, or gates with nothing to gate: a user's mistake
+        warnings = check(*docs, args.fail)
+    except MuseError as exc:
+        print(f"muse compare: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     deltas = deltas_of(docs[0]["records"], docs[1]["records"], args.fail)
     for line in table(deltas):
         print(line)

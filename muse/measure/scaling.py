@@ -246,6 +246,6 @@ def judge_against_controls(model: Growth, controls: Mapping[str, Growth]) -> tup
             f"these seqs cannot tell O(N) from O(N²): the O(N²) control {', '.join(passing)}"
             " passes too; use longer seqs"
         )
-    return "PASS", "linear, and every O(N²) control is told apart: " + ", ".join(
+    return "PASS", "linear, and no O(N²) control passes on these seqs: " + ", ".join(
         f"{name} {growth.verdict}" for name, growth in controls.items()
     )

@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import socket
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from muse.errors import MuseError
 from muse.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -61,6 +63,25 @@ def _check_comparison(comparison: str) -> None:
 
 
 _REQUIRED = ("criterion", "model", "preset", "metric", "value", "unit", "status")
+_TYPES = {  # a record read back: each field's JSON type (None: null allowed)
+    **dict.fromkeys(("criterion", "model", "preset", "metric", "unit", "status"), (str,)),
+    **dict.fromkeys(("value", "threshold"), (numbers.Real, None)),
+    **dict.fromkeys(("params", "seq", "batch"), (int, None)),
+    **dict.fromkeys(("dtype", "device", "comparison", "case_id"), (str, None)),
+    "extra": (dict,),
+}
+_TYPE_WORDS = {str: "a string", numbers.Real: "a number", int: "an integer", dict: "an object"}
+
+
+def _check_types(kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        kinds = _TYPES[key]
+        if value is None and None in kinds:
+            continue
+        if isinstance(value, bool) or not isinstance(value, tuple(k for k in kinds if k)):
+            words = " or ".join(_TYPE_WORDS[k] if k else "null" for k in kinds)
+            raise MuseError(f"record {kwargs.get('metric')!r}: {key} must be {words}, "
+                            f"got {value!r}")
 
 
 @dataclass
@@ -109,15 +130,19 @@ class Record:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names - {"passed"})  # passed is derived from status
         if unknown:
-            raise ValueError(f"unknown record key(s): {', '.join(unknown)}")
+            raise MuseError(f"unknown record key(s): {', '.join(unknown)}")
         missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name in _REQUIRED)
         if missing:
-            raise ValueError(f"record is missing key(s): {', '.join(missing)}")
+            raise MuseError(f"record is missing key(s): {', '.join(missing)}")
         kwargs = {k: v for k, v in d.items() if k in names}
         for k in ("value", "threshold"):
             if k in kwargs:
                 kwargs[k] = _decode_float(kwargs[k])
-        return cls(**kwargs)
+        _check_types(kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # an unknown status or comparison
+            raise MuseError(f"record {kwargs.get('metric')!r}: {e}") from None
 
 
 def verdict(value: float | None, threshold: float, comparison: str) -> str:
@@ -277,8 +302,22 @@ def write_document(doc: dict, directory) -> Path:
 
     # Serialise before touching the disk, so a bad value leaves no file behind.
     text = json.dumps(doc, indent=2, allow_nan=False, default=default) + "\n"
-    path = directory / f"{doc['run']}.json"
-    atomic_write_text(path, text)
+    # Two runs started in the same second of one commit share a run name: the second one's
+    # file gets its pid (and then random letters) added, and is never written over the first.
+    pid = os.getpid()
+    for suffix in ("", f"-p{pid}", *(f"-p{pid}-{secrets.token_hex(4)}" for _ in range(16))):
+        run = doc["run"] + suffix
+        if suffix:
+            text = json.dumps({**doc, "run": run}, indent=2, allow_nan=False,
+                              default=default) + "\n"
+        path = directory / f"{run}.json"
+        try:
+            atomic_write_text(path, text, exclusive=True)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free results file name for run {doc['run']} in {directory}")
     atomic_write_text(directory / "latest.json", text)
     return path
 
@@ -295,12 +334,36 @@ def check_writable(directory) -> None:
 
 
 def read_document(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+    """A results file, its records as Records; MuseError naming the file and what is wrong."""
+    where = f"results file {str(path)!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise MuseError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise MuseError(f"{where} is a directory; pass a .json results file such as "
+                        "reports/results/latest.json") from None
+    except OSError as e:
+        raise MuseError(f"{where} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise MuseError(f"{where} is not JSON text (byte offset {e.start} is not UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise MuseError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                        f"{e.colno}; truncated?)") from None
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
-        )
-    doc["records"] = [Record.from_dict(r) for r in doc.get("records", [])]
+        raise MuseError(f"{where}: schema_version {version!r} is not supported (expected "
+                        f"{SCHEMA_VERSION}): not a muse results file?")
+    records = doc.get("records", [])
+    if not isinstance(records, list):
+        raise MuseError(f"{where}: records must be a list, got {type(records).__name__}")
+    doc["records"] = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise MuseError(f"{where}: record {i} is not an object, got {r!r:.60}")
+        try:
+            doc["records"].append(Record.from_dict(r))
+        except MuseError as e:
+            raise MuseError(f"{where}: record {i}: {e}") from None
     return doc

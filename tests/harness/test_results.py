@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from muse.errors import MuseError
 from muse.results import (
     SCHEMA_VERSION,
     Record,
@@ -191,3 +193,77 @@ def test_driver_version_from_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml now raises ImportError
     assert environment_facts()["driver"] == "550.54.15"
+
+
+def test_a_second_run_of_the_same_second_gets_its_own_file(tmp_path):
+    first = write_document(make_doc(), tmp_path)
+    second = write_document(make_doc(), tmp_path)
+    third = write_document(make_doc(), tmp_path)
+    assert first.name == "20261121T120501Z-1a2b3c4.json"
+    assert second.name == f"20261121T120501Z-1a2b3c4-p{os.getpid()}.json"
+    assert len({first, second, third}) == 3
+    for path in (first, second, third):
+        assert read_document(path)["run"] == path.stem
+    assert (tmp_path / "latest.json").read_bytes() == third.read_bytes()
+
+
+WRITER = """
+import sys
+from muse.results import Record, build_document, write_document
+from datetime import datetime, timezone
+when = datetime(2026, 11, 21, 12, 5, 1, tzinfo=timezone.utc)
+for i in range(20):
+    rec = Record("memory", "transformer", "small", "m", float(i), "1", "RECORDED",
+                 case_id=sys.argv[2])
+    doc = build_document([rec], ["w"], facts={"git": {"sha": "abcdef0", "dirty": False},
+                         "environment": {}}, started_at=when, finished_at=when)
+    write_document(doc, sys.argv[1])
+"""
+
+
+def test_two_writers_at_once_lose_and_mix_nothing(tmp_path):
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), who])
+             for who in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    runs = {path.stem: read_document(path) for path in tmp_path.glob("2026*.json")}
+    assert len(runs) == 40  # every run of both writers, each in its own file
+    seen = sorted((d["records"][0].case_id, d["records"][0].value) for d in runs.values())
+    assert seen == sorted((who, float(i)) for who in "ab" for i in range(20))
+    assert all(d["run"] == stem for stem, d in runs.items())
+    assert read_document(tmp_path / "latest.json")["records"][0].value == 19.0
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{", "is not valid JSON (Expecting property name"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "is not JSON text (byte offset"),
+    ("[1, 2]", "schema_version None is not supported"),
+    ('{"schema_version": 1, "records": {}}', "records must be a list, got dict"),
+    ('{"schema_version": 1, "records": [3]}', "record 0 is not an object, got 3"),
+])
+def test_unreadable_documents_name_the_file_and_the_fault(tmp_path, content, words):
+    path = tmp_path / "r.json"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(MuseError) as info:
+        read_document(path)
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("value", "12", "value must be a number or null, got '12'"),
+    ("value", True, "value must be a number or null, got True"),
+    ("model", 3, "model must be a string, got 3"),
+    ("seq", 1.5, "seq must be an integer or null, got 1.5"),
+    ("extra", [], "extra must be an object, got []"),
+    ("status", "GREAT", "unknown status 'GREAT'"),
+])
+def test_records_of_the_wrong_type_are_named(tmp_path, field, value, words):
+    doc = json.loads(json.dumps(make_doc(), default=lambda r: r.to_dict()))
+    doc["records"][1][field] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(MuseError, match="record 1: record 'loglog_slope_top': ") as info:
+        read_document(path)
+    assert words in str(info.value)

@@ -1,15 +1,23 @@
-"""`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`; `eval` and
-`generate` arrive with their issues and say so until then."""
+"""`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`, `muse eval`,
+`muse profile`; `generate` arrives with its issue and says so until then.
+
+Exit status: 0 done; 1 a failed check (`compare` found a regression) or a bug in muse (with
+its traceback); 2 a user's mistake (one line on stderr naming the bad value); 3 a training
+that diverged; 130 and 143 interrupted by SIGINT and SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from muse.cases import positive_int
 from muse.compare import parse_gate
+from muse.errors import MuseError, one_line
+
+USAGE, DIVERGED = 2, 3
 
 PLANNED = {
     "generate": "text generation",
@@ -55,9 +63,6 @@ def info(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from muse.report import render
 
-    for path in args.results:
-        if not path.is_file():
-            args.parser.error(f"results file {str(path)!r} does not exist")
     written = render(args.results, args.out, history=args.history, templates=args.templates)
     print(f"wrote {len(written)} files under {args.out}: REPORT.md, report.html, tables/, plots/")
     return 0
@@ -69,12 +74,7 @@ def compare(args: argparse.Namespace) -> int:
     from muse.errors import MuseError
     from muse.results import read_document
 
-    docs = []
-    for path in (args.old, args.new):
-        try:
-            docs.append(read_document(path))
-        except (OSError, ValueError) as exc:
-            args.parser.error(f"cannot read results file {str(path)!r}: {exc}")
+    docs = [read_document(path) for path in (args.old, args.new)]
     try:  # runs with nothing in common, or gates with nothing to gate: a user's mistake
         warnings = check(*docs, args.fail)
     except MuseError as exc:
@@ -96,24 +96,30 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from muse.train import ConfigError, load_config
+    from muse.train import Terminated, load_config
     from muse.train import train as run_training
 
     if not args.config.is_file():
-        args.parser.error(f"config file {str(args.config)!r} does not exist")
+        raise MuseError(f"config file {str(args.config)!r} does not exist")
+    cfg = load_config(args.config, args.set)
+    if args.resume is not None and args.overwrite:
+        raise MuseError("--resume and --overwrite exclude each other: --resume continues the "
+                        "run in out_dir, --overwrite replaces it")
     try:
-        cfg = load_config(args.config, args.set)
-    except (ConfigError, ValueError) as exc:
-        args.parser.error(str(exc))
-    if args.resume is not None and not args.resume.is_file():
-        args.parser.error(f"checkpoint {str(args.resume)!r} does not exist")
-    try:
-        result = run_training(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        print(f"interrupted: state saved to {cfg.out_dir}/emergency.pt "
-              f"(resume with --resume {cfg.out_dir}/emergency.pt)", file=sys.stderr)
-        return 130
+        result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (KeyboardInterrupt, Terminated) as exc:
+        sig, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print(f"muse train: interrupted ({sig}): {_emergency_note(exc)}", file=sys.stderr)
+        return code
+    except Exception as exc:  # a bug: its traceback follows this line
+        if getattr(exc, "emergency_checkpoint", None) is not None:
+            print(f"muse train: failed: {_emergency_note(exc)}", file=sys.stderr)
+        raise
     last = result.history[-1] if result.history else {}
+    if result.diverged:
+        print(f"muse train: diverged: {result.diverged}; stopped, nothing saved as best.pt; "
+              f"history.json and run.json in {result.out_dir} record it", file=sys.stderr)
+        return DIVERGED
     summary = f"step {result.step}"
     if "loss" in last:
         summary += f", loss {last['loss']:.4f}"
@@ -123,15 +129,20 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emergency_note(exc: BaseException) -> str:
+    """Names the emergency checkpoint only when it was written."""
+    saved = getattr(exc, "emergency_checkpoint", None)
+    if saved is not None and Path(saved).is_file():
+        return f"state saved to {saved} (resume with --resume {saved})"
+    why = getattr(exc, "emergency_error", None)
+    return "no state saved" + (f" ({why})" if why else " (training had not started)")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from muse.evaluate import evaluate_checkpoint
 
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.split, args.context, args.stride,
-                                     args.corpus, args.device, args.batch_size)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"muse eval: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.context, args.stride,
+                                 args.corpus, args.device, args.batch_size)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -145,15 +156,22 @@ def profile(args: argparse.Namespace) -> int:
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        args.parser.error("--device cuda: CUDA is not available here (use --device cpu)")
+        raise MuseError("--device cuda: CUDA is not available here (use --device cpu)")
     try:
         model = models.build(args.model)
         dtype = torch_dtype(args.dtype)
     except (KeyError, ValueError) as exc:
-        args.parser.error(str(exc))
-    step_s, sublayers, kernels = profile_step(
-        model, args.seq, phase=args.phase, dtype=dtype, batch=args.batch, device=device
-    )
+        raise MuseError(str(exc)) from None
+    try:
+        step_s, sublayers, kernels = profile_step(
+            model, args.seq, phase=args.phase, dtype=dtype, batch=args.batch, device=device
+        )
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(exc):
+            raise
+        raise MuseError(f"{args.model} at --seq {args.seq} --batch {args.batch} ({args.dtype}, "
+                        f"{args.phase}) does not fit in {device} memory: {_fit_note(exc)}; try a "
+                        "shorter --seq or a smaller --batch") from None
     print(f"{args.model} {args.phase} seq {args.seq} batch {args.batch} {args.dtype} on {device}:"
           f" {step_s * 1e3:.3f} ms per step (median of timed rounds)")
     for line in format_rows("sublayers (forward, summed over blocks)", sublayers, args.rows):
@@ -161,6 +179,22 @@ def profile(args: argparse.Namespace) -> int:
     for line in format_rows("self time (forward and backward)", kernels, args.rows):
         print(line)
     return 0
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
+def _fit_note(exc: BaseException) -> str:
+    # torch's message says how much one allocation asked for (CUDA's adds the device's size)
+    asked = re.search(r"tried to allocate ([\d.]+ ?[A-Za-z]+)", str(exc), re.IGNORECASE)
+    total = re.search(r"total capacity of ([\d.]+ ?[A-Za-z]+)", str(exc))
+    note = f"one allocation asked for {asked.group(1)}" if asked else one_line(exc)[:200]
+    return note + (f" of {total.group(1)} in all" if total else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
     p.add_argument("--history", type=Path, help="training history.json for the loss/PPL plot")
     p.add_argument("--templates", type=Path, help="folder of Jinja2 templates (default templates/)")
-    p.set_defaults(func=report, parser=p)
+    p.set_defaults(func=report)
     p = sub.add_parser(
         "compare", help="the regression gate: deltas of memory, tokens/s and ppl between two runs"
     )
@@ -186,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail", action="append", type=parse_gate, default=[], metavar="KIND:PCT%",
                    help="exit 1 when KIND gets worse by more than PCT: vram:5%% (any bytes metric"
                    " rising), tokens_per_s:-5%% (falling), ppl:2%% (rising); repeatable")
-    p.set_defaults(func=compare, parser=p)
+    p.set_defaults(func=compare)
     p = sub.add_parser("train", help="train a model from a TOML config (see muse/train.py)")
     p.add_argument("config", type=Path, metavar="CONFIG.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -194,15 +228,18 @@ def main(argv: list[str] | None = None) -> int:
                    " model config key); unknown keys are errors; repeatable")
     p.add_argument("--resume", type=Path, metavar="CKPT.pt",
                    help="continue from a checkpoint (step-*.pt, best.pt, final.pt, emergency.pt)")
-    p.set_defaults(func=train, parser=p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir (its checkpoints and history)")
+    p.set_defaults(func=train)
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on a split")
     p.add_argument("checkpoint", metavar="CKPT.pt")
     p.add_argument("--split", default="test", help="train, valid or test (default test)")
-    p.add_argument("--context", type=int, help="window length (default: the training seq_len)")
-    p.add_argument("--stride", type=int, help="window stride (default: context // 2)")
+    p.add_argument("--context", type=positive_int,
+                   help="window length (default: the training seq_len)")
+    p.add_argument("--stride", type=positive_int, help="window stride (default: context // 2)")
     p.add_argument("--corpus", help="score another corpus (default: the training corpus)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.set_defaults(func=evaluate)
     p = sub.add_parser("profile", help="where a train step's device time goes, by sublayer"
                        " and kernel")
@@ -213,14 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--rows", type=positive_int, default=20)
-    p.set_defaults(func=profile, parser=p)
+    p.set_defaults(func=profile)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)
     if hasattr(args, "planned"):
         print(f"muse {args.command}: not yet available — {args.planned}", file=sys.stderr)
-        return 2
-    return args.func(args)
+        return USAGE
+    try:
+        return args.func(args)
+    except MuseError as exc:  # a user's mistake: one line, no traceback
+        print(f"muse {args.command}: {one_line(exc)}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        print(f"muse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

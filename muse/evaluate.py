@@ -12,18 +12,23 @@ import os
 import torch
 
 from muse import models
+from muse.checkpoint import load_checkpoint, load_weights
 from muse.data import get_tokenizer, load_corpus
+from muse.errors import MuseError
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.train import resolve_device
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    # The checkpoints hold RNG states (Python objects): load only checkpoints you trust.
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
-    name, preset = models.resolve(ckpt["config"]["model"])
-    with torch.device(device):
-        model = models.build(name, preset, **ckpt["model_overrides"])
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    try:
+        name, preset = models.resolve(ckpt["config"]["model"])
+        with torch.device(device):
+            model = models.build(name, preset, **ckpt["model_overrides"])
+    except (ValueError, TypeError) as e:  # a model this muse does not have, or not so
+        raise MuseError(f"checkpoint {os.fspath(checkpoint)!r}: cannot build its model "
+                        f"({e})") from None
+    load_weights(model, ckpt, checkpoint)
     return model, ckpt
 
 
@@ -41,17 +46,24 @@ def evaluate_checkpoint(
     cfg = ckpt["config"]
     tokenizer = get_tokenizer(ckpt["tokenizer"]["name"], corpus=load_corpus(cfg["corpus"]))
     if tokenizer.sha256 != ckpt["tokenizer"]["sha256"]:
-        raise ValueError(
+        raise MuseError(
             f"tokenizer {tokenizer.name!r} rebuilt from {cfg['corpus']!r} hashes to "
             f"{tokenizer.sha256[:12]}, but the checkpoint was trained with "
             f"{ckpt['tokenizer']['sha256'][:12]}: the training corpus has changed"
         )
     scored = load_corpus(corpus or cfg["corpus"])
     if split not in scored.splits:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(scored.splits)}")
+        raise MuseError(f"unknown split {split!r}; valid: {', '.join(scored.splits)}")
     ids = torch.tensor(tokenizer.encode(scored.splits[split]), dtype=torch.long)
     context = context or cfg["seq_len"]
     stride = stride or max(1, context // 2)
+    if context < 2:
+        raise MuseError(f"--context must be ≥ 2 (a token to predict), got {context}")
+    if not 1 <= stride <= context:
+        raise MuseError(f"--stride must be in [1, --context={context}], got {stride}")
+    if ids.numel() < 2:
+        raise MuseError(f"the {split} split of {scored.name!r} has {ids.numel()} token(s); "
+                        "perplexity needs at least 2")
     result = evaluate_perplexity(
         model, ids, scored_bytes(tokenizer, ids), context, stride, batch_size, dev
     )

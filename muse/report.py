@@ -4,18 +4,23 @@ self-contained report.html with the plots of muse.plots embedded."""
 from __future__ import annotations
 
 import base64
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
+from muse.errors import MuseError
+from muse.fileio import atomic_write_bytes
 from muse.results import Record, read_document
 from muse.summary import VERDICTS, format_value
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 NOT_MEASURED = "not measured"
 ALL_SEQS = -1  # the seq of a record that spans every seq (a scaling fit); a real seq is ≥ 1
+HISTORY_KEYS = ("loss", "val_loss", "ppl", "val_ppl")  # what the training plot draws
 
 
 @dataclass(frozen=True)
@@ -287,33 +292,90 @@ def facts_of(docs: list[dict]) -> list[dict]:
     return out
 
 
+def read_history(path) -> dict[str, list[dict]]:
+    """A training history.json ({label: [{"step": int, "loss": number or null, …}, …]}, as the
+    trainer and the perplexity gate write it) for the training plot; null reads as NaN."""
+    where = f"--history {str(path)!r}"
+    try:
+        history = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MuseError(f"{where} does not exist") from None
+    except OSError as e:
+        raise MuseError(f"{where} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise MuseError(f"{where} is not JSON text (byte offset {e.start} is not UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise MuseError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}; "
+                        "truncated?)") from None
+    shape = "a training history.json: {model: [{step, loss, ...}, ...]}"
+    if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
+        raise MuseError(f"{where} is not {shape}")
+    out = {}
+    for label, rows in history.items():
+        for i, row in enumerate(rows):
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise MuseError(f"{where}: row {i} of {label!r} has no integer step; "
+                                f"expected {shape}")
+            for key in HISTORY_KEYS:
+                value = row.get(key)
+                if value is not None and (isinstance(value, bool)
+                                          or not isinstance(value, (int, float))):
+                    raise MuseError(f"{where}: row {i} of {label!r}: {key} must be a number "
+                                    f"or null, got {value!r}")
+        out[label] = [{**r, **{k: math.nan for k in HISTORY_KEYS if k in r and r[k] is None}}
+                      for r in rows]
+    return out
+
+
+def _templates(templates: Path | None) -> jinja2.Environment:
+    folder = Path(templates) if templates is not None else TEMPLATES
+    if not folder.is_dir():
+        raise MuseError(f"--templates {str(folder)!r} is not a folder; it holds the Jinja2 "
+                        f"templates (see {TEMPLATES})")
+    needed = [f"{t.name}.{fmt}.j2" for t in TABLES for fmt in ("md", "csv", "tex")]
+    missing = [n for n in [*needed, "REPORT.md.j2", "report.html.j2"] if not (folder / n).is_file()]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", …" if len(missing) > 4 else "")
+        raise MuseError(f"--templates {str(folder)!r} lacks {len(missing)} template(s): {shown}")
+    return environment(folder)
+
+
+def _render(env: jinja2.Environment, name: str, **context) -> str:
+    try:
+        return env.get_template(name).render(**context)
+    except jinja2.TemplateError as e:  # a user's own template: a syntax error, an unknown name
+        raise MuseError(f"template {name!r}: {type(e).__name__}: {e}") from None
+
+
 def render(paths, out, *, history=None, templates: Path | None = None) -> dict[str, Path]:
-    """Writes tables/*.{md,csv,tex}, plots/*.png, REPORT.md and report.html under out."""
+    """Writes tables/*.{md,csv,tex}, plots/*.png, REPORT.md and report.html under out. Every
+    input is read and every file rendered before the first one is written, so a bad input
+    leaves nothing behind."""
     from muse import plots
 
     out = Path(out)
     records, docs = load(paths)
-    env = environment(templates)
+    env = _templates(templates)
+    history = read_history(history) if isinstance(history, (str, Path)) else history
+    if out.exists() and not out.is_dir():
+        raise MuseError(f"--out {str(out)!r} is a file; pass a folder")
     tables = [build_table(spec, record_frame(records)) for spec in TABLES]
-    written = {}
-    (out / "tables").mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[Path, bytes]] = {}
     rendered_md, abouts = {}, {}
     for t in tables:
         for fmt in ("md", "csv", "tex"):
-            text = env.get_template(f"{t.spec.name}.{fmt}.j2").render(table=t)
-            path = out / "tables" / f"{t.spec.name}.{fmt}"
-            path.write_text(text, encoding="utf-8")
-            written[f"{t.spec.name}.{fmt}"] = path
+            text = _render(env, f"{t.spec.name}.{fmt}.j2", table=t)
+            files[f"{t.spec.name}.{fmt}"] = (Path("tables") / f"{t.spec.name}.{fmt}",
+                                             text.encode("utf-8"))
+        rendered_md[t.spec.name] = files[f"{t.spec.name}.md"][1].decode("utf-8")
         template = env.get_template(f"{t.spec.name}.md.j2")
-        rendered_md[t.spec.name] = template.render(table=t)
         if "about" in template.blocks:  # the same prose heads the table in the HTML
             about = template.blocks["about"](template.new_context({"table": t}))
             abouts[t.spec.name] = "".join(about).strip().replace("`", "")
     figures = plots.all_figures(records, history)
-    (out / "plots").mkdir(exist_ok=True)
     for name, png in figures.items():
-        (out / "plots" / f"{name}.png").write_bytes(png)
-        written[f"{name}.png"] = out / "plots" / f"{name}.png"
+        files[f"{name}.png"] = (Path("plots") / f"{name}.png", png)
     context = {
         "facts": facts_of(docs),
         "tables": tables,
@@ -328,7 +390,14 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
         "failed": sum(r.passed is False for r in records),
     }
     for name in ("REPORT.md", "report.html"):
-        (out / name).write_text(env.get_template(f"{name}.j2").render(**context), encoding="utf-8")
-        written[name] = out / name
+        files[name] = (Path(name), _render(env, f"{name}.j2", **context).encode("utf-8"))
+    written = {}
+    try:
+        for sub in ("tables", "plots"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        for key, (relative, data) in files.items():
+            atomic_write_bytes(out / relative, lambda f, data=data: f.write(data))
+            written[key] = out / relative
+    except OSError as e:
+        raise MuseError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
     return written
-

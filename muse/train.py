@@ -6,22 +6,33 @@ the window starts come from one seeded `torch.Generator` whose state travels wit
 checkpoint, so a resumed run draws exactly the batches the uninterrupted run would have drawn.
 
 Files under `out_dir`: `step-NNNNNN.pt` every `checkpoint_every` steps, `best.pt` (lowest
-validation loss), `final.pt`, `emergency.pt` (on an exception or Ctrl-C), `run.json` (config,
-tokenizer and corpus hashes) and `history.json` ({model spec: [one row per step]}, the form
-`muse report --history` plots).
+validation loss), `final.pt` (where the run stopped), `emergency.pt` (on an exception, Ctrl-C
+or SIGTERM), `run.json` (config, tokenizer and corpus hashes, and the run's status: running,
+complete, diverged, interrupted or failed, with the reason) and `history.json` ({model spec:
+[one row per step]}, the form `muse report --history` plots; a non-finite value is written as
+null and named in the row's `nonfinite`).
 Each is written to a temporary file in the same folder and moved into place with `os.replace`,
 so a crash never leaves a torn file. A checkpoint holds the model, optimizer and scaler states,
 the step, the data generator and RNG states, the config, the tokenizer name and hash, the best
 validation loss and the history so far.
+
+Everything a user can get wrong (device, corpus, tokenizer, model overrides, the checkpoint to
+resume) is checked before `out_dir` is created. One training at a time holds `out_dir` (see
+`muse.rundir`); a folder that already holds a run needs `resume` or `overwrite`. A non-finite
+training or validation loss stops the run: nothing is saved as best, and the result's
+`diverged` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,11 +43,14 @@ import torch
 import torch.nn as nn
 
 from muse import models
-from muse.data import check_vocab, encoded_split, get_tokenizer, load_corpus
+from muse.checkpoint import load_checkpoint, load_weights
+from muse.data import check_vocab, encoded_split, get_tokenizer, load_corpus, parse_tokenizer_name
+from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, lm_loss, synchronize, torch_dtype
 from muse.models.config import StrictConfig, check_keys
+from muse.rundir import RunDir, check_reuse
 
 try:
     import tomllib
@@ -46,8 +60,13 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
 DEVICES = ("auto", "cuda", "cpu")
 
 
-class ConfigError(ValueError):
+class ConfigError(MuseError):
     """A training config that names an unknown key or holds a value of the wrong type."""
+
+
+class Terminated(BaseException):
+    """SIGTERM during training, raised in the main thread as KeyboardInterrupt is for SIGINT,
+    so both end in the same emergency save."""
 
 
 @dataclass
@@ -115,7 +134,14 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        models.resolve(self.model)
+        if self.eval_tokens < 2:
+            raise ConfigError(f"eval_tokens must be ≥ 2 (a token to predict from the one before), "
+                              f"got {self.eval_tokens}")
+        try:
+            models.resolve(self.model)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        parse_tokenizer_name(self.tokenizer)
 
 
 # ------------------------------------------------------------------------------------ config
@@ -174,11 +200,14 @@ def load_config(path: str | os.PathLike | None, sets: list[str] = ()) -> TrainCo
     `--set key=value` overrides applied on top."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, "rb") as f:
-            try:
+        try:
+            with open(path, "rb") as f:
                 values = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{os.fspath(path)}: {e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{os.fspath(path)}: not a TOML config: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config {os.fspath(path)!r} cannot be read: "
+                              f"{e.strerror or e}") from None
         try:
             check_keys(TrainConfig, values)
         except TypeError as e:
@@ -208,7 +237,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
-    data = json.dumps(obj, indent=1).encode("utf-8")
+    data = json.dumps(obj, indent=1, allow_nan=False).encode("utf-8")
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
@@ -230,7 +259,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but CUDA is not available")
+        raise MuseError("device 'cuda' asked for, but CUDA is not available here; "
+                        "use 'cpu' or 'auto'")
     return torch.device(name)
 
 
@@ -269,6 +299,7 @@ class TrainResult:
     step: int
     history: list[dict[str, Any]]
     best_val_loss: float | None
+    diverged: str | None = None  # why the run stopped before `steps`: a non-finite loss
 
 
 def _model_overrides(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
@@ -279,44 +310,158 @@ def _model_overrides(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
     return overrides
 
 
+_KINDS = ((bool, (bool,), "true or false"), (int, (int,), "an integer"),
+          (float, (int, float), "a number"), (str, (str,), "a string"),
+          (tuple, (list, tuple), "a list"))
+
+
+def check_override_types(name: str, overrides: dict[str, Any]) -> None:
+    """A model override whose type differs from its field's default names the key: the model
+    configs check their sizes, not the type of every field."""
+    defaults = {f.name: f.default for f in dataclasses.fields(models.family(name).config_cls)}
+    for key, value in overrides.items():
+        default = defaults.get(key)
+        for kind, accepted, words in _KINDS:
+            if isinstance(default, kind):
+                if not isinstance(value, accepted) or (kind is not bool
+                                                       and isinstance(value, bool)):
+                    raise ConfigError(f"model_overrides.{key} must be {words}, got {value!r}")
+                break
+
+
+def model_setup(cfg: TrainConfig, tokenizer) -> tuple[str, str, dict[str, Any]]:
+    """(name, preset, overrides) of the model to train; ConfigError for a bad override."""
+    name, preset = models.resolve(cfg.model)
+    overrides = _model_overrides(cfg, tokenizer.vocab_size)
+    check_override_types(name, overrides)
+    try:
+        config = models.config(name, preset, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model_overrides for {cfg.model}: {e}") from None
+    check_vocab(config.vocab_size, tokenizer)
+    return name, preset, overrides
+
+
+def token_splits(cfg: TrainConfig, corpus, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train ids and the first `eval_tokens` valid ids; MuseError when either is too short."""
+    train_ids = encoded_split(tokenizer, corpus, "train")
+    valid_ids = encoded_split(tokenizer, corpus, "valid")
+    if train_ids.numel() < cfg.seq_len:
+        raise MuseError(f"the train split of corpus {corpus.name!r} has {train_ids.numel()} "
+                        f"{tokenizer.name} tokens, fewer than seq_len={cfg.seq_len}; lower "
+                        "seq_len or use a longer corpus")
+    if valid_ids.numel() < 2:
+        raise MuseError(f"the valid split of corpus {corpus.name!r} has {valid_ids.numel()} "
+                        f"{tokenizer.name} token(s); validation needs at least 2")
+    return train_ids, valid_ids[: cfg.eval_tokens]
+
+
 RECIPE_KEYS = ("model", "model_overrides", "tokenizer", "seq_len", "batch_size", "grad_accum")
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResult:
-    """Train per `cfg`; with `resume`, continue from a checkpoint exactly where it stopped."""
+def checked_resume(path: str | os.PathLike, cfg: TrainConfig, tokenizer) -> dict[str, Any]:
+    """The checkpoint to resume from, once it is known to match this config and tokenizer."""
+    ckpt = load_checkpoint(path)
+    saved, current = ckpt["config"], cfg.to_dict()
+    changed = [f"{k} ({saved.get(k)!r} there, {current[k]!r} here)"
+               for k in RECIPE_KEYS if saved.get(k) != current[k]]
+    if changed:
+        raise MuseError(f"cannot resume {os.fspath(path)!r}: the config differs from the "
+                        f"checkpoint's in {'; '.join(changed)}")
+    if ckpt["tokenizer"].get("sha256") != tokenizer.sha256:
+        raise MuseError(f"cannot resume {os.fspath(path)!r}: it was trained with another "
+                        f"{ckpt['tokenizer'].get('name')!r} tokenizer (its hash differs)")
+    return ckpt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While training, SIGTERM raises Terminated (Python turns only SIGINT into an exception)."""
+    if not _in_main_thread():  # signal handlers can only be set there
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_wait(what: str):
+    """While `what` is being saved, SIGINT and SIGTERM wait for the save (and say so) instead of
+    cutting it short."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def wait(signum, frame):
+        print(f"muse train: {signal.Signals(signum).name} while saving {what}: exiting when the "
+              "save is done", file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, wait) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _nonfinite_to_null(value: Any, path: str, found: dict[str, str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _nonfinite_to_null(v, f"{path}.{k}" if path else k, found)
+                for k, v in value.items()}
+    return value
+
+
+def history_document(spec: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """history.json: JSON has no NaN or ∞, so such a value is null and the row's `nonfinite`
+    names it ({"loss": "nan"})."""
+    rows = []
+    for row in history:
+        found: dict[str, str] = {}
+        clean = _nonfinite_to_null(row, "", found)
+        rows.append({**clean, "nonfinite": found} if found else clean)
+    return {spec: rows}
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Train per `cfg`; with `resume`, continue from a checkpoint exactly where it stopped.
+    `overwrite`: replace a run already in `out_dir` (without it, or `resume`, that is refused).
+    """
+    # every check a user's mistake can fail comes before out_dir is created
     device = resolve_device(cfg.device)
     dtype = torch_dtype(cfg.dtype)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    check_reuse(out, resume is not None, overwrite)
     corpus = load_corpus(cfg.corpus)
     tokenizer = get_tokenizer(cfg.tokenizer, corpus)
-    train_ids = encoded_split(tokenizer, corpus, "train")
-    valid_ids = encoded_split(tokenizer, corpus, "valid")
-    valid_ids = valid_ids[: cfg.eval_tokens]
-    if train_ids.numel() < cfg.seq_len:
-        raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than "
-                         f"seq_len={cfg.seq_len}")
-    if valid_ids.numel() < 2:
-        raise ValueError(f"the valid split of {corpus.name!r} has {valid_ids.numel()} tokens; "
-                         "validation needs at least 2")
+    train_ids, valid_ids = token_splits(cfg, corpus, tokenizer)
+    name, preset, overrides = model_setup(cfg, tokenizer)
+    ckpt = checked_resume(resume, cfg, tokenizer) if resume is not None else None
+    with RunDir(out, resume=resume is not None, overwrite=overwrite), sigterm_raises():
+        return _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids,
+                    valid_ids, name, preset, overrides)
 
-    ckpt = None
-    if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
-        saved, current = ckpt["config"], cfg.to_dict()
-        changed = [k for k in RECIPE_KEYS if saved[k] != current[k]]
-        if changed:
-            raise ValueError(f"cannot resume {os.fspath(resume)}: config differs in "
-                             f"{', '.join(changed)} from the checkpoint's")
-        if ckpt["tokenizer"]["sha256"] != tokenizer.sha256:
-            raise ValueError(f"cannot resume {os.fspath(resume)}: tokenizer hash differs")
 
+def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, valid_ids, name,
+         preset, overrides) -> TrainResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    name, preset = models.resolve(cfg.model)
-    overrides = _model_overrides(cfg, tokenizer.vocab_size)
-    check_vocab(models.config(name, preset, **overrides).vocab_size, tokenizer)
     raw_model = models.build(name, preset, **overrides).to(device).train()
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer = make_optimizer(raw_model, cfg, device)
@@ -324,7 +469,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     step, best_val, history = 0, None, []
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
+        load_weights(raw_model, ckpt, resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["data_generator"])
@@ -361,6 +506,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
         data_state = gen.get_state() if data_state is None else data_state
         atomic_save(state(data_state, rngs or rng_states()), out / filename)
 
+    def write_history() -> None:
+        atomic_write_json(history_document(cfg.model, history), out / "history.json")
+
+    def write_run(status: str, **why: Any) -> None:
+        doc = run_document(cfg, tokenizer, corpus, overrides)
+        atomic_write_json({**doc, "status": status, "step": step, **why}, out / "run.json")
+
     def evaluate() -> dict[str, float]:
         with autocast(device, dtype):
             res = evaluate_perplexity(model, valid_ids, scored_bytes(tokenizer, valid_ids),
@@ -372,9 +524,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     from tqdm.auto import tqdm
 
-    atomic_write_json(run_document(cfg, tokenizer, corpus, overrides), out / "run.json")
+    write_run("running")
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train")
     start_state = None  # (data generator, RNG) at the start of a step in flight
+    diverged = None
     try:
         while step < cfg.steps:
             start_state = (gen.get_state(), rng_states())
@@ -416,36 +569,59 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainRes
                     diagnostics = raw_model.diagnostics()
                 entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
             history.append(entry)  # before any save, so a checkpoint holds its own step's row
+            if not math.isfinite(entry["loss"]):
+                diverged = f"training loss {entry['loss']} at step {step}"
+            # a diverged run is validated once more: its last row carries what it scores now
             evaluated = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-            if evaluated:
+            if evaluated or diverged:
                 entry.update(evaluate())
-                if best_val is None or entry["val_loss"] < best_val:
+                if diverged is None and not math.isfinite(entry["val_loss"]):
+                    diverged = f"validation loss {entry['val_loss']} at step {step}"
+                if diverged is None and (best_val is None or entry["val_loss"] < best_val):
                     best_val = entry["val_loss"]
                     save("best.pt")
             if run is not None:
                 run.log(entry, step=step)
-            if step % cfg.log_every == 0 or step == cfg.steps or evaluated:
-                atomic_write_json({cfg.model: history}, out / "history.json")
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluated or diverged:
+                write_history()
+            if diverged:
+                break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(f"step-{step:06d}.pt")
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}")
         save("final.pt")
-    except BaseException:
-        # A step in flight has not changed the weights (the optimizer steps last): save the
-        # state from before it, so a resume redraws that step's batches.
-        if start_state is not None:
-            optimizer.zero_grad(set_to_none=True)
-            save("emergency.pt", *start_state)
+        if diverged:
+            write_run("diverged", reason=diverged)
         else:
-            save("emergency.pt")
-        atomic_write_json({cfg.model: history}, out / "history.json")
+            write_run("complete")
+    except BaseException as exc:
+        _emergency(exc, out, save, start_state, optimizer, write_history, write_run)
         raise
     finally:
         bar.close()
         if run is not None:
             run.finish()
-    return TrainResult(out, step, history, best_val)
+    return TrainResult(out, step, history, best_val, diverged)
+
+
+def _emergency(exc, out, save, start_state, optimizer, write_history, write_run) -> None:
+    """emergency.pt, once. A step in flight has not changed the weights (the optimizer steps
+    last): the state from before it is saved, so a resume redraws that step's batches. The
+    exception carries `emergency_checkpoint` only when the file was written."""
+    status = {KeyboardInterrupt: "interrupted", Terminated: "interrupted"}.get(type(exc), "failed")
+    with signals_wait("emergency.pt"):
+        try:
+            if start_state is not None:
+                optimizer.zero_grad(set_to_none=True)
+                save("emergency.pt", *start_state)
+            else:
+                save("emergency.pt")
+            exc.emergency_checkpoint = out / "emergency.pt"
+            write_history()
+            write_run(status, reason=type(exc).__name__, emergency="emergency.pt")
+        except Exception as e:  # the original exception says what happened; this one adds why
+            exc.emergency_error = f"{type(e).__name__}: {e}"
 
 
 def run_document(cfg: TrainConfig, tokenizer, corpus, overrides) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from muse.errors import MuseError
 from muse.layers.head import tied_logits
 from muse.layers.moe import moe_aux_loss, moe_diagnostics
 
@@ -27,11 +29,33 @@ def gpt2_init(blocks: nn.ModuleList, n_layers: int) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
-def check_input_ids(input_ids: torch.Tensor) -> None:
+def check_input_ids(
+    input_ids: torch.Tensor, vocab_size: int | None = None, validate: bool | None = None
+) -> None:
+    """The model's entry: integer ids [batch ≥ 1, seq ≥ 1], and with `vocab_size` each id in
+    [0, vocab_size). The range check reads the ids, which on a GPU waits for them, so by default
+    (`validate=None`) it runs on CPU tensors only, or everywhere with MUSE_VALIDATE_IDS=1 in
+    the environment; `validate=True` forces it, False skips it."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(
+        raise MuseError(
             f"input_ids must be [batch, seq] with seq ≥ 1, got {tuple(input_ids.shape)}"
         )
+    if input_ids.shape[0] < 1:
+        raise MuseError(f"input_ids must hold at least one sequence, got batch 0 "
+                        f"(shape {tuple(input_ids.shape)})")
+    if validate is None:
+        validate = input_ids.device.type == "cpu" or os.environ.get("MUSE_VALIDATE_IDS") == "1"
+    if vocab_size is None or not validate:
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise MuseError(f"token id {int(input_ids[where])} at {list(where)} is out of range: "
+                        f"ids must lie in [0, {vocab_size}) for vocab_size {vocab_size}")
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
@@ -129,7 +153,7 @@ class StreamingLM(nn.Module):
         """logits (B, N, V); with `state`, (logits, the state after these tokens): segments
         run one after another give the logits of one run over their concatenation (with any
         filters on the carried state off)."""
-        check_input_ids(input_ids)
+        check_input_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         if state is None:
             x = run_blocks(self.blocks, x, self.config.checkpointing)

@@ -123,7 +123,7 @@ class TransformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        check_input_ids(input_ids)
+        check_input_ids(input_ids, self.config.vocab_size)
         x = self.drop(self.embed(input_ids))
         x = run_blocks(self.blocks, x, self.config.checkpointing)
         return tied_logits(self.ln_f(x), self.lm_head.weight)

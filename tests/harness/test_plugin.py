@@ -184,13 +184,16 @@ def test_ids_default_seqs_dtype_and_models_in_the_order_given(pytester):
     ]
 
 
-def test_no_model_option_means_every_family_at_its_default_preset(pytester):
+def test_no_model_option_means_every_family_needing_no_extra_at_its_default_preset(pytester):
     pytester.makepyfile(test_ids=IDS_FILE)
     result = run(pytester, "--collect-only", "-q", "--seq", "8")
-    expected = [":".join(models.resolve(name)) for name in models.names()]
-    assert collected_ids(result)[-len(expected) :] == [
-        f"test_ids.py::test_model[{spec}-fp16]" for spec in expected
-    ]
+    expected = [":".join(models.resolve(name)) for name in models.default_names()]
+    models_collected = [i for i in collected_ids(result) if "::test_model[" in i]
+    assert models_collected == [f"test_ids.py::test_model[{spec}-fp16]" for spec in expected]
+    # the families behind an optional extra (the fla peers) run only when named
+    optional = sorted(set(models.names()) - set(models.default_names()))
+    assert optional and all(name.startswith("fla-") for name in optional)
+    assert not [i for i in collected_ids(result) if any(f"[{n}:" in i for n in optional)]
 
 
 def test_settings_and_thresholds_reach_the_tests(pytester):

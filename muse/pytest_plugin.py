@@ -340,11 +340,16 @@ def _case_of(item: pytest.Item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """An out-of-memory fails its own case, with the size it tried, and frees the memory so
-    the run goes on with the next case."""
+    the run goes on with the next case. A user's mistake found only now (a --checkpoint that
+    is not one) is a usage error: the run stops, with that one line."""
     import torch
+
+    from muse.errors import MuseError, one_line
 
     try:
         return (yield)
+    except MuseError as exc:
+        pytest.exit(f"{item.nodeid}: {one_line(exc)}", returncode=pytest.ExitCode.USAGE_ERROR)
     except torch.OutOfMemoryError as exc:
         case = _case_of(item)
         message = str(exc).splitlines()[0]

@@ -2,7 +2,8 @@
 
 Both sides are trained here by `muse.train` with one recipe (corpus, tokenizer, token budget,
 sequence length, batch, learning-rate schedule, precision, seeds), or both loaded from
-checkpoints the trainer wrote; then both are scored on the test split with the sliding-window
+checkpoints the trainer wrote, refused unless every one has the same recipe (`checkpoint_recipe`)
+and the two sides the same seeds; then both are scored on the test split with the sliding-window
 perplexity of `muse.measure.perplexity`. The two runs of a seed share the initialisation seed
 and the data order, so the degradation is taken per seed, PPL_model[s] / PPL_baseline[s] − 1,
 and gated on its mean over seeds; its spread over seeds is reported beside it.
@@ -44,7 +45,9 @@ from typing import Any
 import torch
 
 from muse import models
+from muse.checkpoint import load_checkpoint
 from muse.data import CORPUS_FORMS, WIKITEXT, get_tokenizer, load_corpus, parse_tokenizer_name
+from muse.errors import MuseError
 from muse.fileio import atomic_write_text
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, torch_dtype
@@ -354,6 +357,38 @@ def trained_tokens(ckpt: dict) -> int:
     return ckpt["step"] * cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"]
 
 
+# the training config keys that make a recipe: a comparison's runs differ in model and seed only
+RECIPE_KEYS = ("lr", "min_lr", "warmup_steps", "steps", "weight_decay", "betas", "clip_norm",
+               "seq_len", "batch_size", "grad_accum", "dtype", "tokenizer")
+
+
+def checkpoint_recipe(ckpt: dict) -> dict[str, Any]:
+    """What a checkpoint was trained with, besides its model and seed: the schedule (peak and
+    floor rate, warmup, planned steps), optimizer, windows, accumulation, precision, the tokens
+    its weights saw, and the tokenizer and corpus by hash."""
+    cfg = ckpt["config"]
+    recipe = {k: tuple(v) if isinstance(v, list) else v
+              for k in RECIPE_KEYS for v in [cfg.get(k)]}
+    recipe["training tokens"] = trained_tokens(ckpt)
+    recipe["tokenizer hash"] = ckpt["tokenizer"]["sha256"]
+    recipe["corpus hash"] = ckpt["corpus"]["sha256"]
+    return recipe
+
+
+def _shown(key: str, value: Any) -> str:
+    if key.endswith("hash") and isinstance(value, str):
+        return value[:12]
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value)
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`key (a's value against b's)` for every field of two recipes that differs."""
+    return [f"{k} ({_shown(k, a.get(k))} against {_shown(k, b.get(k))})"
+            for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
 def untrained_copy(ckpt: dict, device: torch.device | str) -> torch.nn.Module:
     """The weights the run of `ckpt` started from: the trainer seeds torch with the run's seed
     and builds the model on the CPU before moving it (muse.train.train)."""
@@ -551,6 +586,7 @@ class GateRuns:
         self._split: EvalSplit | None = None
         self._scored: dict[tuple[str, int, str], Scored] = {}
         self._loaded: dict[tuple[str, str], Scored] = {}
+        self._heads: dict[str, dict[str, Any]] = {}
         self._histories: dict[str, list] = {}
         self._runs: list[dict] = []
         self._tmp: str | None = None
@@ -655,35 +691,46 @@ class GateRuns:
                           self._scored[key])
 
     def _paired_checkpoints(self, spec: str, base: str) -> tuple[list[Scored], list[Scored]]:
-        sides = {}
-        for name, role in ((spec, "model"), (base, "baseline")):
-            runs = [self.loaded(p, role) for s, p in self.settings.checkpoints if s == name]
-            wrong = [r.source for r in runs if ":".join(models.resolve(r.spec)) != name]
+        """Both sides' checkpoints, paired by seed, once every one is known to be of its model
+        and of one recipe (checked before any is scored)."""
+        sides: dict[str, dict[int, str]] = {}
+        for name in (spec, base):
+            paths = [p for s, p in self.settings.checkpoints if s == name]
+            configs = {p: self._head(p)["config"] for p in paths}
+            wrong = [p for p, c in configs.items() if ":".join(models.resolve(c["model"])) != name]
             if wrong:
-                raise ValueError(f"--checkpoint {name}=… names a checkpoint of another model: "
-                                 f"{', '.join(wrong)}")
-            seeds = [r.seed for r in runs]
+                raise MuseError(f"--checkpoint {name}=… names a checkpoint of another model: "
+                                f"{', '.join(wrong)}")
+            seeds = [configs[p]["seed"] for p in paths]
             if len(set(seeds)) != len(seeds):
-                raise ValueError(f"the checkpoints of {name} share a seed ({seeds}); the gate "
-                                 "pairs model and baseline runs by seed")
-            sides[name] = {r.seed: r for r in runs}
+                raise MuseError(f"the checkpoints of {name} share a seed ({seeds}); the gate "
+                                "pairs model and baseline runs by seed")
+            sides[name] = dict(zip(seeds, paths, strict=True))
         if set(sides[spec]) != set(sides[base]):
-            raise ValueError(
+            raise MuseError(
                 f"the checkpoints of {spec} have seeds {sorted(sides[spec])} and those of {base} "
                 f"{sorted(sides[base])}; the gate pairs model and baseline runs by seed"
             )
         seeds = sorted(sides[spec])
-        model_runs = [sides[spec][s] for s in seeds]
-        base_runs = [sides[base][s] for s in seeds]
-        for m, b in zip(model_runs, base_runs, strict=True):
-            if m.train_tokens != b.train_tokens:
-                raise ValueError(
-                    f"not an equal budget: {m.source} was trained on {m.train_tokens} tokens "
-                    f"and {b.source} on {b.train_tokens}"
+        paths = [sides[spec][s] for s in seeds] + [sides[base][s] for s in seeds]
+        first = self._head(paths[0])["recipe"]
+        for path in paths[1:]:
+            differ = recipe_differences(first, self._head(path)["recipe"])
+            if differ:
+                raise MuseError(
+                    f"{paths[0]} and {path} were not trained with one recipe: they differ in "
+                    f"{'; '.join(differ)}. The gate compares runs of one recipe, model and seed "
+                    "apart: pass checkpoints trained alike"
                 )
-            if m.corpus_sha256 != b.corpus_sha256:
-                raise ValueError(f"{m.source} and {b.source} were trained on different corpora")
-        return model_runs, base_runs
+        return ([self.loaded(sides[spec][s], "model") for s in seeds],
+                [self.loaded(sides[base][s], "baseline") for s in seeds])
+
+    def _head(self, path: str) -> dict[str, Any]:
+        """A checkpoint's config and recipe, without its weights."""
+        if path not in self._heads:
+            ckpt = load_checkpoint(path)
+            self._heads[path] = {"config": ckpt["config"], "recipe": checkpoint_recipe(ckpt)}
+        return self._heads[path]
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -418,9 +418,83 @@ def test_checkpoint_mode_refuses_unpaired_or_unequal_runs(trained, tmp_path):
     ckpt["step"] -= 1
     shorter = tmp_path / "shorter.pt"
     torch.save(ckpt, shorter)
-    with pytest.raises(ValueError, match="not an equal budget"):
+    with pytest.raises(ValueError, match=r"training tokens \(10240 against 9984\)"):
         compare(*model, base[0], ("transformer:tiny", str(shorter)))
 
+
+@pytest.fixture(scope="module")
+def other_recipe(trained):
+    """transformer:tiny seed 1, trained on the same corpus and tokens as the baseline runs of
+    `trained` but with another recipe: lr 3e-5 (not 3e-3), 32 × 8 windows (not 64 × 4), bf16
+    (not fp32)."""
+    settings, _, _, _, _, root = trained
+    other = replace(settings, lr=3e-5, seq_len=32, batch_size=8, dtype="bf16")
+    assert other.steps * other.tokens_per_step == settings.steps * settings.tokens_per_step
+    out = root / "runs" / "other-recipe"
+    train(other.train_config("transformer:tiny", 1, out))
+    return out / "final.pt"
+
+
+def test_checkpoint_mode_refuses_a_pair_trained_with_another_recipe(trained, other_recipe):
+    settings, _, _, _, _, root = trained
+    model = _checkpoints(root, "transformer-eager:tiny", "model")
+    base = _checkpoints(root, "transformer:tiny", "baseline")
+    runs = GateRuns(replace(settings, checkpoints=(*model, base[0],
+                                                   ("transformer:tiny", str(other_recipe)))))
+    with pytest.raises(ValueError) as info:
+        runs.compare("transformer-eager:tiny")
+    message = str(info.value)
+    assert str(other_recipe) in message and "one recipe" in message
+    for named in ("lr (0.003 against 3e-05)", "min_lr (0.0003 against 3e-06)",
+                  "seq_len (64 against 32)", "batch_size (4 against 8)",
+                  "dtype ('fp32' against 'bf16')"):
+        assert named in message
+    assert "training tokens" not in message  # the same: 40 steps of 4 × 64 or of 8 × 32
+
+
+def _edit(src: str, dest: Path, edit) -> str:
+    ckpt = torch.load(src, weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, dest)
+    return str(dest)
+
+
+def _set_config(**values):
+    return lambda ckpt: ckpt["config"].update(values)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (_set_config(warmup_steps=7), ["warmup_steps (2 against 7)"]),
+        (_set_config(steps=80), ["steps (40 against 80)"]),  # the step 40 of a longer schedule
+        (_set_config(weight_decay=0.0), ["weight_decay (0.1 against 0)"]),
+        (_set_config(batch_size=2, grad_accum=2),
+         ["batch_size (4 against 2)", "grad_accum (1 against 2)"]),
+        (lambda ckpt: ckpt.__setitem__("step", 39), ["training tokens (10240 against 9984)"]),
+        (lambda ckpt: ckpt["corpus"].update(sha256="c" * 64), ["corpus hash"]),
+        (lambda ckpt: ckpt["tokenizer"].update(sha256="b" * 64), ["tokenizer hash"]),
+    ],
+    ids=["warmup", "schedule-length", "weight-decay", "accumulation", "tokens", "corpus",
+         "tokenizer"],
+)
+@pytest.mark.parametrize("side", ["baseline", "model"])
+def test_checkpoint_mode_names_every_recipe_field_that_differs(trained, tmp_path, edit, named,
+                                                               side):
+    """Every run of a comparison shares one recipe: the model's other seed as much as its
+    baseline."""
+    settings, _, _, _, _, root = trained
+    model = list(_checkpoints(root, "transformer-eager:tiny", "model"))
+    base = list(_checkpoints(root, "transformer:tiny", "baseline"))
+    runs = base if side == "baseline" else model
+    runs[1] = (runs[1][0], _edit(runs[1][1], tmp_path / "edited.pt", edit))
+    gate = GateRuns(replace(settings, checkpoints=(*model, *base)))
+    with pytest.raises(ValueError) as info:
+        gate.compare("transformer-eager:tiny")
+    message = str(info.value)
+    assert "edited.pt" in message and "one recipe" in message
+    for text in named:
+        assert text in message
 
 # --- the bench file, against canned comparisons -----------------------------------------------
 

@@ -1,11 +1,13 @@
 """Equal-budget perplexity: each --model against the `transformer` of matched size, both trained
 here with one recipe (--corpus, --tokenizer, --train-tokens, --train-seq, --train-batch,
---train-lr or --lr-sweep, --dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then
+--train-lr or --lr-sweep, --train-dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then
 scored on the test split with sliding windows (--ppl-context, --ppl-stride). Passes when the mean
 over seeds of PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself:
 an untrained copy of the model must fail that gate against the trained baseline (muse.quality).
 Recorded beside the gate: PPL and degradation on recall tokens and on the rest, the chosen
 learning rates and each side's training budget."""
+
+from dataclasses import replace
 
 import pytest
 
@@ -18,13 +20,15 @@ def test_perplexity_within_budget_of_matched_transformer(
     model_case, record, muse_settings, quality_runs
 ):
     limit = muse_settings.thresholds.max_ppl_degradation
+    quality = muse_settings.quality
     cmp = quality_runs.compare(model_case.spec)
     common = {**quality_runs.facts(), "baseline": cmp.baseline}
-    seq = muse_settings.quality.eval_context
+    # the records carry the gate's own precision and batch (--train-dtype, --train-batch)
+    case = replace(model_case, dtype=quality.dtype, batch=quality.batch_size)
 
     def put(metric, value, unit="1", **kw):
         kw["extra"] = {**common, **kw.get("extra", {})}
-        return record(model_case, metric, value, unit, seq=seq, **kw)
+        return record(case, metric, value, unit, seq=quality.eval_context, **kw)
 
     model, base = cmp.side("model"), cmp.side("baseline")
     put("ppl", model["ppl"], extra={**model, "summary": True})

@@ -157,6 +157,13 @@ def add_perplexity_options(group) -> None:
         "the best final valid loss (instead of --train-lr; budget: tokens × rates)",
     )
     group.addoption(
+        "--train-dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default=q.dtype,
+        help=f"perplexity: autocast of training and scoring, apart from --dtype "
+        f"(default {q.dtype})",
+    )
+    group.addoption(
         "--seeds",
         nargs="+",
         type=nonnegative_int,
@@ -212,7 +219,7 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
         batch_size=opt("train_batch"),
         lr=QualitySettings.lr if lr is None else lr,
         lr_sweep=lr_sweep,
-        dtype=opt("dtype"),
+        dtype=opt("train_dtype"),
         device=device.type,
         seeds=tuple(seeds) if seeds else QualitySettings.seeds,
         context=opt("ppl_context"),

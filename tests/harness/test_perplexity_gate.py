@@ -205,6 +205,38 @@ def test_bad_option_is_a_usage_error(pytester, args, message):
     assert message in result.stdout.str() + result.stderr.str()
 
 
+DTYPE_FILE = """
+def test_x(muse_settings):
+    assert (muse_settings.dtype, muse_settings.quality.dtype) == ({expected!r})
+    assert muse_settings.describe()["perplexity"]["dtype"] == {expected[1]!r}
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ("fp16", "bf16")),  # the criteria's default dtype does not reach the gate
+        (["--dtype", "fp32"], ("fp32", "bf16")),
+        (["--train-dtype", "fp32"], ("fp16", "fp32")),
+        (["--dtype", "bf16", "--train-dtype", "fp16"], ("bf16", "fp16")),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_the_gate_trains_in_its_own_dtype(pytester, args, expected):
+    pytester.makepyfile(test_perplexity=DTYPE_FILE.format(expected=expected))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--model",
+                                "transformer:tiny", "--device", "cpu", *args)
+    result.assert_outcomes(passed=1)
+
+
+def test_a_bad_train_dtype_is_a_usage_error(pytester):
+    pytester.makepyfile(test_perplexity=OPTION_FILE)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--model",
+                                "transformer:tiny", "--train-dtype", "fp8")
+    assert result.ret == USAGE_ERROR
+    assert "argument --train-dtype: invalid choice: 'fp8'" in result.stderr.str()
+
+
 def test_seeds_and_checkpoints_exclude_each_other(pytester, tmp_path):
     ckpt = tmp_path / "final.pt"
     ckpt.write_bytes(b"")
@@ -554,6 +586,9 @@ def test_bench_records_a_pass(pytester):
         "ppl_other", "baseline_ppl_other", "ppl_degradation_other", "recall_fraction",
         "lr", "train_budget_tokens", "baseline_lr", "baseline_train_budget_tokens",
         "control_ppl", "control_degradation"]
+    # each record names the precision and batch the gate trained and scored with, not the
+    # criteria's --dtype fp16 and --batch 1
+    assert {(r["dtype"], r["batch"]) for r in records.values()} == {("bf16", 16)}
     gate = records["ppl_degradation"]
     assert gate["value"] == pytest.approx((0.02 - 0.01) / 2)
     assert (gate["threshold"], gate["comparison"], gate["status"]) == (0.05, "<", "PASS")

@@ -257,3 +257,67 @@ def test_encoded_split_is_cached_and_equals_encode(tmp_path):
     assert again.dtype == torch.long and torch.equal(again, first)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         encoded_split(tok, corpus, "dev", cache_dir=tmp_path)
+
+
+# --- the held-out splits ----------------------------------------------------------------------
+# valid and test are made of characters train never has, so a token of theirs is a sign of
+# where it was read from
+
+
+def held_out_corpus(train_text):
+    return Corpus("held-out", {"train": train_text,
+                               "valid": "QXQXQX QXQX VQXV.\n" * 40,
+                               "test": "JKJK WJW KKJW.\n" * 40})
+
+
+def test_bpe_is_fitted_on_the_train_split_only(tmp_path, monkeypatch):
+    train_text = sample_text()
+    corpus = held_out_corpus(train_text)
+    fitted = []
+    real = data.train_bpe
+    monkeypatch.setattr(data, "train_bpe", lambda text, vocab: fitted.append(text) or real(
+        text, vocab))
+    tok = get_tokenizer("bpe:300", corpus, cache_dir=tmp_path / "a")
+    assert fitted == [train_text]
+    # no merge learned from valid or test: their words stay one token per byte
+    for split in ("valid", "test"):
+        word = corpus.splits[split].split()[0]
+        assert len(tok.encode(word)) == len(word.encode("utf-8")), split
+    # other valid and test text, the same train text: the very same tokenizer
+    other = Corpus("other", {**corpus.splits, "valid": "QQQQ XXXX.\n" * 50, "test": "JJJ.\n"})
+    assert other.sha256 != corpus.sha256
+    assert get_tokenizer("bpe:300", other, cache_dir=tmp_path / "b").sha256 == tok.sha256
+
+
+def test_the_trainer_trains_on_train_validates_on_valid_and_never_reads_test(tmp_path,
+                                                                             monkeypatch):
+    """Every input the model sees while the trainer runs, whatever the encoded-split cache
+    holds (a cold run, then a run that reads the cache)."""
+    import muse.train
+    from muse import models
+
+    corpus_dir = tmp_path / "corpus"
+    write_folder(corpus_dir, held_out_corpus(sample_text(seed=3)).splits)
+    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    valid_only = set(b"QXV")
+    test_only = set(b"JKW")
+    seen = {"train": set(), "eval": set()}
+    real_build = models.build
+
+    def build(*args, **kw):
+        model = real_build(*args, **kw)
+        model.register_forward_pre_hook(lambda module, inputs: seen[
+            "train" if module.training else "eval"].update(inputs[0].flatten().tolist()))
+        return model
+
+    monkeypatch.setattr(models, "build", build)
+    for run in ("cold", "cached"):
+        cfg = muse.train.TrainConfig(
+            model="transformer:tiny", corpus=str(corpus_dir), tokenizer="bytes", seq_len=16,
+            batch_size=4, steps=12, warmup_steps=1, eval_every=4, eval_tokens=4096,
+            out_dir=str(tmp_path / run), device="cpu", progress=False)
+        muse.train.train(cfg)
+        assert list((tmp_path / "cache").glob("ids-*-train.npy"))
+        assert not list((tmp_path / "cache").glob("ids-*-test.npy"))
+        assert seen["train"] and not seen["train"] & (valid_only | test_only), run
+        assert valid_only <= seen["eval"] and not seen["eval"] & test_only, run

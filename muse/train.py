@@ -374,47 +374,57 @@ def checked_resume(path: str | os.PathLike, cfg: TrainConfig, tokenizer) -> dict
     return ckpt
 
 
-def _in_main_thread() -> bool:
-    import threading
+class Signals:
+    """SIGINT and SIGTERM during training. Each raises (KeyboardInterrupt, Terminated), except
+    inside `atomic()` — an optimizer step and its bookkeeping, which a checkpoint must see
+    whole — where it is raised as the block ends, and while `saving()`, where it waits for the
+    save and says so. Only the main thread can set handlers; elsewhere Python's stay."""
 
-    return threading.current_thread() is threading.main_thread()
+    def __init__(self) -> None:
+        self.deferring, self.pending, self.saving_what = False, None, None
+        self.previous: dict[int, Any] = {}
 
+    def __enter__(self) -> Signals:
+        import threading
 
-@contextlib.contextmanager
-def sigterm_raises():
-    """While training, SIGTERM raises Terminated (Python turns only SIGINT into an exception)."""
-    if not _in_main_thread():  # signal handlers can only be set there
-        yield
-        return
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle)
+                             for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def raise_terminated(signum, frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextlib.contextmanager
-def signals_wait(what: str):
-    """While `what` is being saved, SIGINT and SIGTERM wait for the save (and say so) instead of
-    cutting it short."""
-    if not _in_main_thread():
-        yield
-        return
-
-    def wait(signum, frame):
-        print(f"muse train: {signal.Signals(signum).name} while saving {what}: exiting when the "
-              "save is done", file=sys.stderr, flush=True)
-
-    old = {s: signal.signal(s, wait) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.saving_what is not None:
+            print(f"muse train: {signal.Signals(signum).name} while saving {self.saving_what}: "
+                  "exiting when the save is done", file=sys.stderr, flush=True)
+            return
+        error = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if self.deferring:
+            self.pending = self.pending or error
+            return
+        raise error()
+
+    @contextlib.contextmanager
+    def atomic(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            error, self.pending = self.pending, None
+            raise error()
+
+    @contextlib.contextmanager
+    def saving(self, what: str):
+        self.saving_what = what
+        try:
+            yield
+        finally:
+            self.saving_what = None
 
 
 def _nonfinite_to_null(value: Any, path: str, found: dict[str, str]) -> Any:
@@ -453,13 +463,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     train_ids, valid_ids = token_splits(cfg, corpus, tokenizer)
     name, preset, overrides = model_setup(cfg, tokenizer)
     ckpt = checked_resume(resume, cfg, tokenizer) if resume is not None else None
-    with RunDir(out, resume=resume is not None, overwrite=overwrite), sigterm_raises():
+    with RunDir(out, resume=resume is not None, overwrite=overwrite), Signals() as signals:
         return _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids,
-                    valid_ids, name, preset, overrides)
+                    valid_ids, name, preset, overrides, signals)
 
 
 def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, valid_ids, name,
-         preset, overrides) -> TrainResult:
+         preset, overrides, signals: Signals) -> TrainResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     raw_model = models.build(name, preset, **overrides).to(device).train()
@@ -547,28 +557,31 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
             scaler.unscale_(optimizer)
             max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            start_state = None
-            synchronize(device)
-            seconds = time.perf_counter() - t0
+            # the update and its step count, RNG and history row change together: a signal
+            # here is raised after them, so a checkpoint never sees half of them
+            with signals.atomic():
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                start_state = None
+                synchronize(device)
+                seconds = time.perf_counter() - t0
 
-            entry: dict[str, Any] = {
-                "step": step,
-                "loss": loss_sum.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": tokens_per_step / seconds,
-                "peak_mem_bytes": (torch.cuda.max_memory_allocated(device)
-                                   if device.type == "cuda" else None),
-            }
-            if callable(getattr(raw_model, "diagnostics", None)):
-                with torch.no_grad():
-                    diagnostics = raw_model.diagnostics()
-                entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
-            history.append(entry)  # before any save, so a checkpoint holds its own step's row
+                entry: dict[str, Any] = {
+                    "step": step,
+                    "loss": loss_sum.item(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_step / seconds,
+                    "peak_mem_bytes": (torch.cuda.max_memory_allocated(device)
+                                       if device.type == "cuda" else None),
+                }
+                if callable(getattr(raw_model, "diagnostics", None)):
+                    with torch.no_grad():
+                        diagnostics = raw_model.diagnostics()
+                    entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
+                history.append(entry)  # before any save, so a checkpoint holds its own step's row
             if not math.isfinite(entry["loss"]):
                 diverged = f"training loss {entry['loss']} at step {step}"
             # a diverged run is validated once more: its last row carries what it scores now
@@ -578,8 +591,9 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
                 if diverged is None and not math.isfinite(entry["val_loss"]):
                     diverged = f"validation loss {entry['val_loss']} at step {step}"
                 if diverged is None and (best_val is None or entry["val_loss"] < best_val):
-                    best_val = entry["val_loss"]
-                    save("best.pt")
+                    with signals.atomic():  # best_val and best.pt agree in any checkpoint
+                        best_val = entry["val_loss"]
+                        save("best.pt")
             if run is not None:
                 run.log(entry, step=step)
             if step % cfg.log_every == 0 or step == cfg.steps or evaluated or diverged:
@@ -596,7 +610,7 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
         else:
             write_run("complete")
     except BaseException as exc:
-        _emergency(exc, out, save, start_state, optimizer, write_history, write_run)
+        _emergency(exc, out, save, start_state, optimizer, write_history, write_run, signals)
         raise
     finally:
         bar.close()
@@ -605,12 +619,13 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
     return TrainResult(out, step, history, best_val, diverged)
 
 
-def _emergency(exc, out, save, start_state, optimizer, write_history, write_run) -> None:
+def _emergency(exc, out, save, start_state, optimizer, write_history, write_run,
+               signals: Signals) -> None:
     """emergency.pt, once. A step in flight has not changed the weights (the optimizer steps
     last): the state from before it is saved, so a resume redraws that step's batches. The
     exception carries `emergency_checkpoint` only when the file was written."""
     status = {KeyboardInterrupt: "interrupted", Terminated: "interrupted"}.get(type(exc), "failed")
-    with signals_wait("emergency.pt"):
+    with signals.saving("emergency.pt"):
         try:
             if start_state is not None:
                 optimizer.zero_grad(set_to_none=True)

@@ -120,6 +120,32 @@ def test_files_follow_the_umask(corpus, tmp_path):
     assert modes == dict.fromkeys(["best.pt", "final.pt", "history.json", "run.json"], 0o640)
 
 
+@pytest.mark.parametrize("signum, error", [(signal.SIGTERM, trainer.Terminated),
+                                           (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_between_the_update_and_its_bookkeeping_waits_for_them(
+        corpus, tmp_path, monkeypatch, signum, error):
+    # synchronize runs after the optimizer step and before the step's history row
+    straight = train(tiny(corpus, tmp_path / "a", checkpoint_every=3))
+    real, calls = trainer.synchronize, {"n": 0}
+
+    def signal_once(device):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signum)
+        real(device)
+
+    monkeypatch.setattr(trainer, "synchronize", signal_once)
+    with pytest.raises(error):
+        train(tiny(corpus, tmp_path / "b"))
+    monkeypatch.setattr(trainer, "synchronize", real)
+    emergency = torch.load(tmp_path / "b" / "emergency.pt", weights_only=False)
+    at_3 = torch.load(tmp_path / "a" / "step-000003.pt", weights_only=False)
+    assert emergency["step"] == len(emergency["history"]) == 3
+    assert all(torch.equal(emergency["model"][k], at_3["model"][k]) for k in at_3["model"])
+    resumed = train(tiny(corpus, tmp_path / "b"), resume=tmp_path / "b" / "emergency.pt")
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+
+
 # ------------------------------------------------------------------- other processes
 
 # The child slows its emergency save down and says when it starts, so a test can signal

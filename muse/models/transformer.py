@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.layers.head import tied_logits
-from muse.layers.mlp import MLP
+from muse.layers.mlp import MLP, SwiGLU
 from muse.layers.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
 from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
@@ -27,6 +27,7 @@ class TransformerConfig(StrictConfig):
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 1024
+    ffn: str = "mlp"  # "mlp" (GELU, GPT-2) or "swiglu" (Llama's; the same parameters)
     dropout: float = 0.0
     rope_base: float = 10000.0
     attention: str = "sdpa"  # "sdpa": fused (flash on CUDA); "eager": materialises N×N scores
@@ -40,6 +41,8 @@ class TransformerConfig(StrictConfig):
                 f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads "
                 "of even size (rotary positions rotate pairs of channels)"
             )
+        if self.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn must be one of mlp, swiglu, got {self.ffn!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -85,7 +88,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(d_model=config.d_model, d_ff=config.d_ff)
+        ffn = SwiGLU if config.ffn == "swiglu" else MLP
+        self.mlp = ffn(d_model=config.d_model, d_ff=config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -208,3 +208,12 @@ def test_invalid_config_raises_naming_the_value(overrides, named):
         models.build("transformer", "tiny", vocab_size=VOCAB, **overrides)
     for text in named:
         assert text in str(err.value)
+
+
+def test_swiglu_ffn_keeps_the_parameter_count_within_a_few_percent():
+    mlp = models.build("transformer:small", vocab_size=8192)
+    swiglu = models.build("transformer:small", vocab_size=8192, ffn="swiglu")
+    assert abs(swiglu.num_params() / mlp.num_params() - 1) < 0.04
+    assert type(swiglu.blocks[0].mlp).__name__ == "SwiGLU"
+    with pytest.raises(ValueError, match="ffn must be one of mlp, swiglu, got 'relu'"):
+        models.build("transformer:small", ffn="relu")

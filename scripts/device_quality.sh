@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
-# One device run for the quality work: unpack the carried corpus and token cache, run the CUDA
-# tests of the layers, then the screening trainings given as arguments (scripts/quality_ablation.py
-# arguments). Output under $OUT. Carry: .data/carry.tgz (and .whl for fla).
+# One device run of the quality work (issue 10). Carry .data/carry.tgz (en-prose, wiki-mini and
+# the bpe:8192 token cache; made by scripts/pack_quality_data.sh) and .whl (the fla wheels).
+#   scripts/device_quality.sh screen 'transformer:small' 'phase2:small {"hebbian_conv": 4}' …
+#   scripts/device_quality.sh gate --model phase2:small fla-retnet --seeds 0 1 …
+#   scripts/device_quality.sh mqar 'transformer:tiny' 'phase2:tiny {"hebbian_delta": true}' …
+# Everything lands under $OUT: machine.txt, cuda-tests.txt, then screen.{json,md,txt},
+# results/ (the gate's results file) or mqar.{json,md}.
 set -uo pipefail
+mode=$1
+shift
 mkdir -p .data/unpacked ~/.cache/muse/tokenizers
-tar xzf .data/carry.tgz -C .data/unpacked
-cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
-export MUSE_GIT_SHA=${MUSE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)} PYTHONUNBUFFERED=1
+tar xzf .data/carry.tgz -C .data/unpacked && cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
-python -m pytest tests/layers/test_local_attention_cuda.py tests/layers/test_hebbian_cuda.py -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
-python scripts/quality_ablation.py --corpus .data/unpacked/en-prose "$@" 2>&1 | tee "$OUT/screen.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/machine.txt"
+echo "commit ${MUSE_GIT_SHA:-unknown}; command: $0 $mode $*" | tee -a "$OUT/machine.txt"
+python3 -m pytest tests/layers/test_local_attention_cuda.py tests/layers/test_hebbian_cuda.py \
+  -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+data=.data/unpacked
+case $mode in
+  screen) python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
+            --out "$OUT/screen" "$@" 2>&1 | tee "$OUT/screen.txt" ;;
+  gate) python3 -m pytest bench/test_perplexity.py --device cuda --dtype bf16 \
+          --corpus $data/en-prose --tokenizer bpe:8192 --results "$OUT/results" \
+          -p no:cacheprovider "$@" 2>&1 | tail -40 | tee "$OUT/gate.txt" ;;
+  mqar) python3 scripts/mqar.py --device cuda --out "$OUT/mqar" "$@" 2>&1 | tee "$OUT/mqar.txt" ;;
+  fla) python3 scripts/fla_smoke.py 2>&1 | tee "$OUT/fla.txt" ;;
+  *) echo "mode must be screen, gate, mqar or fla, got '$mode'" >&2; exit 2 ;;
+esac

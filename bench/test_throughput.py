@@ -1,15 +1,30 @@
-"""Tokens/s of the forward and the training step through pytest-benchmark (so
+"""Tokens/s of the forward and the training step at --batch through pytest-benchmark (so
 `--benchmark-compare` tracks it across commits), with peak memory in `extra_info`, and the
-speed ratio to the `transformer` of matched size (gated only when --min-speedup is given)."""
+speed ratio to the `transformer` of matched size (gated only when --min-speedup is given).
+
+Beside it, training as people train (muse.measure.phases.FIXED_STEP_PROTOCOL): a fixed number of
+tokens per step (--tokens-per-step, batch = tokens // seq), bf16 autocast, fused AdamW, the same
+for every model; tokens/s, the step's peak memory and the ratio to the matched transformer
+measured in the same run."""
 
 import math
+import traceback
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 from muse import models
-from muse.measure.phases import PHASES, make_phase, synchronize
-from muse.measure.timing import time_callable
+from muse.measure.memory import free_device_memory
+from muse.measure.phases import (
+    FIXED_STEP_DTYPE,
+    FIXED_STEP_PROTOCOL,
+    PHASES,
+    fixed_tokens_step,
+    make_phase,
+    synchronize,
+)
+from muse.measure.timing import TimingStats, time_callable, time_with_peak
 from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
@@ -83,3 +98,67 @@ def test_tokens_per_second(case, phase, benchmark, record, muse_settings, muse_s
     )
     if min_speedup is not None:
         assert ratio.passed, describe(ratio)
+
+
+@dataclass(frozen=True)
+class FixedStep:
+    batch: int
+    seq: int
+    stats: TimingStats
+    peak_bytes: int | None  # None off CUDA
+    loss: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.seq / self.stats.median_s
+
+
+def fixed_step(case, tokens_per_step: int, cache: dict) -> FixedStep:
+    """`case`'s model under the fixed-tokens protocol, measured once per session and seq: a
+    baseline's figures serve every model matched to it, and its own test."""
+    key = ("fixed_step", case.spec, case.seq, tokens_per_step)
+    if key not in cache:
+        step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device)
+        stats, peak = time_with_peak(step, case.device, WARMUP, ROUNDS)
+        cache[key] = FixedStep(step.ids.shape[0], case.seq, stats, peak, step.last_loss.item())
+        del step
+        free_device_memory()
+    return cache[key]
+
+
+def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestconfig):
+    tokens = pytestconfig.getoption("tokens_per_step")
+    if case.seq > tokens:
+        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}: no whole "
+                    "sequence fits a step")
+    own = fixed_step(case, tokens, muse_session.cache)
+    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
+    facts = {"protocol": FIXED_STEP_PROTOCOL, "tokens_per_step": own.batch * own.seq,
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
+             "rounds": own.stats.rounds, "loss": own.loss}
+    rec = record(at, "fixed_step_tokens_per_s", own.tokens_per_s, "tokens/s",
+                 extra={**facts, "summary": True})
+    if own.peak_bytes is not None:
+        record(at, "fixed_step_peak_bytes", own.peak_bytes, "bytes", extra=facts)
+    assert math.isfinite(own.loss), f"the training loss is {own.loss}: the step is not training"
+    assert math.isfinite(rec.value) and rec.value > 0, describe(rec)
+
+    base_name, base_preset = models.baseline_for(case.model, case.preset)
+    if (base_name, base_preset) == (case.model, case.preset):
+        return  # the baseline itself: its ratio is 1 by definition
+    metric = f"fixed_step_speedup_vs_{base_name}"
+    base_spec = f"{base_name}:{base_preset}"
+    try:
+        base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens,
+                          muse_session.cache)
+    except torch.OutOfMemoryError as exc:  # the baseline's limit, not the model's
+        message = str(exc).splitlines()[0]
+        traceback.clear_frames(exc.__traceback__)
+        free_device_memory()
+        record(at, metric, None, "1", status="INCONCLUSIVE", extra={
+            "baseline": base_spec, "why": f"{base_spec} ran out of memory: {message}"})
+        return
+    record(at, metric, own.tokens_per_s / base.tokens_per_s, "1", extra={
+        "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
+        "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes,
+        "tokens_per_step": own.batch * own.seq, "summary": True})

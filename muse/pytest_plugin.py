@@ -57,6 +57,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="compute dtype of the criteria (default fp16)",
     )
     group.addoption("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    from muse.measure.phases import TOKENS_PER_STEP
+
+    group.addoption(
+        "--tokens-per-step",
+        type=positive_int,
+        default=TOKENS_PER_STEP,
+        metavar="N",
+        help="throughput: the fixed-tokens protocol's tokens per training step, batch = N // seq "
+        f"(default {TOKENS_PER_STEP})",
+    )
     group.addoption(
         "--device",
         choices=("auto", "cuda", "cpu"),

@@ -58,15 +58,18 @@ def forward_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> Calla
 
 class TrainStep:
     """One optimisation step: fp32 master weights, autocast to `dtype`, loss scaling for fp16,
-    AdamW. Calling it runs forward, backward and the optimizer update; `last_loss` keeps the
-    loss so callers can check it is finite."""
+    AdamW (torch's fused kernel when `fused` and on CUDA). Calling it runs forward, backward and
+    the optimizer update; `last_loss` keeps the loss so callers can check it is finite."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype, lr: float = 1e-4):
+    def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype, lr: float = 1e-4,
+                 fused: bool = False):
         self.model = model.to(dtype=torch.float32).train()
         self.ids = ids
         self.dtype = dtype
         self.device = ids.device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.fused = fused and self.device.type == "cuda"
+        extra = {"fused": True} if self.fused else {}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, **extra)
         enabled = dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=enabled)
         self.last_loss: torch.Tensor | None = None
@@ -92,3 +95,31 @@ def make_phase(
     if phase == "train_step":
         return TrainStep(model, ids, dtype)
     raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+
+
+# The tokens-per-step protocol: training as people train, the same for every model. Batch 1 at a
+# short seq measures launch overhead; a fixed number of tokens per step measures training.
+TOKENS_PER_STEP = 65_536
+FIXED_STEP_DTYPE = "bf16"
+FIXED_STEP_PROTOCOL = (
+    "train step of batch = tokens per step // seq sequences, next-token loss over every "
+    "position, bf16 autocast over fp32 weights, AdamW (fused on CUDA)"
+)
+
+
+def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
+    """The protocol's batch: as many whole sequences of `seq` tokens as fit `tokens_per_step`."""
+    if tokens_per_step < 1 or seq < 1:
+        raise ValueError(f"need tokens_per_step ≥ 1 and seq ≥ 1, got {tokens_per_step}, {seq}")
+    if seq > tokens_per_step:
+        raise ValueError(f"seq {seq} is longer than the {tokens_per_step} tokens of a step; "
+                         f"--tokens-per-step must be at least {seq}")
+    return tokens_per_step // seq
+
+
+def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
+                      device: torch.device | str) -> TrainStep:
+    """The protocol's training step of `model` on seeded random ids at `seq`."""
+    batch = fixed_tokens_batch(tokens_per_step, seq)
+    ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
+    return TrainStep(model, ids, torch_dtype(FIXED_STEP_DTYPE), fused=True)

@@ -71,6 +71,25 @@ def time_callable(
     return summarize(times)
 
 
+def time_with_peak(
+    fn: Callable[[], object], device: torch.device | str, warmup: int = 3, rounds: int = 10
+) -> tuple[TimingStats, int | None]:
+    """Timed as `time_callable`, and the peak allocated bytes over the timed rounds (after
+    warm-up, so optimizer state and allocator growth are in it and a first-call spike is not);
+    None off CUDA, where no allocator keeps a peak."""
+    device = torch.device(device)
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds ≥ 1 and warmup ≥ 0, got rounds={rounds}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = time_callable(fn, device, warmup=0, rounds=rounds)
+    return stats, int(torch.cuda.max_memory_allocated(device)) if cuda else None
+
+
 def time_sweep(
     model, seqs, phase: str, dtype: torch.dtype, batch: int, device, warmup: int = 3,
     rounds: int = 10,

@@ -19,8 +19,15 @@ from muse import models
 from muse.measure.causality import causal_leak, causal_probe, probe_positions
 from muse.measure.gradient import backward_probe, gradient_flow, position_buckets
 from muse.measure.memory import NVMLMemory, nvml_memory, peak_memory
-from muse.measure.phases import TrainStep, lm_loss, random_ids, torch_dtype
-from muse.measure.timing import summarize, time_callable
+from muse.measure.phases import (
+    TrainStep,
+    fixed_tokens_batch,
+    fixed_tokens_step,
+    lm_loss,
+    random_ids,
+    torch_dtype,
+)
+from muse.measure.timing import summarize, time_callable, time_with_peak
 from muse.results import git_facts
 
 VOCAB = 97
@@ -356,6 +363,54 @@ def test_train_step_updates_the_weights_and_keeps_a_finite_loss(dtype):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+
+
+@pytest.mark.parametrize(("tokens", "seq", "batch"),
+                         [(65536, 4096, 16), (65536, 3000, 21), (65536, 65536, 1), (8, 1, 8)])
+def test_fixed_tokens_batch_is_the_whole_sequences_that_fit(tokens, seq, batch):
+    assert fixed_tokens_batch(tokens, seq) == batch
+
+
+def test_fixed_tokens_batch_names_a_seq_longer_than_a_step():
+    with pytest.raises(ValueError, match="seq 1024 is longer than the 512 tokens of a step; "
+                                         "--tokens-per-step must be at least 1024"):
+        fixed_tokens_batch(512, 1024)
+
+
+def test_fixed_tokens_step_trains_every_position_in_bf16():
+    """The protocol's step: batch = tokens // seq, bf16 autocast over fp32 weights, and a loss
+    over every next-token position — checked against a float64 reference on a model whose
+    logits sharpen with the position, so the last position alone would not pass."""
+
+    class Sharpening(PerTokenLM):
+        def forward(self, ids):
+            t = torch.arange(1, ids.shape[1] + 1, dtype=torch.float64) / ids.shape[1]
+            return super().forward(ids) * (20 * t).to(self.head.weight.dtype)[:, None]
+
+    torch.manual_seed(0)
+    model = Sharpening()
+    reference = copy.deepcopy(model).double()
+    step = fixed_tokens_step(model, 256, 64, "cpu")
+    assert step.ids.shape == (4, 64) and step.dtype == torch.bfloat16
+    assert not step.fused and not step.optimizer.defaults.get("fused")  # torch fuses on CUDA
+    with torch.no_grad():
+        per_position = F.cross_entropy(reference(step.ids)[:, :-1].transpose(1, 2),
+                                       step.ids[:, 1:], reduction="none")
+    step()
+    full, last = per_position.mean().item(), per_position[:, -1].mean().item()
+    assert abs(last / full - 1) > 0.1  # the two readings are told apart here
+    assert float(step.last_loss) == pytest.approx(full, rel=2e-2)  # bf16 logits
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize(("warmup", "rounds"), [(0, 1), (3, 10)])
+def test_time_with_peak_times_the_rounds_after_warmup(warmup, rounds):
+    calls = []
+    stats, peak = time_with_peak(lambda: calls.append(1), "cpu", warmup=warmup, rounds=rounds)
+    assert len(calls) == warmup + rounds and stats.rounds == rounds
+    assert peak is None  # no allocator peak off CUDA
+    with pytest.raises(ValueError, match="need rounds ≥ 1"):
+        time_with_peak(lambda: None, "cpu", rounds=0)
 
 
 # -- git facts -------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""bench/test_throughput.py's tokens-per-step protocol, run in inner sessions on the CPU with tiny
+models and a small step: what it records, that the baseline is measured once in the run and
+shared, and that a seq longer than a step is skipped with the reason. No timing is asserted."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import muse.results
+
+muse.results.environment_facts()  # see tests/harness/test_plugin.py: imports triton once, here
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_protocol(pytester, *models, tokens="128"):
+    shutil.copy(REPO / "bench" / "test_throughput.py", pytester.path / "test_throughput.py")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "fixed_tokens_per_step",
+                                "-rs", "--results", str(pytester.path / "results"),
+                                "--device", "cpu", "--seq", "64", "256", "--model", *models,
+                                "--tokens-per-step", tokens)
+    records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    return result, records
+
+
+def test_the_protocol_records_tokens_per_s_and_the_ratio_to_its_transformer(pytester):
+    result, records = run_protocol(pytester, "transformer:tiny", "phase2:tiny")
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines(["*seq 256 is longer than --tokens-per-step 128*"])
+    got = {(r["model"], r["metric"]): r for r in records}
+    assert set(got) == {("transformer", "fixed_step_tokens_per_s"),
+                        ("phase2", "fixed_step_tokens_per_s"),
+                        ("phase2", "fixed_step_speedup_vs_transformer")}  # no peak off CUDA
+    for r in records:
+        # batch = 128 tokens // seq 64, in bf16 whatever --dtype and --batch say
+        assert (r["seq"], r["batch"], r["dtype"], r["device"]) == (64, 2, "bf16", "cpu")
+        assert r["status"] == "RECORDED" and r["threshold"] is None
+    own = got["phase2", "fixed_step_tokens_per_s"]
+    assert own["extra"]["tokens_per_step"] == 128 and own["extra"]["rounds"] == 10
+    assert own["value"] == pytest.approx(128 / own["extra"]["median_s"])
+    assert "fused on CUDA" in own["extra"]["protocol"]
+    ratio = got["phase2", "fixed_step_speedup_vs_transformer"]
+    base = got["transformer", "fixed_step_tokens_per_s"]
+    # the baseline measured once in the run: its own record and the ratio's denominator agree
+    assert ratio["extra"]["baseline"] == "transformer:tiny"
+    assert ratio["extra"]["baseline_tokens_per_s"] == base["value"]
+    assert ratio["value"] == pytest.approx(own["value"] / base["value"])
+
+
+def test_a_baseline_not_under_test_is_measured_for_the_ratio(pytester):
+    result, records = run_protocol(pytester, "phase2:tiny", tokens="64")
+    result.assert_outcomes(passed=1, skipped=1)
+    (ratio,) = [r for r in records if r["metric"] == "fixed_step_speedup_vs_transformer"]
+    assert ratio["batch"] == 1 and ratio["value"] > 0
+    assert ratio["extra"]["baseline_tokens_per_s"] > 0
+
+
+def test_tokens_per_step_must_be_a_positive_integer(pytester):
+    pytester.makepyfile(test_x="def test_x(): pass")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--tokens-per-step",
+                                "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "argument --tokens-per-step: '0' is not a positive integer" in result.stderr.str()

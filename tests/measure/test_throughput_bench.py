@@ -57,6 +57,36 @@ def test_a_baseline_not_under_test_is_measured_for_the_ratio(pytester):
     assert ratio["extra"]["baseline_tokens_per_s"] > 0
 
 
+BASELINE_OOM = """
+import pytest
+import torch
+
+@pytest.fixture(autouse=True)
+def baseline_out_of_memory(request, monkeypatch):
+    real = request.module.fixed_step
+
+    def fixed_step(case, tokens, cache):
+        if case.model == "transformer":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB")
+        return real(case, tokens, cache)
+
+    monkeypatch.setattr(request.module, "fixed_step", fixed_step)
+"""
+
+
+def test_a_baseline_out_of_memory_leaves_the_ratio_inconclusive_not_the_model_failed(pytester):
+    pytester.makeconftest(BASELINE_OOM)
+    result, records = run_protocol(pytester, "phase2:tiny", tokens="64")
+    result.assert_outcomes(passed=1, skipped=1)
+    got = {r["metric"]: r for r in records}
+    assert got["fixed_step_tokens_per_s"]["value"] > 0
+    ratio = got["fixed_step_speedup_vs_transformer"]
+    assert (ratio["value"], ratio["status"]) == (None, "INCONCLUSIVE")
+    assert ratio["extra"]["why"] == ("transformer:tiny ran out of memory: CUDA out of memory. "
+                                     "Tried to allocate 13.00 GiB")
+    assert result.ret == pytest.ExitCode.OK
+
+
 def test_tokens_per_step_must_be_a_positive_integer(pytester):
     pytester.makepyfile(test_x="def test_x(): pass")
     result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--tokens-per-step",

@@ -219,6 +219,8 @@ class DissipativeHebbian(nn.Module):
         self.head_gain = nn.Parameter(torch.ones(head_dim)) if out_gate else None
         self.out = nn.Linear(inner, d_model, bias=False)
 
+    last_log_decay: torch.Tensor | None = None
+
     def init_tails(self, batch: int, device=None, dtype=None) -> dict:
         """What besides W a stream carries: the conv's last inputs, the window's keys/values."""
         tails = {}
@@ -273,6 +275,8 @@ class DissipativeHebbian(nn.Module):
             # η multiplies every write k vᵀ, so a per-head η is a per-head scale on the keys
             k = k * eta_scale[:, None, :, None].to(k.dtype)
         log_decay = self.log_decay(x)
+        # per-head mean log-decay of this call, kept for diagnostics (no host sync here)
+        self.last_log_decay = log_decay.detach().mean(dim=(0, 1))
         if gamma_offset is not None:
             log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype) * self.dt
         if beta is not None:
@@ -304,3 +308,15 @@ class DissipativeHebbian(nn.Module):
         if not return_state:
             return y
         return (y, w, new_tails) if tails is not None else (y, w)
+
+
+def decay_diagnostics(model: nn.Module) -> dict[str, float]:
+    """The Hebbian heads' per-step decay e^{mean log α} in the last forward, over every head of
+    every layer: min, median and max (α near 1: memory of ~1/(1 − α) tokens)."""
+    heads = [m.last_log_decay for m in model.modules()
+             if isinstance(m, DissipativeHebbian) and m.last_log_decay is not None]
+    if not heads:
+        return {}
+    alpha = torch.exp(torch.cat(heads).float())
+    return {"decay_min": float(alpha.min()), "decay_median": float(alpha.median()),
+            "decay_max": float(alpha.max())}

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from muse.layers.bk import NonHermitianBKMixer
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
-from muse.layers.hebbian import DissipativeHebbian
+from muse.layers.hebbian import DissipativeHebbian, decay_diagnostics
 from muse.layers.moe import check_ffn_config, make_ffn
 from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
 from muse.layers.zeta import zeta_token_table
@@ -244,6 +244,10 @@ class Phase2LM(StreamingLM):
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.init == "gpt2":
             gpt2_init(self.blocks, config.n_layers)
+
+    def diagnostics(self) -> dict[str, float]:
+        """The MoE expert load (with MoE) and the Hebbian heads' decay of the last forward."""
+        return {**super().diagnostics(), **decay_diagnostics(self)}
 
 
 

@@ -1,5 +1,7 @@
 """Dissipative Hebbian: the chunked form against the per-token definition in float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -171,3 +173,15 @@ def test_delta_rule_layer_is_causal_and_learns_its_write_strength():
     assert m.beta.weight.grad.abs().sum() > 0 and x.grad[:, 0].abs().sum() > 0
     with pytest.raises(ValueError, match="the delta rule needs 0 < eta ≤ 1"):
         DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, delta=True, eta=2.0)
+
+
+def test_decay_diagnostics_report_the_heads_of_the_last_forward():
+    from muse.layers.hebbian import decay_diagnostics
+
+    m = DissipativeHebbian(d_model=16, n_heads=4, head_dim=8, decay="mamba2")
+    assert decay_diagnostics(m) == {}
+    with torch.no_grad():
+        m(torch.zeros(1, 3, 16))
+    d = decay_diagnostics(m)
+    assert d["decay_min"] == pytest.approx(math.exp(-1.6), rel=1e-5)
+    assert d["decay_max"] == pytest.approx(math.exp(-1e-3), rel=1e-5)

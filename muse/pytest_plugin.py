@@ -8,6 +8,7 @@ Any project that installs muse can write its own criteria with the `case`, `long
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -493,9 +494,11 @@ def record(request: pytest.FixtureRequest, muse_session: MuseSession) -> Recorde
 
 
 @pytest.fixture(scope="session")
-def quality_runs(muse_session: MuseSession) -> Iterator[GateRuns]:
+def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> Iterator[GateRuns]:
     """The perplexity gate's training runs, shared by every model of the session; their
-    histories go beside the results file, in <results>/<run>-perplexity/."""
+    histories go beside the results file, in <results>/<run>-perplexity/. Each run's start and
+    end are written to the terminal as they happen, counted against the runs the collected
+    gate tests need."""
     from muse.quality import GateRuns
     from muse.results import git_facts, run_name
 
@@ -504,9 +507,28 @@ def quality_runs(muse_session: MuseSession) -> Iterator[GateRuns]:
     if settings.results_dir is not None:
         run = run_name(muse_session.started_at, git_facts().get("sha"))
         history = settings.results_dir / f"{run}-perplexity"
-    runs = GateRuns(settings.quality, history)
+    runs = GateRuns(settings.quality, history, say=_terminal_line(request.config))
+    cases = (getattr(getattr(i, "callspec", None), "params", {}).get("model_case")
+             for i in request.session.items if "quality_runs" in getattr(i, "fixturenames", ()))
+    runs.plan(list(dict.fromkeys(c.spec for c in cases if c is not None)))
     yield runs
     runs.close()
+
+
+def _terminal_line(config: pytest.Config):
+    """A function writing one line to the terminal at once, even from inside a test whose
+    output pytest captures; None where there is no terminal (an xdist worker)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return None
+
+    def say(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(line)
+            reporter.flush()
+
+    return say
 
 
 def _failed(records) -> list:

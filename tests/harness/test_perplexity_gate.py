@@ -17,6 +17,7 @@ import muse.results
 import muse.train
 from muse.quality import (
     Comparison,
+    GateProgress,
     GateRuns,
     QualitySettings,
     Scored,
@@ -24,6 +25,7 @@ from muse.quality import (
     best_run,
     checkpoint_arg,
     degradations,
+    duration,
     untrained_copy,
 )
 from muse.train import TrainConfig, train
@@ -527,6 +529,69 @@ def test_checkpoint_mode_names_every_recipe_field_that_differs(trained, tmp_path
     assert "edited.pt" in message and "one recipe" in message
     for text in named:
         assert text in message
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_counts_the_runs_and_estimates_the_time_left(tmp_path):
+    lines = []
+    progress = GateProgress(lines.append, planned=3)
+    settings = tiny_settings(tmp_path)
+    for what, seconds in (("a seed 0 (baseline)", 10.0), ("b seed 0 (model)", 20.0),
+                          ("c seed 0 (model)", 30.0)):
+        progress.started(what, settings)
+        progress.finished(what, 10240, seconds, 3.25)
+    assert lines == [
+        "perplexity gate: run 1/3: training a seed 0 (baseline): 10,240 tokens in 40 steps of "
+        "4×64, fp32, on cpu",
+        "perplexity gate: run 1/3 done: a seed 0 (baseline) in 10 s (1,024 tokens/s), final "
+        "valid loss 3.2500; 10,240 tokens trained so far; 2 runs left, training ETA ≈ 20 s",
+        "perplexity gate: run 2/3: training b seed 0 (model): 10,240 tokens in 40 steps of "
+        "4×64, fp32, on cpu",
+        # the runs left × the mean run so far: 1 × (10 + 20) / 2
+        "perplexity gate: run 2/3 done: b seed 0 (model) in 20 s (512 tokens/s), final valid "
+        "loss 3.2500; 20,480 tokens trained so far; 1 run left, training ETA ≈ 15 s",
+        "perplexity gate: run 3/3: training c seed 0 (model): 10,240 tokens in 40 steps of "
+        "4×64, fp32, on cpu",
+        "perplexity gate: run 3/3 done: c seed 0 (model) in 30 s (341 tokens/s), final valid "
+        "loss 3.2500; 30,720 tokens trained so far",
+    ]
+    assert [duration(s) for s in (0.4, 59.6, 61, 3599, 3660)] == [
+        "0 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 01 min"]
+
+
+def test_the_plan_counts_shared_baselines_once(tmp_path):
+    runs = GateRuns(tiny_settings(tmp_path, lr_sweep=(1e-3, 1e-2)), say=lambda line: None)
+    # transformer:tiny's baseline is itself, trained once as the baseline and once as the model;
+    # transformer-eager:tiny shares that baseline: 3 runs per seed and rate, × 2 seeds × 2 rates
+    assert runs.plan(["transformer:tiny", "transformer-eager:tiny"]) == 12
+    assert runs.progress.planned == 12
+    ckpts = tiny_settings(tmp_path, checkpoints=(("transformer:tiny", "a.pt"),))
+    assert GateRuns(ckpts).plan(["transformer:tiny"]) == 0
+
+
+def test_the_bench_shows_each_training_run_on_the_terminal(pytester):
+    """Through pytest's output capture, in a real (tiny) session: the lines come as the runs
+    start and end, counted against the runs the collected tests need."""
+    shutil.copy(REPO / "bench" / "test_perplexity.py", pytester.path / "test_perplexity.py")
+    corpus = write_corpus(pytester.path / "corpus")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "--model",
+                                "transformer:tiny", "--device", "cpu", "--corpus", str(corpus),
+                                "--tokenizer", "bytes", "--train-tokens", str(64 * 4 * 10),
+                                "--train-seq", "64", "--train-batch", "4", "--train-lr", "3e-3",
+                                "--train-dtype", "fp32")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "perplexity gate: run 1/4: training transformer:tiny seed 0 (baseline): 2,560 tokens in "
+        "10 steps of 4×64, fp32, on cpu",
+        "perplexity gate: run 1/4 done: transformer:tiny seed 0 (baseline) in * s (* tokens/s), "
+        "final valid loss *; 2,560 tokens trained so far; 3 runs left, training ETA ≈ * s",
+        "perplexity gate: run 2/4: training transformer:tiny seed 1 (baseline)*",
+        "perplexity gate: run 3/4: training transformer:tiny seed 0 (model)*",
+        "perplexity gate: run 4/4 done: transformer:tiny seed 1 (model) in * s (* tokens/s), "
+        "final valid loss *; 10,240 tokens trained so far",
+    ])
+
 
 # --- the bench file, against canned comparisons -----------------------------------------------
 

@@ -105,16 +105,26 @@ def train(args: argparse.Namespace) -> int:
     if args.resume is not None and args.overwrite:
         raise MuseError("--resume and --overwrite exclude each other: --resume continues the "
                         "run in out_dir, --overwrite replaces it")
+    if args.nproc is not None:
+        from muse.distributed import check_nproc
+
+        check_nproc(args.nproc, cfg.device)
+        if args.nproc > 1:
+            return _launch(args, cfg)
     try:
         result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except (KeyboardInterrupt, Terminated) as exc:
         sig, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        if getattr(exc, "rank", 0) != 0:  # rank 0 says what was saved
+            return code
         print(f"muse train: interrupted ({sig}): {_emergency_note(exc)}", file=sys.stderr)
         return code
     except Exception as exc:  # a bug: its traceback follows this line
         if getattr(exc, "emergency_checkpoint", None) is not None:
             print(f"muse train: failed: {_emergency_note(exc)}", file=sys.stderr)
         raise
+    if result.rank != 0:  # rank 0 says how it went
+        return DIVERGED if result.diverged else 0
     last = result.history[-1] if result.history else {}
     if result.diverged:
         print(f"muse train: diverged: {result.diverged}; stopped, nothing saved as best.pt; "
@@ -127,6 +137,21 @@ def train(args: argparse.Namespace) -> int:
         summary += f", best val loss {result.best_val_loss:.4f}"
     print(f"{summary}; checkpoints and history.json in {result.out_dir}")
     return 0
+
+
+def _launch(args: argparse.Namespace, cfg) -> int:
+    """`--nproc N`: every check here first (a mistake is one line, before any rank starts),
+    then this command again, without --nproc, on N ranks through torchrun."""
+    from muse.distributed import launch
+    from muse.train import check, resolve_device
+
+    check(cfg, args.resume, args.overwrite, world=args.nproc)
+    argv = ["train", str(args.config), *(f"--set={s}" for s in args.set)]
+    if args.resume is not None:
+        argv += ["--resume", str(args.resume)]
+    if args.overwrite:
+        argv.append("--overwrite")
+    return launch(args.nproc, argv, cuda=resolve_device(cfg.device).type == "cuda")
 
 
 def _emergency_note(exc: BaseException) -> str:
@@ -230,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue from a checkpoint (step-*.pt, best.pt, final.pt, emergency.pt)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in out_dir (its checkpoints and history)")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train on N processes of this host (one per GPU on CUDA), re-launched"
+                   " through torchrun; batch_size stays the global batch")
     p.set_defaults(func=train)
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on a split")
     p.add_argument("checkpoint", metavar="CKPT.pt")

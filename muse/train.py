@@ -21,6 +21,11 @@ resume) is checked before `out_dir` is created. One training at a time holds `ou
 `muse.rundir`); a folder that already holds a run needs `resume` or `overwrite`. A non-finite
 training or validation loss stops the run: nothing is saved as best, and the result's
 `diverged` says why.
+
+Under torchrun (or `muse train --nproc N`) the ranks train one model (`muse.distributed`):
+`batch_size` is the global batch, each rank takes its slice; the loss and tokens/s in the
+history are global, rank 0 writes every file, and history rows and run.json say how many ranks
+ran.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from muse import models
+from muse import distributed, models
 from muse.checkpoint import load_checkpoint, load_weights
 from muse.data import check_vocab, encoded_split, get_tokenizer, load_corpus, parse_tokenizer_name
 from muse.errors import MuseError
@@ -95,11 +100,12 @@ class TrainConfig(StrictConfig):
     log_every: int = 1  # history.json rewritten every K steps (and at the end)
     out_dir: str = "runs/train"
     device: str = "auto"  # auto | cuda | cpu
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2): how several ranks share the model
     wandb: bool = False  # log to Weights & Biases (only when installed)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
-        for key in ("model", "corpus", "tokenizer", "out_dir", "dtype", "device"):
+        for key in ("model", "corpus", "tokenizer", "out_dir", "dtype", "device", "parallel"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
         if not isinstance(self.model_overrides, dict):
@@ -134,6 +140,9 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.parallel not in distributed.PARALLEL:
+            raise ConfigError(f"parallel must be one of {', '.join(distributed.PARALLEL)}, "
+                              f"got {self.parallel!r}")
         if self.eval_tokens < 2:
             raise ConfigError(f"eval_tokens must be ≥ 2 (a token to predict from the one before), "
                               f"got {self.eval_tokens}")
@@ -264,9 +273,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    """`batch` random contiguous windows of `seq` tokens (starts drawn from `gen`)."""
+def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator,
+                 ranks: distributed.Ranks | None = None) -> torch.Tensor:
+    """`batch` random contiguous windows of `seq` tokens (starts drawn from `gen`); with
+    `ranks`, this rank's slice of them (every rank draws all `batch` starts)."""
     starts = torch.randint(0, ids.numel() - seq + 1, (batch,), generator=gen)
+    if ranks is not None:
+        starts = distributed.share(starts, ranks)
     return torch.stack([ids[s : s + seq] for s in starts.tolist()])
 
 
@@ -279,14 +292,15 @@ def weighted_aux_loss(model: nn.Module) -> torch.Tensor | float:
     return 0.0
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   fused: bool = True):
     # decay matrices (embeddings, linear weights), not gains and biases (nanoGPT's split)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    extra = {"fused": True} if device.type == "cuda" else {}
+    extra = {"fused": True} if fused and device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=cfg.betas, **extra)
 
 
@@ -300,6 +314,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_val_loss: float | None
     diverged: str | None = None  # why the run stopped before `steps`: a non-finite loss
+    rank: int = 0  # this process's rank; rank 0 wrote the files
+    ranks: int = 1
 
 
 def _model_overrides(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
@@ -448,46 +464,89 @@ def history_document(spec: str, history: list[dict[str, Any]]) -> dict[str, Any]
     return {spec: rows}
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
-          overwrite: bool = False) -> TrainResult:
-    """Train per `cfg`; with `resume`, continue from a checkpoint exactly where it stopped.
-    `overwrite`: replace a run already in `out_dir` (without it, or `resume`, that is refused).
-    """
-    # every check a user's mistake can fail comes before out_dir is created
+@dataclass
+class Checked:
+    """What `check` found: everything the run needs that a user's mistake could spoil."""
+
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    corpus: Any
+    tokenizer: Any
+    train_ids: torch.Tensor
+    valid_ids: torch.Tensor
+    name: str
+    preset: str
+    overrides: dict[str, Any]
+    ckpt: dict[str, Any] | None
+
+
+def check(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: bool = False,
+          world: int | None = None) -> Checked:
+    """Every check a user's mistake can fail, before `out_dir` is created; `world`: the number
+    of ranks that will train (default: torchrun's, or 1). Only rank 0 looks at `out_dir`."""
+    rank, launched, _ = distributed.launched_world()
+    world = launched if world is None else world
     device = resolve_device(cfg.device)
     dtype = torch_dtype(cfg.dtype)
+    distributed.check_share(cfg.batch_size, world)
+    distributed.check_parallel(cfg.parallel, cfg.dtype, world)
     out = Path(cfg.out_dir)
-    check_reuse(out, resume is not None, overwrite)
+    if rank == 0:
+        check_reuse(out, resume is not None, overwrite)
     corpus = load_corpus(cfg.corpus)
     tokenizer = get_tokenizer(cfg.tokenizer, corpus)
     train_ids, valid_ids = token_splits(cfg, corpus, tokenizer)
     name, preset, overrides = model_setup(cfg, tokenizer)
     ckpt = checked_resume(resume, cfg, tokenizer) if resume is not None else None
-    with RunDir(out, resume=resume is not None, overwrite=overwrite), Signals() as signals:
-        return _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids,
-                    valid_ids, name, preset, overrides, signals)
+    return Checked(device, dtype, out, corpus, tokenizer, train_ids, valid_ids, name, preset,
+                   overrides, ckpt)
 
 
-def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, valid_ids, name,
-         preset, overrides, signals: Signals) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Train per `cfg`; with `resume`, continue from a checkpoint exactly where it stopped.
+    `overwrite`: replace a run already in `out_dir` (without it, or `resume`, that is refused).
+    Under torchrun, every rank calls it; rank 0 holds `out_dir`.
+    """
+    checked = check(cfg, resume, overwrite)
+    ranks, checked.device = distributed.join(checked.device, cfg.parallel)
+    try:
+        held = (RunDir(checked.out, resume=resume is not None, overwrite=overwrite)
+                if ranks.main else contextlib.nullcontext())
+        with held, Signals() as signals:
+            return _run(cfg, resume, checked, ranks, signals)
+    finally:
+        distributed.leave(ranks)
+
+
+def _run(cfg, resume, c: Checked, ranks: distributed.Ranks, signals: Signals) -> TrainResult:
+    device, dtype, out, tokenizer, corpus = c.device, c.dtype, c.out, c.tokenizer, c.corpus
+    train_ids, valid_ids, overrides, ckpt = c.train_ids, c.valid_ids, c.overrides, c.ckpt
+    main = ranks.main
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    raw_model = models.build(name, preset, **overrides).to(device).train()
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    optimizer = make_optimizer(raw_model, cfg, device)
+    raw_model = models.build(c.name, c.preset, **overrides).to(device).train()
+    if ckpt is not None:
+        load_weights(raw_model, ckpt, resume)  # before FSDP shards the parameters
+    wrapped = distributed.wrap(raw_model, ranks, device)
+    model = torch.compile(wrapped) if cfg.compile else wrapped
+    # with DDP, validation needs no other rank: the module under the wrapper
+    eval_model = model if not ranks.several or ranks.fsdp else (
+        torch.compile(raw_model) if cfg.compile else raw_model)
+    optimizer = make_optimizer(raw_model, cfg, device, fused=not ranks.fsdp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     step, best_val, history = 0, None, []
     if ckpt is not None:
-        load_weights(raw_model, ckpt, resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_optimizer(raw_model, optimizer, ckpt["optimizer"], ranks)
         scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["data_generator"])
         set_rng_states(ckpt["rng"])
         step, best_val, history = ckpt["step"], ckpt["best_val_loss"], ckpt["history"]
 
     run = None
-    if cfg.wandb:
+    if cfg.wandb and main:
         try:
             import wandb
         except ImportError:
@@ -497,9 +556,10 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
             run = wandb.init(config=cfg.to_dict(), dir=str(out))
 
     def state(data_state: torch.Tensor, rngs: dict[str, Any]) -> dict[str, Any]:
+        weights, moments = distributed.full_state(raw_model, optimizer, ranks)
         return {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": moments,
             "scaler": scaler.state_dict(),
             "step": step,
             "data_generator": data_state,
@@ -510,32 +570,37 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
             "corpus": {"name": corpus.name, "sha256": corpus.sha256},
             "best_val_loss": best_val,
             "history": history,
+            "distributed": ranks.describe(),
         }
 
     def save(filename: str, data_state=None, rngs=None) -> None:
         data_state = gen.get_state() if data_state is None else data_state
-        atomic_save(state(data_state, rngs or rng_states()), out / filename)
+        saved = state(data_state, rngs or rng_states())  # every rank: FSDP gathers the shards
+        if main:
+            atomic_save(saved, out / filename)
 
     def write_history() -> None:
-        atomic_write_json(history_document(cfg.model, history), out / "history.json")
+        if main:
+            atomic_write_json(history_document(cfg.model, history), out / "history.json")
 
     def write_run(status: str, **why: Any) -> None:
-        doc = run_document(cfg, tokenizer, corpus, overrides)
-        atomic_write_json({**doc, "status": status, "step": step, **why}, out / "run.json")
+        if main:
+            doc = run_document(cfg, tokenizer, corpus, overrides, ranks)
+            atomic_write_json({**doc, "status": status, "step": step, **why}, out / "run.json")
 
     def evaluate() -> dict[str, float]:
         with autocast(device, dtype):
-            res = evaluate_perplexity(model, valid_ids, scored_bytes(tokenizer, valid_ids),
+            res = evaluate_perplexity(eval_model, valid_ids, scored_bytes(tokenizer, valid_ids),
                                       context=cfg.seq_len, stride=cfg.seq_len,
                                       batch_size=cfg.batch_size, device=device)
-        return {"val_loss": res.nll_per_token, "val_ppl": res.ppl,
-                "val_bits_per_byte": res.bits_per_byte}
+        return distributed.from_main({"val_loss": res.nll_per_token, "val_ppl": res.ppl,
+                                      "val_bits_per_byte": res.bits_per_byte}, ranks)
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global
     from tqdm.auto import tqdm
 
     write_run("running")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), desc="train")
     start_state = None  # (data generator, RNG) at the start of a step in flight
     diverged = None
     try:
@@ -548,15 +613,18 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                x = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
-                with autocast(device, dtype):
-                    loss = lm_loss(model(x), x) / cfg.grad_accum
-                scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
+            for micro in range(cfg.grad_accum):
+                x = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen, ranks).to(device)
+                with distributed.grad_sync(wrapped, ranks, micro == cfg.grad_accum - 1):
+                    with autocast(device, dtype):
+                        loss = lm_loss(model(x), x) / cfg.grad_accum
+                    scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
+            loss_sum = distributed.mean(loss_sum, ranks)
             scaler.unscale_(optimizer)
             max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            grad_norm = distributed.replicated(
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
             # the update and its step count, RNG and history row change together: a signal
             # here is raised after them, so a checkpoint never sees half of them
             with signals.atomic():
@@ -575,7 +643,8 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_step / seconds,
                     "peak_mem_bytes": (torch.cuda.max_memory_allocated(device)
-                                       if device.type == "cuda" else None),
+                                       if device.type == "cuda" else None),  # rank 0's device
+                    "ranks": ranks.world,
                 }
                 if callable(getattr(raw_model, "diagnostics", None)):
                     with torch.no_grad():
@@ -610,13 +679,25 @@ def _run(cfg, resume, ckpt, device, dtype, out, corpus, tokenizer, train_ids, va
         else:
             write_run("complete")
     except BaseException as exc:
-        _emergency(exc, out, save, start_state, optimizer, write_history, write_run, signals)
+        if not main:
+            exc.rank = ranks.rank  # rank 0 saves, and says so
+        elif ranks.fsdp:
+            exc.emergency_error = ("under FSDP the state is spread over the ranks and cannot be "
+                                   "gathered once one has stopped; resume from the last "
+                                   "step-NNNNNN.pt")
+            _final_words(exc, write_history, write_run, signals)
+        else:
+            _emergency(exc, out, save, start_state, optimizer, write_history, write_run, signals)
         raise
     finally:
         bar.close()
         if run is not None:
             run.finish()
-    return TrainResult(out, step, history, best_val, diverged)
+    return TrainResult(out, step, history, best_val, diverged, ranks.rank, ranks.world)
+
+
+def _status(exc: BaseException) -> str:
+    return {KeyboardInterrupt: "interrupted", Terminated: "interrupted"}.get(type(exc), "failed")
 
 
 def _emergency(exc, out, save, start_state, optimizer, write_history, write_run,
@@ -624,7 +705,6 @@ def _emergency(exc, out, save, start_state, optimizer, write_history, write_run,
     """emergency.pt, once. A step in flight has not changed the weights (the optimizer steps
     last): the state from before it is saved, so a resume redraws that step's batches. The
     exception carries `emergency_checkpoint` only when the file was written."""
-    status = {KeyboardInterrupt: "interrupted", Terminated: "interrupted"}.get(type(exc), "failed")
     with signals.saving("emergency.pt"):
         try:
             if start_state is not None:
@@ -634,15 +714,27 @@ def _emergency(exc, out, save, start_state, optimizer, write_history, write_run,
                 save("emergency.pt")
             exc.emergency_checkpoint = out / "emergency.pt"
             write_history()
-            write_run(status, reason=type(exc).__name__, emergency="emergency.pt")
+            write_run(_status(exc), reason=type(exc).__name__, emergency="emergency.pt")
         except Exception as e:  # the original exception says what happened; this one adds why
             exc.emergency_error = f"{type(e).__name__}: {e}"
 
 
-def run_document(cfg: TrainConfig, tokenizer, corpus, overrides) -> dict[str, Any]:
+def _final_words(exc, write_history, write_run, signals: Signals) -> None:
+    """history.json and run.json of a run that stops without emergency.pt."""
+    with signals.saving("history.json"):
+        try:
+            write_history()
+            write_run(_status(exc), reason=type(exc).__name__)
+        except Exception:  # the original exception is what the user must see
+            pass
+
+
+def run_document(cfg: TrainConfig, tokenizer, corpus, overrides,
+                 ranks: distributed.Ranks | None = None) -> dict[str, Any]:
     return {
         "config": cfg.to_dict(),
         "model_overrides": overrides,
         "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256},
         "corpus": {"name": corpus.name, "sha256": corpus.sha256},
+        "distributed": (ranks or distributed.Ranks()).describe(),
     }

@@ -287,9 +287,45 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     try:
         settings = settings_from_options(config)
+        if hasattr(config, "workerinput"):
+            pin_worker(config.workerinput["workerid"], settings.device)
+        else:
+            check_gpu_workers(config.getoption("numprocesses", default=None), settings.device)
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = MuseSession(settings, datetime.now(timezone.utc))
+
+
+def check_gpu_workers(workers, device) -> None:
+    """`-n N` of pytest-xdist on CUDA: worker gwK runs on GPU K, so N GPUs at least."""
+    if not isinstance(workers, int) or workers < 1 or device.type != "cuda":
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if workers > count:
+        raise ValueError(f"-n {workers}: each xdist worker runs on a GPU of its own and "
+                         f"{count} CUDA device(s) are visible here; use -n {count} or fewer "
+                         "(-n auto: one per GPU), or --device cpu")
+
+
+def pin_worker(workerid: str, device) -> None:
+    """xdist worker gwK on GPU K: 'cuda' means cuda:K for every tensor, kernel and memory
+    counter of the worker (NVML reads the same index)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(workerid.removeprefix("gw")))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` on CUDA: one worker per GPU (xdist's own count on the CPU)."""
+    if config.getoption("device", default="auto") == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 def muse_session_of(config: pytest.Config) -> MuseSession:

@@ -1,0 +1,74 @@
+"""`pytest bench -n N` with pytest-xdist: worker gwK on GPU K, no more workers than GPUs, and
+the records of every worker in the one results file the controller writes."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import muse.results
+from muse import pytest_plugin
+
+muse.results.environment_facts()  # see test_plugin.py: native modules are imported once, here
+
+CUDA = torch.device("cuda")
+WHO_RECORDS = """
+import os
+
+def test_x(case, record):
+    record(case, "m", 1.0, "1", extra={"worker": os.environ["PYTEST_XDIST_WORKER"]})
+"""
+
+
+def gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.slow  # two worker interpreters
+def test_two_workers_on_the_cpu_hand_all_records_to_one_results_file(pytester):
+    pytester.makepyfile(test_memory=WHO_RECORDS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-n", "2", "--device", "cpu",
+                                "--model", "transformer:tiny", "--seq", "64", "128", "256", "512",
+                                "--dtype", "fp32", "--results", str(pytester.path / "results"))
+    result.assert_outcomes(passed=4)
+    doc = json.loads((pytester.path / "results" / "latest.json").read_text())
+    records = doc["records"]
+    assert sorted(r["seq"] for r in records) == [64, 128, 256, 512]
+    assert {r["extra"]["worker"] for r in records} == {"gw0", "gw1"}  # both workers recorded
+
+
+def test_more_workers_than_gpus_is_a_usage_error(pytester, monkeypatch):
+    gpus(monkeypatch, 1)
+    pytester.makepyfile(test_memory=WHO_RECORDS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-n", "2", "--device", "cuda",
+                                "--model", "transformer:tiny", "--no-results")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("-n 2: each xdist worker runs on a GPU of its own and 1 CUDA device(s) are visible "
+            "here; use -n 1 or fewer") in str(result.stderr)
+
+
+def test_as_many_workers_as_gpus_pass(monkeypatch):
+    gpus(monkeypatch, 2)
+    for workers in (None, 0, 1, 2):
+        pytest_plugin.check_gpu_workers(workers, CUDA)
+    pytest_plugin.check_gpu_workers(8, torch.device("cpu"))  # the CPU: xdist's own business
+    with pytest.raises(ValueError, match="-n 3: .* 2 CUDA device"):
+        pytest_plugin.check_gpu_workers(3, CUDA)
+
+
+def test_worker_gw_k_runs_on_gpu_k(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    pytest_plugin.pin_worker("gw3", CUDA)
+    pytest_plugin.pin_worker("gw0", torch.device("cpu"))
+    assert chosen == [3]
+
+
+@pytest.mark.parametrize(("device", "count", "workers"),
+                         [("auto", 4, 4), ("cuda", 2, 2), ("cpu", 4, None), ("auto", 0, None)])
+def test_auto_is_one_worker_per_gpu(monkeypatch, device, count, workers):
+    gpus(monkeypatch, count)
+    config = SimpleNamespace(getoption=lambda name, default=None: device)
+    assert pytest_plugin.pytest_xdist_auto_num_workers(config) == workers

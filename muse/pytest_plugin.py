@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -539,11 +539,15 @@ def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> I
     from muse.results import git_facts, run_name
 
     settings = muse_session.settings
-    history = None
+    quality, history = settings.quality, None
+    # xdist: each worker trains its models' runs on its GPU; none shares a folder with another
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
     if settings.results_dir is not None:
         run = run_name(muse_session.started_at, git_facts().get("sha"))
-        history = settings.results_dir / f"{run}-perplexity"
-    runs = GateRuns(settings.quality, history, say=_terminal_line(request.config))
+        history = settings.results_dir / (f"{run}-perplexity" + (f"-{worker}" if worker else ""))
+    if worker and quality.train_dir is not None:
+        quality = replace(quality, train_dir=str(Path(quality.train_dir) / worker))
+    runs = GateRuns(quality, history, say=_terminal_line(request.config))
     cases = (getattr(getattr(i, "callspec", None), "params", {}).get("model_case")
              for i in request.session.items if "quality_runs" in getattr(i, "fixturenames", ()))
     runs.plan(list(dict.fromkeys(c.spec for c in cases if c is not None)))

@@ -19,6 +19,14 @@ import os
 def test_x(case, record):
     record(case, "m", 1.0, "1", extra={"worker": os.environ["PYTEST_XDIST_WORKER"]})
 """
+GATE_FOLDERS = """
+import os
+
+def test_x(case, record, quality_runs):
+    record(case, "m", 1.0, "1", extra={"worker": os.environ["PYTEST_XDIST_WORKER"],
+                                       "history": str(quality_runs.history_dir),
+                                       "train_dir": quality_runs.settings.train_dir})
+"""
 
 
 def gpus(monkeypatch, count: int) -> None:
@@ -28,15 +36,24 @@ def gpus(monkeypatch, count: int) -> None:
 
 @pytest.mark.slow  # two worker interpreters
 def test_two_workers_on_the_cpu_hand_all_records_to_one_results_file(pytester):
-    pytester.makepyfile(test_memory=WHO_RECORDS)
+    """Also: the perplexity gate of each worker keeps its histories and checkpoints in folders
+    of its own (two workers may both train a shared baseline)."""
+    pytester.makepyfile(test_memory=WHO_RECORDS, test_perplexity=GATE_FOLDERS)
     result = pytester.runpytest("-p", "no:cacheprovider", "-n", "2", "--device", "cpu",
                                 "--model", "transformer:tiny", "--seq", "64", "128", "256", "512",
-                                "--dtype", "fp32", "--results", str(pytester.path / "results"))
-    result.assert_outcomes(passed=4)
+                                "--dtype", "fp32", "--results", str(pytester.path / "results"),
+                                "--train-dir", str(pytester.path / "runs"))
+    result.assert_outcomes(passed=8)
     doc = json.loads((pytester.path / "results" / "latest.json").read_text())
     records = doc["records"]
-    assert sorted(r["seq"] for r in records) == [64, 128, 256, 512]
+    assert sorted((r["criterion"], r["seq"]) for r in records) == sorted(
+        (c, s) for c in ("memory", "perplexity") for s in (64, 128, 256, 512))
     assert {r["extra"]["worker"] for r in records} == {"gw0", "gw1"}  # both workers recorded
+    for r in records:
+        if r["criterion"] == "perplexity":
+            worker = r["extra"]["worker"]
+            assert r["extra"]["history"].endswith(f"-perplexity-{worker}")
+            assert r["extra"]["train_dir"] == str(pytester.path / "runs" / worker)
 
 
 def test_more_workers_than_gpus_is_a_usage_error(pytester, monkeypatch):

@@ -64,10 +64,13 @@ def check_nproc(nproc: int, device: str) -> None:
         raise MuseError("--nproc inside torchrun: torchrun has started the ranks already; drop "
                         "--nproc or run muse train --nproc N outside torchrun")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda and nproc > torch.cuda.device_count():
-        raise MuseError(f"--nproc {nproc}: this host has {torch.cuda.device_count()} CUDA "
-                        f"device(s) and each rank needs one; use --nproc ≤ "
-                        f"{torch.cuda.device_count()}")
+    count = torch.cuda.device_count() if cuda else 0
+    if cuda and count == 0:
+        raise MuseError("device 'cuda' asked for, but no CUDA device is visible here; use "
+                        "device = cpu (gloo) or auto")
+    if cuda and nproc > count:
+        raise MuseError(f"--nproc {nproc}: this host has {count} CUDA device(s) and each rank "
+                        f"needs one; use --nproc ≤ {count}")
 
 
 @dataclass

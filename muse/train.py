@@ -544,6 +544,8 @@ def _run(cfg, resume, c: Checked, ranks: distributed.Ranks, signals: Signals) ->
         gen.set_state(ckpt["data_generator"])
         set_rng_states(ckpt["rng"])
         step, best_val, history = ckpt["step"], ckpt["best_val_loss"], ckpt["history"]
+    if ranks.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a checkpoint saves
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank + step)
 
     run = None
     if cfg.wandb and main:

@@ -198,8 +198,9 @@ def test_launcher_refuses_a_bad_nproc(corpus, tmp_path, capsys, nproc):
 
 
 @pytest.mark.parametrize(("sets", "cuda", "said"), [
-    (["device=cuda"], 0, "this host has 0 CUDA device(s) and each rank needs one"),
-    (["device=auto"], 1, "this host has 1 CUDA device(s) and each rank needs one"),
+    (["device=cuda"], 0, "device 'cuda' asked for, but no CUDA device is visible here"),
+    (["device=auto"], 1, "--nproc 2: this host has 1 CUDA device(s) and each rank needs one"),
+    (["device=cuda"], 1, "--nproc 2: this host has 1 CUDA device(s) and each rank needs one"),
     (["batch_size=3"], 0, "batch_size 3 does not split evenly over 2 ranks"),
     (["parallel=fsdp", "dtype=fp16"], 0, "parallel = fsdp trains in fp32 or bf16"),
     (["parallel=zero"], 0, "parallel must be one of ddp, fsdp, got 'zero'"),

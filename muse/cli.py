@@ -61,7 +61,10 @@ def info(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from muse.report import render
+    from muse.extras import needs
+
+    with needs("the report"):
+        from muse.report import render
 
     written = render(args.results, args.out, history=args.history, templates=args.templates)
     print(f"wrote {len(written)} files under {args.out}: REPORT.md, report.html, tables/, plots/")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muse.errors import MuseError
+from muse.extras import needs
 from muse.fileio import atomic_write_bytes, atomic_write_text
 
 SPLITS = ("train", "valid", "test")
@@ -138,9 +139,9 @@ def _load_file(path: Path) -> Corpus:
 
 
 def _load_wikitext(spec: str) -> Corpus:
-    try:
+    with needs(f"corpus {spec!r}"):
         import datasets
-
+    try:
         ds = datasets.load_dataset("wikitext", WIKITEXT[spec])
         splits = {
             "train": "".join(ds["train"]["text"]),
@@ -255,9 +256,9 @@ def _from_backend(name: str, backend, serialized: str) -> Tokenizer:
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    try:
+    with needs("tokenizer 'gpt2'"):
         import transformers
-
+    try:
         hf = transformers.AutoTokenizer.from_pretrained("gpt2")
         backend = hf.backend_tokenizer
     except Exception as e:
@@ -283,7 +284,8 @@ def train_bpe(text: str, vocab_size: int):
     """Train a byte-level BPE (`tokenizers`) on `text`: the 256 byte symbols plus merges up to
     `vocab_size` tokens in all (fewer if the text runs out of pairs to merge); no special tokens.
     """
-    from tokenizers import pre_tokenizers, trainers
+    with needs("tokenizer 'bpe:<vocab>'"):
+        from tokenizers import pre_tokenizers, trainers
 
     backend = _new_bpe()
     trainer = trainers.BpeTrainer(
@@ -303,7 +305,8 @@ def bpe_cache_path(cache_dir: Path, corpus: Corpus, vocab_size: int) -> Path:
 
 
 def bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
+    with needs(f"tokenizer 'bpe:{vocab_size}'"):
+        from tokenizers import Tokenizer as Backend
 
     name = f"bpe:{vocab_size}"
     path = bpe_cache_path(cache_dir, corpus, vocab_size)

@@ -599,7 +599,10 @@ def _run(cfg, resume, c: Checked, ranks: distributed.Ranks, signals: Signals) ->
                                       "val_bits_per_byte": res.bits_per_byte}, ranks)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global
-    from tqdm.auto import tqdm
+    from muse.extras import needs
+
+    with needs("the progress bar"):
+        from tqdm.auto import tqdm
 
     write_run("running")
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), desc="train")

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                    " key (default reports/results/latest.json)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
     p.add_argument("--history", type=Path, help="training history.json for the loss/PPL plot")
-    p.add_argument("--templates", type=Path, help="folder of Jinja2 templates (default templates/)")
+    p.add_argument("--templates", type=Path,
+                   help="folder of Jinja2 templates (default: muse's own, muse/templates/)")
     p.set_defaults(func=report)
     p = sub.add_parser(
         "compare", help="the regression gate: deltas of memory, tokens/s and ppl between two runs"

@@ -1,4 +1,4 @@
-"""Results → tables (Jinja2 templates in templates/: md, csv, tex per table), REPORT.md and a
+"""Results → tables (Jinja2 templates in muse/templates/: md, csv, tex per table), REPORT.md and a
 self-contained report.html with the plots of muse.plots embedded."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import base64
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -17,7 +18,8 @@ from muse.fileio import atomic_write_bytes
 from muse.results import Record, read_document
 from muse.summary import VERDICTS, format_value
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# package data, read through importlib.resources so an installed wheel finds them
+TEMPLATES = resources.files("muse") / "templates"
 NOT_MEASURED = "not measured"
 ALL_SEQS = -1  # the seq of a record that spans every seq (a scaling fit); a real seq is ≥ 1
 HISTORY_KEYS = ("loss", "val_loss", "ppl", "val_ppl")  # what the training plot draws
@@ -260,9 +262,17 @@ def _md(text) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _packaged(name: str) -> str | None:
+    item = TEMPLATES / name
+    return item.read_text(encoding="utf-8") if item.is_file() else None
+
+
 def environment(templates: Path | None = None) -> jinja2.Environment:
+    """Templates from a folder, or muse's own when none is given."""
+    loader = (jinja2.FunctionLoader(_packaged) if templates is None
+              else jinja2.FileSystemLoader(str(templates)))
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates or TEMPLATES)),
+        loader=loader,
         autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -344,7 +354,7 @@ def _templates(templates: Path | None) -> jinja2.Environment:
     if missing:
         shown = ", ".join(missing[:4]) + (", …" if len(missing) > 4 else "")
         raise MuseError(f"--templates {str(folder)!r} lacks {len(missing)} template(s): {shown}")
-    return environment(folder)
+    return environment(None if templates is None else folder)
 
 
 def _render(env: jinja2.Environment, name: str, **context) -> str:

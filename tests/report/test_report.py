@@ -163,8 +163,8 @@ def test_cli_report_and_default_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "reports" / "results").mkdir(parents=True)
     shutil.copy(FIXTURE, tmp_path / "reports" / "results" / "latest.json")
     monkeypatch.chdir(tmp_path)
-    assert main(["report", "--out", "scratch", "--templates", str(HERE.parents[1] / "templates")]) \
-        == 0
+    templates = HERE.parents[1] / "muse" / "templates"
+    assert main(["report", "--out", "scratch", "--templates", str(templates)]) == 0
     assert (tmp_path / "scratch" / "report.html").is_file()
     assert main(["report", "missing.json"]) == 2
     assert capsys.readouterr().err == "muse report: results file 'missing.json' does not exist\n"

@@ -1,2 +1,5 @@
-"""Project fixtures only: the harness itself (options, parametrization, `record`, summary) is
-muse's pytest plugin, loaded through its `pytest11` entry point once muse is installed."""
+"""Project fixtures only. The harness itself (options, parametrization, `record`, summary) is
+muse's pytest plugin, which installing muse does not load anywhere: this project asks for it
+here, as any project that wants its fixtures does."""
+
+pytest_plugins = ["muse.pytest_plugin"]

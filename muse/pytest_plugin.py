@@ -1,9 +1,11 @@
-"""muse's pytest plugin (entry point `pytest11`): options, validation, parametrization of the
-acceptance criteria over models and seqs, the `record` fixture through which every measured
-number reaches the results file, the terminal summary and the exit status.
+"""muse's pytest plugin: options, validation, parametrization of the acceptance criteria over
+models and seqs, the `record` fixture through which every measured number reaches the results
+file, the terminal summary and the exit status.
 
-Any project that installs muse can write its own criteria with the `case`, `longest_case`,
-`model_case` and `record` fixtures.
+It has no `pytest11` entry point, so installing muse changes no one else's pytest run: a
+project loads it from its root conftest.py with `pytest_plugins = ["muse.pytest_plugin"]` (as
+muse's own does), then writes its own criteria with the `case`, `longest_case`, `model_case`
+and `record` fixtures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 SESSION_KEY = pytest.StashKey["MuseSession"]()
 CASE_FIXTURES = ("case", "longest_case", "model_case")
+MUSE_FIXTURES = frozenset({*CASE_FIXTURES, "record", "muse_session", "muse_settings",
+                           "quality_runs"})
 
 
 @dataclass
@@ -422,7 +426,10 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    if muse_session_of(item.config).settings.device.type == "cuda":
+    """Frees the device memory a criterion held before the next case measures its own; a test
+    that uses no muse fixture keeps its CUDA cache."""
+    uses_muse = not MUSE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+    if uses_muse and muse_session_of(item.config).settings.device.type == "cuda":
         from muse.measure.memory import free_device_memory
 
         free_device_memory()

@@ -4,6 +4,16 @@ In-process inner sessions drop the modules they imported when they end; torch's 
 imported compiler stack registers operator libraries at import and cannot be imported twice in
 one process. Importing it here, before any inner session, keeps it out of their snapshot."""
 
+import pytest
 import torch._dynamo  # noqa: F401
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def pytester(pytester, monkeypatch):
+    """Inner sessions load muse's plugin as a project's conftest.py would (it has no entry
+    point), through PYTEST_PLUGINS: in-process sessions, subprocesses and xdist workers all
+    read it."""
+    monkeypatch.setenv("PYTEST_PLUGINS", "muse.pytest_plugin")
+    return pytester

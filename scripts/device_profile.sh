@@ -5,7 +5,7 @@
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
-python3 -m pytest -q -p no:cacheprovider tests/layers/test_hebbian_cuda.py \
+python3 -m pytest -q -p no:cacheprovider -m "" tests/layers/test_hebbian_cuda.py \
   tests/ops/test_decayed_scan_triton.py > "$out/cuda-tests.txt" 2>&1
 tail -3 "$out/cuda-tests.txt"
 for seq in 4096 16384; do

@@ -1,0 +1,13 @@
+"""The criteria run whatever their markers: pytest.ini's `-m "not slow and not gpu"` selects
+the fast unit suite and holds in a run that collects bench/ only when the command line (or
+PYTEST_ADDOPTS) gives -m itself, so `pytest bench --benchmark-compare` and the CPU smoke run
+(`--device cpu`) collect every criterion."""
+
+import os
+import shlex
+
+
+def pytest_configure(config):
+    given = [*config.invocation_params.args, *shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))]
+    if not any(str(arg).startswith("-m") for arg in given):
+        config.option.markexpr = ""

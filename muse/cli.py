@@ -1,5 +1,5 @@
 """`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`, `muse eval`,
-`muse profile`; `generate` arrives with its issue and says so until then.
+`muse export`, `muse profile`; `generate` arrives with its issue and says so until then.
 
 Exit status: 0 done; 1 a failed check (`compare` found a regression) or a bug in muse (with
 its traceback); 2 a user's mistake (one line on stderr naming the bad value); 3 a training
@@ -166,6 +166,15 @@ def _emergency_note(exc: BaseException) -> str:
     return "no state saved" + (f" ({why})" if why else " (training had not started)")
 
 
+def export(args: argparse.Namespace) -> int:
+    from muse.hf import export as export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"wrote {out}: config.json and the weights; after `import muse.hf`, "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from muse.evaluate import evaluate_checkpoint
 
@@ -273,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face save_pretrained folder")
+    p.add_argument("checkpoint", metavar="CKPT.pt")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty folder")
+    p.set_defaults(func=export)
     p = sub.add_parser("profile", help="where a train step's device time goes, by sublayer"
                        " and kernel")
     p.add_argument("model", help="registry spec, name[:preset]")

@@ -97,7 +97,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--min-grad", type=positive_float, default=t.min_grad)
     group.addoption("--max-ppl-degradation", type=positive_float, default=t.max_ppl_degradation)
-    group.addoption("--min-r2", type=positive_float, default=t.min_r2)
+    group.addoption("--min-r2", type=fraction, default=t.min_r2)
     group.addoption("--max-loglog-slope", type=positive_float, default=t.max_loglog_slope)
     group.addoption(
         "--min-loglog-slope",

@@ -82,6 +82,7 @@ def collected_ids(result) -> list[str]:
             ["--max-quadratic-share", "1"],
             "argument --max-quadratic-share: '1' is not a fraction in (0, 1)",
         ),
+        (["--min-r2", "2"], "argument --min-r2: '2' is not a fraction in (0, 1)"),
         (["--scaling-z", "0"], "argument --scaling-z: '0' is not a positive finite number"),
         (
             ["--min-loglog-slope", "1.2"],

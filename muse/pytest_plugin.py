@@ -11,6 +11,7 @@ and `record` fixtures.
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -551,7 +552,8 @@ def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> I
     worker = getattr(request.config, "workerinput", {}).get("workerid")
     if settings.results_dir is not None:
         run = run_name(muse_session.started_at, git_facts().get("sha"))
-        history = settings.results_dir / (f"{run}-perplexity" + (f"-{worker}" if worker else ""))
+        history = _fresh_folder(
+            settings.results_dir / (f"{run}-perplexity" + (f"-{worker}" if worker else "")))
     if worker and quality.train_dir is not None:
         quality = replace(quality, train_dir=str(Path(quality.train_dir) / worker))
     runs = GateRuns(quality, history, say=_terminal_line(request.config))
@@ -560,6 +562,20 @@ def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> I
     runs.plan(list(dict.fromkeys(c.spec for c in cases if c is not None)))
     yield runs
     runs.close()
+    if history is not None and not any(history.iterdir()):
+        history.rmdir()  # nothing was trained: leave no empty folder behind
+
+
+def _fresh_folder(path: Path) -> Path:
+    """`path`, made here and now; a session started in the same second of the same commit got
+    it first, so this one adds its pid (as the results file does) and never writes into it."""
+    for candidate in (path, path.with_name(f"{path.name}-p{os.getpid()}")):
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path} and its -p{os.getpid()} variant both exist")
 
 
 def _terminal_line(config: pytest.Config):

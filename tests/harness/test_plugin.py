@@ -3,6 +3,7 @@ files that use its fixtures with trivial measurements, judged by exit status, te
 and the results file."""
 
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -642,3 +643,12 @@ def test_causality_criterion_fails_a_model_that_reads_ahead(pytester, peeking):
         result.assert_outcomes(passed=2)
         assert all(r["status"] == "PASS" and r["value"] == 0.0 for r in records)
     assert all(r["threshold"] == r["extra"]["rerun_noise"] for r in records)
+
+
+def test_a_second_session_in_the_same_second_gets_its_own_history_folder(tmp_path):
+    from muse.pytest_plugin import _fresh_folder
+
+    first = _fresh_folder(tmp_path / "20261201T000000Z-abc1234-perplexity")
+    second = _fresh_folder(tmp_path / "20261201T000000Z-abc1234-perplexity")
+    assert first.is_dir() and second.is_dir() and first != second
+    assert second.name.endswith(f"-p{os.getpid()}")

@@ -39,6 +39,7 @@ class MuseSession:
     records: list = field(default_factory=list)  # list[muse.results.Record]
     cache: dict = field(default_factory=dict)  # per-session measurements shared by tests
     results_path: Path | None = None
+    tests_finished: int = 0  # tests that ran to their end (passed, failed or skipped)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -299,6 +300,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = MuseSession(settings, datetime.now(timezone.utc))
+    config.pluginmanager.register(_FinishedTests(config.stash[SESSION_KEY]), "muse-finished")
 
 
 def check_gpu_workers(workers, device) -> None:
@@ -614,9 +616,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
             finished_at=datetime.now(timezone.utc),
         )
         doc["settings"] = muse.settings.describe()
-        muse.results_path = write_document(doc, muse.settings.results_dir)
+        doc["complete"], missing = _completeness(session, exitstatus, muse.tests_finished)
+        if missing:
+            doc["missing"] = missing
+        muse.results_path = write_document(doc, muse.settings.results_dir,
+                                           latest=doc["complete"])
     if _failed(muse.records) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+class _FinishedTests:
+    """Counts the tests that ran to their teardown; xdist forwards its workers' reports to the
+    controller, so the count is the whole run's there too."""
+
+    def __init__(self, muse: MuseSession):
+        self.muse = muse
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "teardown":
+            self.muse.tests_finished += 1
+
+
+def _completeness(session: pytest.Session, exitstatus, finished: int) -> tuple[bool, str]:
+    """(every collected test ran, what did not): an interrupted or early-stopped run is kept
+    in its own file but marked, and latest.json keeps pointing at the last complete run."""
+    collected = session.testscollected
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        return False, f"interrupted: {finished} of {collected} tests ran to their end"
+    if finished < collected:
+        return False, f"stopped early: {finished} of {collected} tests ran to their end"
+    return True, ""
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -291,7 +291,9 @@ def build_document(
     }
 
 
-def write_document(doc: dict, directory) -> Path:
+def write_document(doc: dict, directory, latest: bool = True) -> Path:
+    """<run>.json, never over another run's file; latest.json too unless `latest` is False
+    (an incomplete run does not displace the last complete one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -318,7 +320,8 @@ def write_document(doc: dict, directory) -> Path:
             continue
     else:
         raise FileExistsError(f"no free results file name for run {doc['run']} in {directory}")
-    atomic_write_text(directory / "latest.json", text)
+    if latest:
+        atomic_write_text(directory / "latest.json", text)
     return path
 
 

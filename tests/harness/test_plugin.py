@@ -652,3 +652,19 @@ def test_a_second_session_in_the_same_second_gets_its_own_history_folder(tmp_pat
     second = _fresh_folder(tmp_path / "20261201T000000Z-abc1234-perplexity")
     assert first.is_dir() and second.is_dir() and first != second
     assert second.name.endswith(f"-p{os.getpid()}")
+
+
+def test_a_run_stopped_early_is_marked_and_leaves_latest_alone(pytester):
+    pytester.makepyfile(test_memory=RECORDING)
+    run(pytester, *TINY, "--seq", "64", "--dtype", "fp32").assert_outcomes(passed=1)
+    complete = latest(pytester)
+    assert complete["complete"] is True and "missing" not in complete
+    pytester.makepyfile(test_memory=RECORDING + "\n\ndef test_y():\n    assert False\n"
+                        "\n\ndef test_z(case, record):\n    record(case, 'm', 1.0, '1')\n")
+    run(pytester, *TINY, "--seq", "64", "--dtype", "fp32", "-x").assert_outcomes(
+        passed=1, failed=1)
+    assert latest(pytester) == complete  # the stopped run did not displace it
+    stopped = [json.loads(p.read_text()) for p in results_dir(pytester).glob("2*.json")]
+    stopped = [d for d in stopped if not d["complete"]]
+    assert len(stopped) == 1
+    assert stopped[0]["missing"] == "stopped early: 2 of 3 tests ran to their end"

@@ -668,3 +668,25 @@ def test_a_run_stopped_early_is_marked_and_leaves_latest_alone(pytester):
     stopped = [d for d in stopped if not d["complete"]]
     assert len(stopped) == 1
     assert stopped[0]["missing"] == "stopped early: 2 of 3 tests ran to their end"
+
+
+@pytest.mark.slow
+def test_two_bench_runs_at_once_into_one_folder_keep_every_record(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["muse.pytest_plugin"]\n')
+    (tmp_path / "test_rec.py").write_text(
+        "import os\n\ndef test_x(case, record):\n"
+        "    record(case, 'pid', float(os.getpid()), '1')\n")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "pytest", "-q", *NO_CACHE, *TINY,
+           "--seq", "64", "--dtype", "fp32", "--results", str(out), str(tmp_path)]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    docs = [json.loads(f.read_text()) for f in out.glob("2*.json")]
+    pids = sorted(r["value"] for d in docs for r in d["records"])
+    assert len(docs) == 2 and pids == sorted(float(p.pid) for p in procs)
+    assert json.loads((out / "latest.json").read_text()) in docs

@@ -16,6 +16,13 @@ def test_sum(benchmark):
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch):
+    # pytest-benchmark switches itself off when PYTEST_XDIST_WORKER is set, and an inner
+    # session inherits it from an outer `pytest -n N` worker
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+
+
 @needs_no_cuda
 def test_autosave_and_compare_use_the_cpu_folder(pytester):
     pytester.makepyfile(test_b=BENCH)

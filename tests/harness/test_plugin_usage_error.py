@@ -1,5 +1,7 @@
 """A user's mistake found while a test runs (MuseError) stops the session as a usage error."""
 
+import json
+
 import pytest
 
 import muse.results
@@ -31,4 +33,8 @@ def test_a_muse_error_in_a_test_is_a_usage_error(pytester):
     result.stdout.fnmatch_lines(["*test_bad_checkpoint*: checkpoint 'x.pt' is not a complete "
                                  "checkpoint*"])
     assert not (pytester.path / "ran-after").exists()  # stopped there
-    assert (results / "latest.json").is_file()  # what was measured before is kept
+    # what was measured before is kept, in a run file marked incomplete (not as latest.json)
+    [kept] = [json.loads(p.read_text()) for p in results.glob("2*.json")]
+    assert kept["complete"] is False and kept["missing"].startswith("stopped early")
+    assert [r["metric"] for r in kept["records"]] == ["m"]
+    assert not (results / "latest.json").exists()

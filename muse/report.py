@@ -4,7 +4,6 @@ self-contained report.html with the plots of muse.plots embedded."""
 from __future__ import annotations
 
 import base64
-import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +14,7 @@ import pandas as pd
 
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
-from muse.results import Record, read_document
+from muse.results import Record, read_document, read_json
 from muse.summary import VERDICTS, format_value
 
 # package data, read through importlib.resources so an installed wheel finds them
@@ -312,17 +311,7 @@ def read_history(path) -> dict[str, list[dict]]:
     """A training history.json ({label: [{"step": int, "loss": number or null, …}, …]}, as the
     trainer and the perplexity gate write it) for the training plot; null reads as NaN."""
     where = f"--history {str(path)!r}"
-    try:
-        history = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MuseError(f"{where} does not exist") from None
-    except OSError as e:
-        raise MuseError(f"{where} cannot be read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise MuseError(f"{where} is not JSON text (byte offset {e.start} is not UTF-8)") from None
-    except json.JSONDecodeError as e:
-        raise MuseError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}; "
-                        "truncated?)") from None
+    history = read_json(path, where)
     shape = "a training history.json: {model: [{step, loss, ...}, ...]}"
     if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
         raise MuseError(f"{where} is not {shape}")

@@ -336,17 +336,15 @@ def check_writable(directory) -> None:
         raise ValueError(f"results directory {directory} is not writable: {e}") from e
 
 
-def read_document(path) -> dict:
-    """A results file, its records as Records; MuseError naming the file and what is wrong."""
-    where = f"results file {str(path)!r}"
+def read_json(path, where: str):
+    """A JSON file a user named; MuseError saying `where` it was and what is wrong with it."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise MuseError(f"{where} does not exist") from None
     except IsADirectoryError:
-        raise MuseError(f"{where} is a directory; pass a .json results file such as "
-                        "reports/results/latest.json") from None
+        raise MuseError(f"{where} is a directory; pass a .json file") from None
     except OSError as e:
         raise MuseError(f"{where} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -354,6 +352,15 @@ def read_document(path) -> dict:
     except json.JSONDecodeError as e:
         raise MuseError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column "
                         f"{e.colno}; truncated?)") from None
+
+
+def read_document(path) -> dict:
+    """A results file, its records as Records; MuseError naming the file and what is wrong."""
+    where = f"results file {str(path)!r}"
+    if Path(path).is_dir():
+        raise MuseError(f"{where} is a directory; pass a .json results file such as "
+                        "reports/results/latest.json")
+    doc = read_json(path, where)
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version != SCHEMA_VERSION:
         raise MuseError(f"{where}: schema_version {version!r} is not supported (expected "

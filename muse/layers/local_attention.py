@@ -42,17 +42,14 @@ def _band(window: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.stack((first, band))
 
 
-def local_attention(q, k, v, window: int, past_k=None, past_v=None):
-    """q, k, v (B, H, N, D) → (B, H, N, D); past_k, past_v (B, H, P, D) with P ≤ w − 1: the
-    tokens just before this segment (None: none). No positions are added here."""
+def local_attention(q, k, v, window: int, past: int = 0):
+    """q (B, H, N, D), k and v (B, H, P + N, D): the P ≤ w − 1 tokens just before this segment
+    first, then the segment's own → (B, H, N, D). No positions are added here."""
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
-    bsz, heads, n, d = q.shape
-    past = 0 if past_k is None else past_k.shape[2]
     if past >= window:
         raise ValueError(f"at most window − 1 = {window - 1} past tokens, got {past}")
-    if past:
-        k, v = torch.cat((past_k.to(k.dtype), k), dim=2), torch.cat((past_v.to(v.dtype), v), dim=2)
+    bsz, heads, n, d = q.shape
     m = -(-n // window)
     # w slots in front (the carried keys at their end, zeros before), padding behind to M·w + w
     front, back = window - past, m * window - n
@@ -80,8 +77,7 @@ def rotary_local_attention(q, k, v, window: int, base: float, past=None):
         k_all, v_all = k, v
     cos, sin = rotary_tables(k_all.shape[2], q.shape[-1], base, q.device, q.dtype)
     qr, kr = apply_rotary(q, cos[p:], sin[p:]), apply_rotary(k_all, cos, sin)
-    y = local_attention(qr, kr[:, :, p:], v, window, kr[:, :, :p] if p else None,
-                        v_all[:, :, :p] if p else None)
+    y = local_attention(qr, kr, v_all, window, past=p)
     keep = min(window - 1, k_all.shape[2])
     start = k_all.shape[2] - keep
     return y, (k_all[:, :, start:], v_all[:, :, start:])

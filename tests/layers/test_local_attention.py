@@ -59,4 +59,5 @@ def test_bad_window_and_too_long_a_past_are_refused():
     with pytest.raises(ValueError, match="window must be ≥ 1, got 0"):
         local_attention(q, k, v, 0)
     with pytest.raises(ValueError, match="at most window − 1 = 2 past tokens, got 3"):
-        local_attention(q, k, v, 3, k[:, :, :3], v[:, :, :3])
+        local_attention(q, torch.cat((k[:, :, :3], k), 2), torch.cat((v[:, :, :3], v), 2), 3,
+                        past=3)

@@ -275,8 +275,8 @@ class DissipativeHebbian(nn.Module):
             # η multiplies every write k vᵀ, so a per-head η is a per-head scale on the keys
             k = k * eta_scale[:, None, :, None].to(k.dtype)
         log_decay = self.log_decay(x)
-        # per-head mean log-decay of this call, kept for diagnostics (no host sync here)
-        self.last_log_decay = log_decay.detach().mean(dim=(0, 1))
+        # kept for diagnostics, reduced only when they are read
+        self.last_log_decay = log_decay.detach()
         if gamma_offset is not None:
             log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype) * self.dt
         if beta is not None:
@@ -317,6 +317,6 @@ def decay_diagnostics(model: nn.Module) -> dict[str, float]:
              if isinstance(m, DissipativeHebbian) and m.last_log_decay is not None]
     if not heads:
         return {}
-    alpha = torch.exp(torch.cat(heads).float())
+    alpha = torch.exp(torch.cat([h.mean(dim=(0, 1)) for h in heads]).float())
     return {"decay_min": float(alpha.min()), "decay_median": float(alpha.median()),
             "decay_max": float(alpha.max())}

@@ -117,8 +117,8 @@ class QualitySettings:
 
     corpus: str = DEFAULT_CORPUS
     tokenizer: str = "bpe:8192"
-    # per training run; steps = train_tokens // (batch · seq). The default run trains 12 runs of
-    # it, ≈ 3 min on an H200 at the committed training rates (README: the design-card run)
+    # per training run; steps = train_tokens // (batch · seq); sized so the design-card run fits
+    # its time budget (README: the design-card run)
     train_tokens: int = 4_194_304
     seq_len: int = 512
     batch_size: int = 16

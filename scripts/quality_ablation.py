@@ -31,6 +31,7 @@ import torch
 from muse import models
 from muse.data import encoded_split, get_tokenizer, load_corpus
 from muse.evaluate import load_model
+from muse.fileio import atomic_write_text
 from muse.quality import EvalSplit, QualitySettings, score, scored_bytes
 from muse.results import environment_facts
 from muse.train import TrainConfig, resolve_device, train
@@ -127,6 +128,15 @@ def main() -> None:
     device = str(resolve_device(args.device))
     settings = QualitySettings(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq,
                                batch_size=args.batch, dtype=args.dtype, device=device)
+    env = environment_facts()
+    head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "
+            f"tokens) per run, lr {args.lr}, {args.dtype}, seeds {args.seeds}, tokenizer "
+            f"{args.tokenizer} on {Path(args.corpus).name}; {device} "
+            f"({(env.get('gpu_names') or ['CPU'])[0]}), torch {env['torch']}, triton "
+            f"{env['triton']}, commit {os.environ.get('MUSE_GIT_SHA', '?')[:7]}. ΔPPL against "
+            f"the first row (per seed, then the mean).\n\n`{' '.join(sys.argv)}`")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in args.variants:
         spec, _, extra = variant.partition(" ")
@@ -138,21 +148,15 @@ def main() -> None:
         print(f"{variant}: " + ", ".join(
             f"{s} PPL {statistics.mean(r['test'][s]['ppl'] for r in runs):.2f}" for s in splits),
             flush=True)
-    env = environment_facts()
-    head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "
-            f"tokens) per run, lr {args.lr}, {args.dtype}, seeds {args.seeds}, tokenizer "
-            f"{args.tokenizer} on {Path(args.corpus).name}; {device} "
-            f"({(env.get('gpu_names') or ['CPU'])[0]}), torch {env['torch']}, triton "
-            f"{env['triton']}, commit {os.environ.get('MUSE_GIT_SHA', '?')[:7]}. ΔPPL against "
-            f"the first row (per seed, then the mean).\n\n`{' '.join(sys.argv)}`")
-    text = table(rows, list(splits), head)
+        # rewritten after every variant: a run stopped at its time limit keeps what it finished
+        text = table(rows, list(splits), head)
+        doc = dict(command=" ".join(sys.argv), git_sha=os.environ.get("MUSE_GIT_SHA"),
+                   environment=env, steps=steps, settings=vars(args), rows=rows,
+                   complete=len(rows) == len(args.variants))
+        atomic_write_text(out.with_suffix(".json"),
+                          json.dumps(finite(doc), indent=1, allow_nan=False))
+        atomic_write_text(out.with_suffix(".md"), text)
     print("\n" + text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = dict(command=" ".join(sys.argv), git_sha=os.environ.get("MUSE_GIT_SHA"),
-               environment=env, steps=steps, settings=vars(args), rows=rows)
-    out.with_suffix(".json").write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
-    out.with_suffix(".md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Phase2Config(StrictConfig):
     hebbian_delta: bool = False  # erase before write: the gated delta rule (ops.delta_rule)
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
+    bk_zero_out: bool = False  # the BK sublayer's output projection starts at 0 (a no-op at init)
     init: str = "torch"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
@@ -103,6 +104,8 @@ class Phase2Config(StrictConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be an integer ≥ 0 (0: off), got {value!r}")
+        if self.bk_zero_out and not self.bk_mixer:
+            raise ValueError("bk_zero_out needs the BK sublayer (bk_mixer=True)")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
         self.reject_unused("snr_filter", "snr_threshold", "snr_gamma_scale", "snr_eta_scale")
@@ -244,6 +247,10 @@ class Phase2LM(StreamingLM):
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.init == "gpt2":
             gpt2_init(self.blocks, config.n_layers)
+        if config.bk_zero_out:
+            for block in self.blocks:
+                nn.init.zeros_(block.bk.out.weight)
+                nn.init.zeros_(block.bk.out.bias)
 
     def diagnostics(self) -> dict[str, float]:
         """The MoE expert load (with MoE) and the Hebbian heads' decay of the last forward."""

@@ -35,3 +35,20 @@ def test_long_range_gradient_reaches_the_first_token_at_1024():
     m = models.build("phase2", "tiny", vocab_size=97)
     flow = gradient_flow(m, random_ids(97, 1, 1024, "cpu"), torch.float32)
     assert flow.finite and flow.long_range_grad_norm > 0
+
+
+def test_bk_zero_out_starts_as_the_model_without_bk_and_still_learns_it():
+    torch.manual_seed(0)
+    m = models.build("phase2", "tiny", vocab_size=97, bk_zero_out=True, init="gpt2").double()
+    ids = random_ids(97, 2, 33, "cpu")
+    x = m.embed(ids)
+    block = m.blocks[0]
+    assert torch.equal(block.bk(block.ln_bk(x)), torch.zeros_like(x))
+    m(ids).sum().backward()
+    # the zero projection gets a gradient, so training moves BK off zero
+    assert block.bk.out.weight.grad.abs().max() > 0
+
+
+def test_bk_zero_out_needs_the_bk_sublayer():
+    with pytest.raises(ValueError, match="bk_zero_out"):
+        models.build("phase2", "tiny", bk_zero_out=True, bk_mixer=False)

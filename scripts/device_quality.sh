@@ -15,7 +15,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/machine.txt"
@@ -26,7 +26,7 @@ data=.data/unpacked
 case $mode in
   screen) python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
             --out "$OUT/screen" "$@" 2>&1 | tee "$OUT/screen.txt" ;;
-  gate) python3 -m pytest bench/test_perplexity.py --device cuda --dtype bf16 \
+  gate) python3 -m pytest -m gpu bench/test_perplexity.py --device cuda --dtype bf16 \
           --corpus $data/en-prose --tokenizer bpe:8192 --results "$OUT/results" \
           -p no:cacheprovider "$@" 2>&1 | tail -40 | tee "$OUT/gate.txt" ;;
   mqar) python3 scripts/mqar.py --device cuda --out "$OUT/mqar" "$@" 2>&1 | tee "$OUT/mqar.txt" ;;

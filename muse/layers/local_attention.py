@@ -63,7 +63,7 @@ def local_attention(q, k, v, window: int, past: int = 0):
         qp.reshape(*flat, window, d), kp.reshape(*flat, 2 * window, d),
         vp.reshape(*flat, 2 * window, d), attn_mask=mask,
     )
-    return y.view(bsz, heads, m * window, d)[:, :, :n]
+    return y.reshape(bsz, heads, m * window, d)[:, :, :n]
 
 
 def rotary_local_attention(q, k, v, window: int, base: float, past=None):

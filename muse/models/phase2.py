@@ -48,7 +48,7 @@ class Phase2Config(StrictConfig):
     moe_experts: int = 8
     moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
     moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
-    bk_channels: int = 32
+    bk_channels: int = 8
     gamma_base: float = 1e-3  # Γ_base of the non-Hermitian potential
     # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
     bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)  # a float: one value for all
@@ -60,15 +60,15 @@ class Phase2Config(StrictConfig):
     hebbian_out_norm: bool = True  # each head's read-out divided by its RMS (layers.norm)
     hebbian_backend: str = "auto"  # "auto" = "torch" (chunked + Triton scan), or "fla"
     # the read-out of gated linear-attention models (layers.hebbian, QUALITY.md items 1–4, 7)
-    hebbian_conv: int = 0  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
-    hebbian_qk_norm: str = "k"  # "k": unit keys; "l2": unit queries and keys
-    hebbian_decay: str = "softplus"  # "softplus" (Γ spread by gamma_init) or "mamba2"
-    hebbian_out_gate: bool = False  # per-head RMSNorm with a gain × SiLU(W_g x)
-    hebbian_delta: bool = False  # erase before write: the gated delta rule (ops.delta_rule)
+    hebbian_conv: int = 4  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
+    hebbian_qk_norm: str = "l2"  # "k": unit keys; "l2": unit queries and keys
+    hebbian_decay: str = "mamba2"  # "softplus" (Γ spread by gamma_init) or "mamba2"
+    hebbian_out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x)
+    hebbian_delta: bool = True  # erase before write: the gated delta rule (ops.delta_rule)
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
-    bk_zero_out: bool = False  # the BK sublayer's output projection starts at 0 (a no-op at init)
-    init: str = "torch"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
+    bk_zero_out: bool = True  # the BK sublayer's output projection starts at 0 (a no-op at init)
+    init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
     # the token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)
@@ -104,8 +104,7 @@ class Phase2Config(StrictConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be an integer ≥ 0 (0: off), got {value!r}")
-        if self.bk_zero_out and not self.bk_mixer:
-            raise ValueError("bk_zero_out needs the BK sublayer (bk_mixer=True)")
+        self.reject_unused("bk_mixer", "bk_zero_out", "bk_channels", "bk_z_imag_init")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
         self.reject_unused("snr_filter", "snr_threshold", "snr_gamma_scale", "snr_eta_scale")
@@ -247,7 +246,7 @@ class Phase2LM(StreamingLM):
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.init == "gpt2":
             gpt2_init(self.blocks, config.n_layers)
-        if config.bk_zero_out:
+        if config.bk_mixer and config.bk_zero_out:
             for block in self.blocks:
                 nn.init.zeros_(block.bk.out.weight)
                 nn.init.zeros_(block.bk.out.bias)

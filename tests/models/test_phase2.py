@@ -49,6 +49,7 @@ def test_bk_zero_out_starts_as_the_model_without_bk_and_still_learns_it():
     assert block.bk.out.weight.grad.abs().max() > 0
 
 
-def test_bk_zero_out_needs_the_bk_sublayer():
+def test_bk_options_need_the_bk_sublayer():
+    models.build("phase2", "tiny", bk_mixer=False)
     with pytest.raises(ValueError, match="bk_zero_out"):
-        models.build("phase2", "tiny", bk_zero_out=True, bk_mixer=False)
+        models.build("phase2", "tiny", bk_zero_out=False, bk_mixer=False)

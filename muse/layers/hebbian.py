@@ -110,7 +110,9 @@ def _carry_scan(added, log_through, w0):
 @functools.lru_cache(maxsize=16)
 def _above(chunk: int, device: torch.device) -> torch.Tensor:
     """(chunk × chunk) True above the diagonal: built once per size and device."""
-    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
+    # a plain tensor even when first asked for under inference_mode: training reuses it
+    with torch.inference_mode(False):
+        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
 
 
 def fla_available() -> bool:

@@ -35,11 +35,13 @@ def _band(window: int, past: int, device: torch.device) -> torch.Tensor:
     """(2, w, 2w) masks: [0] for the first block (keys before the carried ones are padding),
     [1] for every other block. Key s of block c sits at c·w + s and query r at w + c·w + r
     (coordinates with w slots in front): allowed when r < s ≤ w + r."""
-    r = torch.arange(window, device=device)[:, None]
-    s = torch.arange(2 * window, device=device)[None, :]
-    band = (s > r) & (s <= window + r)
-    first = band & (s >= window - past)
-    return torch.stack((first, band))
+    # a plain tensor even when first asked for under inference_mode: training reuses it
+    with torch.inference_mode(False):
+        r = torch.arange(window, device=device)[:, None]
+        s = torch.arange(2 * window, device=device)[None, :]
+        band = (s > r) & (s <= window + r)
+        first = band & (s >= window - past)
+        return torch.stack((first, band))
 
 
 def local_attention(q, k, v, window: int, past: int = 0):

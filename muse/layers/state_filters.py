@@ -71,6 +71,11 @@ def check_snr_config(threshold: float, gamma_scale: float, eta_scale: float) -> 
 
 @functools.cache
 def _basis(dim: int, modes: int) -> torch.Tensor:
+    with torch.inference_mode(False):  # cached: must serve training after an inference call
+        return _plane_wave_basis(dim, modes)
+
+
+def _plane_wave_basis(dim: int, modes: int) -> torch.Tensor:
     gamma = torch.tensor(zeta_zeros(-(-modes // 2)), dtype=torch.float64)
     index = torch.arange(dim, dtype=torch.float64)[:, None] + 0.5
     waves = torch.stack((torch.cos(index * gamma), torch.sin(index * gamma)), dim=-1)

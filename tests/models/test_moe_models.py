@@ -42,6 +42,11 @@ def test_moe_blocks_run_forward_backward_and_every_expert_learns(name):
     # one Switch loss per block, each near 1 for a freshly initialised, near-uniform router
     assert aux.dim() == 0 and 0.5 * len(m.blocks) < aux.item() < 4 * len(m.blocks)
     (lm_loss(logits, ids) + 0.01 * aux).backward()
+    # one step first: a zero-initialised output (Phase 2's BK) passes no gradient to what feeds
+    # it until that output has moved, and then it must
+    torch.optim.SGD(m.parameters(), lr=0.01).step()
+    m.zero_grad()
+    (lm_loss(m(ids), ids) + 0.01 * m.aux_loss()).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not missing, f"parameters without a gradient: {missing}"
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())

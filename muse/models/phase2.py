@@ -12,10 +12,12 @@ mean|W|/std(W), and memory resonance (`resonance`) projects W onto a zeta-zero p
 and drops its weak modes. `zeta_init` starts the token embedding as sinusoids at zeta-zero
 frequencies (layers.zeta).
 
-The Hebbian's read-out options (`hebbian_conv`, `hebbian_qk_norm`, `hebbian_decay`,
-`hebbian_out_gate`, `hebbian_delta`, `local_window`; see layers.hebbian) and `ffn="swiglu"`,
-`init="gpt2"` are what published gated linear-attention models have and this block lacked;
-`bk_mixer=False` drops the BK sublayer to measure what it adds.
+The default block reads out like the published gated linear-attention models (layers.hebbian):
+a short causal conv on q, k, v, unit queries and keys, Mamba2-style data-dependent decay, a
+per-head output norm and gate, and the gated delta rule; GPT-2 init; the BK sublayer with 8
+channels and its output projection at zero, so it starts as a no-op and grows in as it helps
+(reports/quality ranks these choices). Each can be turned off; `bk_mixer=False` drops the BK
+sublayer to measure what it adds.
 """
 
 from __future__ import annotations

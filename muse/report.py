@@ -221,7 +221,9 @@ def build_table(spec: Spec, df: pd.DataFrame) -> Table:
     if measured.empty:
         notes.append(f"{NOT_MEASURED}: these results hold no {spec.criterion} records.")
         metrics = metrics or ["result"]
-    per_seq = {m: bool((measured[measured.metric == m].seq != ALL_SEQS).any()) for m in metrics}
+    # a metric with no record at all reads "not measured" in every row, never blank
+    per_seq = {m: bool((measured[measured.metric == m].seq != ALL_SEQS).any())
+               or not (measured.metric == m).any() for m in metrics}
     grid = measured.pivot(index=["model", "seq"], columns="metric", values="record")
     keys = set(grid.index) | set(zip(failures.model, failures.seq, strict=True))
     rows = []

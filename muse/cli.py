@@ -64,9 +64,10 @@ def report(args: argparse.Namespace) -> int:
     from muse.extras import needs
 
     with needs("the report"):
-        from muse.report import render
+        from muse.report import latest_results, render
 
-    written = render(args.results, args.out, history=args.history, templates=args.templates)
+    written = render(args.results or latest_results(), args.out, history=args.history,
+                     templates=args.templates)
     print(f"wrote {len(written)} files under {args.out}: REPORT.md, report.html, tables/, plots/")
     return 0
 
@@ -241,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable, with environment facts")
     p.set_defaults(func=info)
     p = sub.add_parser("report", help="results → tables, plots, REPORT.md and report.html")
-    p.add_argument("results", nargs="*", type=Path, default=[Path("reports/results/latest.json")],
-                   metavar="RESULTS.json",
+    p.add_argument("results", nargs="*", type=Path, metavar="RESULTS.json",
                    help="results files; a later file's record replaces an earlier one with the same"
-                   " key (default reports/results/latest.json)")
+                   " key (default: every latest.json under reports/results/, shallowest first)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
-    p.add_argument("--history", type=Path, help="training history.json for the loss/PPL plot")
+    p.add_argument("--history", type=Path,
+                   help="training history.json for the loss/PPL plot (default: the histories the"
+                   " results name, where they are beside them)")
     p.add_argument("--templates", type=Path,
                    help="folder of Jinja2 templates (default: muse's own, muse/templates/)")
     p.set_defaults(func=report)

@@ -22,6 +22,7 @@ TEMPLATES = resources.files("muse") / "templates"
 NOT_MEASURED = "not measured"
 ALL_SEQS = -1  # the seq of a record that spans every seq (a scaling fit); a real seq is ≥ 1
 HISTORY_KEYS = ("loss", "val_loss", "ppl", "val_ppl")  # what the training plot draws
+RESULTS = Path("reports/results")  # where `muse report` looks when no results file is given
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,37 @@ def load(paths) -> tuple[list[Record], list[dict]]:
     records, docs = [], []
     for path in paths:
         doc = read_document(path)
-        records.extend(doc.pop("records"))
-        docs.append({**doc, "path": str(path)})
+        mine = doc.pop("records")
+        records.extend(mine)
+        folders = {r.extra["history"] for r in mine if isinstance(r.extra.get("history"), str)}
+        docs.append({**doc, "path": str(path), "history_folders": sorted(folders)})
     return records, docs
+
+
+def latest_results(root: Path = RESULTS) -> list[Path]:
+    """Every latest.json under root (the current run of each kind: the bench, the perplexity
+    gate), shallowest first, then in path order: a deeper file's record replaces a shallower's."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MuseError(f"no results file given and {str(root)!r} is not a folder; pass "
+                        "RESULTS.json files")
+    found = sorted(root.rglob("latest.json"), key=lambda p: (len(p.parts), p.parts))
+    if not found:
+        raise MuseError(f"no results file given and no latest.json under {str(root)!r}; pass "
+                        "RESULTS.json files")
+    return found
+
+
+def named_history(docs: list[dict]) -> dict[str, list[dict]] | None:
+    """The training histories the results name (the perplexity gate writes them beside its
+    results file, in <run>-perplexity/history.json), merged; None when none is there."""
+    merged = {}
+    for doc in docs:
+        for folder in doc["history_folders"]:
+            candidate = Path(doc["path"]).parent / Path(folder).name / "history.json"
+            if candidate.is_file():
+                merged.update(read_history(candidate))
+    return merged or None
 
 
 def record_frame(records: list[Record]) -> pd.DataFrame:
@@ -192,7 +221,9 @@ def build_table(spec: Spec, df: pd.DataFrame) -> Table:
     if measured.empty:
         notes.append(f"{NOT_MEASURED}: these results hold no {spec.criterion} records.")
         metrics = metrics or ["result"]
-    per_seq = {m: bool((measured[measured.metric == m].seq != ALL_SEQS).any()) for m in metrics}
+    # a metric with no record at all reads "not measured" in every row, never blank
+    per_seq = {m: bool((measured[measured.metric == m].seq != ALL_SEQS).any())
+               or not (measured.metric == m).any() for m in metrics}
     grid = measured.pivot(index=["model", "seq"], columns="metric", values="record")
     keys = set(grid.index) | set(zip(failures.model, failures.seq, strict=True))
     rows = []
@@ -354,15 +385,19 @@ def _render(env: jinja2.Environment, name: str, **context) -> str:
 
 
 def render(paths, out, *, history=None, templates: Path | None = None) -> dict[str, Path]:
-    """Writes tables/*.{md,csv,tex}, plots/*.png, REPORT.md and report.html under out. Every
-    input is read and every file rendered before the first one is written, so a bad input
-    leaves nothing behind."""
+    """Writes tables/*.{md,csv,tex}, plots/*.png, REPORT.md and report.html under out; history (a
+    history.json path or its contents) defaults to the histories the results name. Every input
+    is read and every file rendered before the first one is written, so a bad input leaves
+    nothing behind."""
     from muse import plots
 
     out = Path(out)
     records, docs = load(paths)
     env = _templates(templates)
-    history = read_history(history) if isinstance(history, (str, Path)) else history
+    if history is None:
+        history = named_history(docs)
+    elif isinstance(history, (str, Path)):
+        history = read_history(history)
     if out.exists() and not out.is_dir():
         raise MuseError(f"--out {str(out)!r} is a file; pass a folder")
     tables = [build_table(spec, record_frame(records)) for spec in TABLES]

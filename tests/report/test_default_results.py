@@ -1,0 +1,65 @@
+"""`muse report` with no results file renders every latest.json under reports/results/ (the
+bench's and the perplexity gate's), with the training history the results name."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from muse.cli import main
+from muse.report import latest_results
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_h200.json"
+
+
+def perplexity_doc(history: str) -> dict:
+    doc = json.loads(FIXTURE.read_text())
+    rec = dict(doc["records"][0], criterion="perplexity", metric="ppl", value=123.0, unit="1",
+               status="RECORDED", threshold=None, comparison=None, passed=None,
+               extra={"history": history})
+    doc["run"], doc["records"] = "20261201T000000Z-abc1234", [rec]
+    return doc
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "reports" / "results"
+    (root / "perplexity" / "run-perplexity").mkdir(parents=True)
+    (root / "archive").mkdir()
+    shutil.copy(FIXTURE, root / "latest.json")
+    shutil.copy(FIXTURE, root / "archive" / "20261120T000000Z-old.json")  # not a latest.json
+    # the folder as the gate recorded it, relative to wherever it ran
+    doc = perplexity_doc("elsewhere/results/perplexity/run-perplexity")
+    (root / "perplexity" / "latest.json").write_text(json.dumps(doc))
+    rows = [{"step": s, "loss": 5.0 - s} for s in range(4)]
+    (root / "perplexity" / "run-perplexity" / "history.json").write_text(
+        json.dumps({"phase2:small seed0 model": rows}))
+    monkeypatch.chdir(tmp_path)
+    return root
+
+
+def test_every_latest_json_shallowest_first(results):
+    assert latest_results() == [Path("reports/results/latest.json"),
+                                Path("reports/results/perplexity/latest.json")]
+
+
+def test_the_default_renders_both_files_and_the_named_history(results, capsys):
+    assert main(["report", "--out", "out"]) == 0
+    report = Path("out/REPORT.md").read_text(encoding="utf-8")
+    assert "- `reports/results/latest.json`" in report
+    assert "- `reports/results/perplexity/latest.json`" in report
+    assert "archive" not in report
+    assert "| transformer:small | 16384 | 123 |" in Path("out/tables/perplexity.md").read_text()
+    assert Path("out/plots/training.png").is_file()
+
+
+@pytest.mark.parametrize("make", ["no folder", "empty folder"])
+def test_nothing_to_render_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, make):
+    if make == "empty folder":
+        (tmp_path / "reports" / "results").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'reports/results'" in err, err
+    assert not (tmp_path / "out").exists()

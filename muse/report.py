@@ -199,11 +199,19 @@ def named_history(docs: list[dict]) -> dict[str, list[dict]] | None:
     return merged or None
 
 
+def row_label(record: Record) -> str:
+    """model:preset, and the corpus where the record names one: runs of one model on two corpora
+    are two rows, never one replacing the other."""
+    corpus = record.extra.get("corpus") if isinstance(record.extra, dict) else None
+    name = f"{record.model}:{record.preset}"
+    return f"{name} ({corpus})" if isinstance(corpus, str) else name
+
+
 def record_frame(records: list[Record]) -> pd.DataFrame:
     df = pd.DataFrame(
         {
             "criterion": [r.criterion for r in records],
-            "model": [f"{r.model}:{r.preset}" for r in records],
+            "model": [row_label(r) for r in records],
             "seq": [ALL_SEQS if r.seq is None else r.seq for r in records],
             "metric": [r.metric for r in records],
             "record": records,
@@ -238,7 +246,11 @@ def build_table(spec: Spec, df: pd.DataFrame) -> Table:
             applies = rec is not None or per_seq.get(m, True) == (seq != ALL_SEQS)
             cells.append(Cell(rec, applies, why))
         rows.append((model, "all" if seq == ALL_SEQS else str(seq), cells))
-    for model in sorted(set(df.model) - {k[0] for k in keys}, key=lambda m: m.split(":")):
+    # a model with none of this criterion's records gets one row saying so (by model:preset: a
+    # corpus in the label only tells runs of this criterion apart)
+    base = {m: m.split(" (")[0] for m in set(df.model)}
+    for model in sorted(set(base.values()) - {base.get(k[0], k[0]) for k in keys},
+                        key=lambda m: m.split(":")):
         rows.append((model, "", [Cell(None) for _ in metrics]))
     return Table(spec, metrics, rows, notes)
 

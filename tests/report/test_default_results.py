@@ -63,3 +63,21 @@ def test_nothing_to_render_is_one_line_and_status_2(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'reports/results'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_of_one_model_on_two_corpora_are_two_rows_and_no_filler():
+    from muse.report import TABLES, build_table, record_frame
+    from muse.results import Record
+
+    def ppl(corpus, value):
+        return Record("perplexity", "phase2", "small", "ppl_degradation", value, "1", "PASS",
+                      seq=1024, threshold=0.05, comparison="<", extra={"corpus": corpus})
+
+    memory = Record("memory", "phase2", "small", "peak_vram_forward_bytes", 1e9, "bytes",
+                    "RECORDED", seq=4096)
+    df = record_frame([memory, ppl("wiki-mini", 0.6), ppl("en-prose", -0.05)])
+    spec = {s.name: s for s in TABLES}
+    rows = build_table(spec["perplexity"], df).rows
+    assert [r[0] for r in rows] == ["phase2:small (en-prose)", "phase2:small (wiki-mini)"]
+    # the memory table has its own row and no "not measured" row per corpus
+    assert [r[0] for r in build_table(spec["memory"], df).rows] == ["phase2:small"]

@@ -10,7 +10,7 @@ import torch
 
 from muse.cases import KernelCase
 from muse.measure.timing import time_callable
-from muse.ops import bk_core
+from muse.ops.bk_core import bk_core
 from muse.summary import describe
 
 pytestmark = pytest.mark.gpu

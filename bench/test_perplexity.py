@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from muse.summary import describe
+from muse.harness.summary import describe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from muse.cases import positive_int
-from muse.compare import parse_gate
 from muse.errors import MuseError, one_line
+from muse.harness.cases import positive_int
+from muse.harness.compare import parse_gate
 
 USAGE, DIVERGED = 2, 3
 
@@ -28,8 +28,8 @@ def info(args: argparse.Namespace) -> int:
     import torch
 
     from muse import models
+    from muse.harness.results import environment_facts
     from muse.models.fla_peers import FlaUnavailable
-    from muse.results import environment_facts
 
     rows = []
     for name in models.names():
@@ -72,10 +72,10 @@ def report(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from muse.compare import check, table
-    from muse.compare import compare as deltas_of
     from muse.errors import MuseError
-    from muse.results import read_document
+    from muse.harness.compare import check, table
+    from muse.harness.compare import compare as deltas_of
+    from muse.harness.results import read_document
 
     docs = [read_document(path) for path in (args.old, args.new)]
     try:  # runs with nothing in common, or gates with nothing to gate: a user's mistake

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from muse.harness.results import Record  # noqa: E402
 from muse.measure.scaling import fit_scaling  # noqa: E402
-from muse.results import Record  # noqa: E402
 
 PHASES = ("forward", "train_step")
 CONTROL = "transformer-eager"  # the O(N²) negative control of the scaling criterion

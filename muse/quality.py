@@ -113,7 +113,7 @@ def check_corpus_exists(spec: str) -> None:
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """The gate's recipe and evaluation, from the command line (muse.pytest_plugin)."""
+    """The gate's recipe and evaluation, from the command line (muse.harness.plugin)."""
 
     corpus: str = DEFAULT_CORPUS
     tokenizer: str = "bpe:8192"

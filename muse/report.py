@@ -14,8 +14,8 @@ import pandas as pd
 
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
-from muse.results import Record, read_document, read_json
-from muse.summary import VERDICTS, format_value
+from muse.harness.results import Record, read_document, read_json
+from muse.harness.summary import VERDICTS, format_value
 
 # package data, read through importlib.resources so an installed wheel finds them
 TEMPLATES = resources.files("muse") / "templates"

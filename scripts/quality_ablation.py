@@ -32,8 +32,8 @@ from muse import models
 from muse.data import encoded_split, get_tokenizer, load_corpus
 from muse.evaluate import load_model
 from muse.fileio import atomic_write_text
+from muse.harness.results import environment_facts
 from muse.quality import EvalSplit, QualitySettings, score, scored_bytes
-from muse.results import environment_facts
 from muse.train import TrainConfig, resolve_device, train
 
 

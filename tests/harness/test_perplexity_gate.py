@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import muse.harness.results
 import muse.quality
-import muse.results
 import muse.train
 from muse.quality import (
     Comparison,
@@ -30,7 +30,7 @@ from muse.quality import (
 )
 from muse.train import TrainConfig, train
 
-muse.results.environment_facts()  # see tests/harness/test_plugin.py: imports triton once, here
+muse.harness.results.environment_facts()  # see test_plugin.py: imports triton once, here
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("the cat sat on a mat and the dog ran to the park while rain fell on old stone "
@@ -684,8 +684,8 @@ def test_bench_records_a_pass(pytester):
 
 
 def test_the_report_labels_the_new_metrics(pytester):
+    from muse.harness.results import Record
     from muse.report import LABELS, TABLES, build_table, record_frame
-    from muse.results import Record
 
     _, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
                                       "control": 250.0})

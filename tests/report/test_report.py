@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from muse.cli import main
+from muse.harness.results import read_document
 from muse.plots import crossover
 from muse.report import TABLES, render
-from muse.results import read_document
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "results_h200.json"

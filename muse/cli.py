@@ -64,7 +64,7 @@ def report(args: argparse.Namespace) -> int:
     from muse.extras import needs
 
     with needs("the report"):
-        from muse.report import render
+        from muse.report.render import render
 
     written = render(args.results, args.out, history=args.history, templates=args.templates)
     print(f"wrote {len(written)} files under {args.out}: REPORT.md, report.html, tables/, plots/")
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
     p.add_argument("--history", type=Path, help="training history.json for the loss/PPL plot")
     p.add_argument("--templates", type=Path,
-                   help="folder of Jinja2 templates (default: muse's own, muse/templates/)")
+                   help="folder of Jinja2 templates (default: muse's own, muse/report/templates/)")
     p.set_defaults(func=report)
     p = sub.add_parser(
         "compare", help="the regression gate: deltas of memory, tokens/s and ppl between two runs"

@@ -685,7 +685,7 @@ def test_bench_records_a_pass(pytester):
 
 def test_the_report_labels_the_new_metrics(pytester):
     from muse.harness.results import Record
-    from muse.report import LABELS, TABLES, build_table, record_frame
+    from muse.report.render import LABELS, TABLES, build_table, record_frame
 
     _, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
                                       "control": 250.0})

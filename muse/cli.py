@@ -99,8 +99,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from muse.train import Terminated, load_config
-    from muse.train import train as run_training
+    from muse.training.train import Terminated, load_config
+    from muse.training.train import train as run_training
 
     if not args.config.is_file():
         raise MuseError(f"config file {str(args.config)!r} does not exist")
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> int:
         raise MuseError("--resume and --overwrite exclude each other: --resume continues the "
                         "run in out_dir, --overwrite replaces it")
     if args.nproc is not None:
-        from muse.distributed import check_nproc
+        from muse.training.distributed import check_nproc
 
         check_nproc(args.nproc, cfg.device)
         if args.nproc > 1:
@@ -145,8 +145,8 @@ def train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace, cfg) -> int:
     """`--nproc N`: every check here first (a mistake is one line, before any rank starts),
     then this command again, without --nproc, on N ranks through torchrun."""
-    from muse.distributed import launch
-    from muse.train import check, resolve_device
+    from muse.training.distributed import launch
+    from muse.training.train import check, resolve_device
 
     check(cfg, args.resume, args.overwrite, world=args.nproc)
     argv = ["train", str(args.config), *(f"--set={s}" for s in args.set)]
@@ -176,7 +176,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from muse.evaluate import evaluate_checkpoint
+    from muse.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.split, args.context, args.stride,
                                  args.corpus, args.device, args.batch_size)
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when KIND gets worse by more than PCT: vram:5%% (any bytes metric"
                    " rising), tokens_per_s:-5%% (falling), ppl:2%% (rising); repeatable")
     p.set_defaults(func=compare)
-    p = sub.add_parser("train", help="train a model from a TOML config (see muse/train.py)")
+    p = sub.add_parser("train",
+                       help="train a model from a TOML config (see muse/training/train.py)")
     p.add_argument("config", type=Path, metavar="CONFIG.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (a TOML value; model_overrides.KEY=VALUE sets one"

@@ -31,7 +31,7 @@ from muse.harness.cases import (
 )
 
 if TYPE_CHECKING:
-    from muse.quality import GateRuns, QualitySettings
+    from muse.training.quality import GateRuns, QualitySettings
 
 SESSION_KEY = pytest.StashKey["MuseSession"]()
 CASE_FIXTURES = ("case", "longest_case", "model_case")
@@ -138,7 +138,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def add_perplexity_options(group) -> None:
-    from muse.quality import QualitySettings, checkpoint_arg, nonnegative_int, tokenizer_arg
+    from muse.training.quality import (
+        QualitySettings,
+        checkpoint_arg,
+        nonnegative_int,
+        tokenizer_arg,
+    )
 
     q = QualitySettings()
     group.addoption(
@@ -223,7 +228,7 @@ def add_perplexity_options(group) -> None:
 
 
 def quality_from_options(config: pytest.Config, models, device) -> QualitySettings:
-    from muse.quality import QualitySettings
+    from muse.training.quality import QualitySettings
 
     opt = config.getoption
     checkpoints = tuple(opt("checkpoint") or ())
@@ -363,7 +368,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items) -> Non
     if hasattr(config, "workerinput"):  # the xdist controller checks, before workers start
         return
     if any("quality_runs" in getattr(i, "fixturenames", ()) for i in items):
-        from muse.quality import check_corpus_exists
+        from muse.training.quality import check_corpus_exists
 
         try:  # before any other criterion spends its time
             check_corpus_exists(muse.settings.quality.corpus)
@@ -553,7 +558,7 @@ def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> I
     end are written to the terminal as they happen, counted against the runs the collected
     gate tests need."""
     from muse.harness.results import git_facts, run_name
-    from muse.quality import GateRuns
+    from muse.training.quality import GateRuns
 
     settings = muse_session.settings
     quality, history = settings.quality, None

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from muse.cases import KernelCase
+from muse.harness.cases import KernelCase
+from muse.harness.summary import describe
 from muse.measure.timing import time_callable
-from muse.ops import bk_core
-from muse.summary import describe
+from muse.ops.bk_core import bk_core
 
 pytestmark = pytest.mark.gpu
 SEQS = (4096, 16384, 65536, 262144, 1048576)

@@ -4,9 +4,9 @@ beyond the change between two runs of the same ids. A kernel that reads ahead fa
 
 import pytest
 
+from muse.harness.summary import describe
 from muse.measure.causality import causal_probe
 from muse.measure.phases import forward_fn
-from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
 

@@ -5,8 +5,8 @@ recorded."""
 
 import pytest
 
+from muse.harness.summary import describe
 from muse.measure.gradient import gradient_flow
-from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
 

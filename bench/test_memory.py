@@ -6,10 +6,10 @@ read after the run, are recorded beside it."""
 
 import pytest
 
+from muse.harness.plugin import muse_session_of
+from muse.harness.summary import describe
 from muse.measure.memory import peak_memory
 from muse.measure.phases import make_phase
-from muse.pytest_plugin import muse_session_of
-from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
 

@@ -3,15 +3,15 @@ here with one recipe (--corpus, --tokenizer, --train-tokens, --train-seq, --trai
 --train-lr or --lr-sweep, --train-dtype, --seeds) or both loaded from --checkpoint NAME=PATH, then
 scored on the test split with sliding windows (--ppl-context, --ppl-stride). Passes when the mean
 over seeds of PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself:
-an untrained copy of the model must fail that gate against the trained baseline (muse.quality).
-Recorded beside the gate: PPL and degradation on recall tokens and on the rest, the chosen
-learning rates and each side's training budget."""
+an untrained copy of the model must fail that gate against the trained baseline
+(muse.training.quality). Recorded beside the gate: PPL and degradation on recall tokens and on
+the rest, the chosen learning rates and each side's training budget."""
 
 from dataclasses import replace
 
 import pytest
 
-from muse.summary import describe
+from muse.harness.summary import describe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

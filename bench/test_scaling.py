@@ -12,10 +12,10 @@ super-linear cost: it counts as failing there and never fails the model under te
 import pytest
 
 from muse import models
+from muse.harness.summary import describe
 from muse.measure.growth import time_curve
 from muse.measure.phases import PHASES
 from muse.measure.scaling import judge_against_controls
-from muse.summary import describe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 CONTROLS = ("transformer", "transformer-eager")

@@ -4,9 +4,9 @@ gradient are finite, and each block's gradient norm lies in [1e-6, 1e3]."""
 import pytest
 import torch
 
+from muse.harness.summary import describe
 from muse.measure.gradient import backward_probe, layer_grad_norms
 from muse.measure.phases import lm_loss
-from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
 

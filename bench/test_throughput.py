@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from muse import models
+from muse.harness.summary import describe
 from muse.measure.memory import free_device_memory
 from muse.measure.phases import (
     FIXED_STEP_DTYPE,
@@ -25,7 +26,6 @@ from muse.measure.phases import (
     synchronize,
 )
 from muse.measure.timing import TimingStats, time_callable, time_with_peak
-from muse.summary import describe
 
 pytestmark = pytest.mark.gpu
 WARMUP, ROUNDS = 3, 10

@@ -13,9 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from muse.cases import positive_int
-from muse.compare import parse_gate
 from muse.errors import MuseError, one_line
+from muse.harness.cases import positive_int
+from muse.harness.compare import parse_gate
 
 USAGE, DIVERGED = 2, 3
 
@@ -28,8 +28,8 @@ def info(args: argparse.Namespace) -> int:
     import torch
 
     from muse import models
+    from muse.harness.results import environment_facts
     from muse.models.fla_peers import FlaUnavailable
-    from muse.results import environment_facts
 
     rows = []
     for name in models.names():
@@ -64,7 +64,7 @@ def report(args: argparse.Namespace) -> int:
     from muse.extras import needs
 
     with needs("the report"):
-        from muse.report import latest_results, render
+        from muse.report.render import latest_results, render
 
     written = render(args.results or latest_results(), args.out, history=args.history,
                      templates=args.templates)
@@ -73,10 +73,10 @@ def report(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from muse.compare import check, table
-    from muse.compare import compare as deltas_of
     from muse.errors import MuseError
-    from muse.results import read_document
+    from muse.harness.compare import check, table
+    from muse.harness.compare import compare as deltas_of
+    from muse.harness.results import read_document
 
     docs = [read_document(path) for path in (args.old, args.new)]
     try:  # runs with nothing in common, or gates with nothing to gate: a user's mistake
@@ -100,8 +100,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from muse.train import Terminated, load_config
-    from muse.train import train as run_training
+    from muse.training.train import Terminated, load_config
+    from muse.training.train import train as run_training
 
     if not args.config.is_file():
         raise MuseError(f"config file {str(args.config)!r} does not exist")
@@ -110,7 +110,7 @@ def train(args: argparse.Namespace) -> int:
         raise MuseError("--resume and --overwrite exclude each other: --resume continues the "
                         "run in out_dir, --overwrite replaces it")
     if args.nproc is not None:
-        from muse.distributed import check_nproc
+        from muse.training.distributed import check_nproc
 
         check_nproc(args.nproc, cfg.device)
         if args.nproc > 1:
@@ -146,8 +146,8 @@ def train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace, cfg) -> int:
     """`--nproc N`: every check here first (a mistake is one line, before any rank starts),
     then this command again, without --nproc, on N ranks through torchrun."""
-    from muse.distributed import launch
-    from muse.train import check, resolve_device
+    from muse.training.distributed import launch
+    from muse.training.train import check, resolve_device
 
     check(cfg, args.resume, args.overwrite, world=args.nproc)
     argv = ["train", str(args.config), *(f"--set={s}" for s in args.set)]
@@ -177,7 +177,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from muse.evaluate import evaluate_checkpoint
+    from muse.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.split, args.context, args.stride,
                                  args.corpus, args.device, args.batch_size)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="training history.json for the loss/PPL plot (default: the histories the"
                    " results name, where they are beside them)")
     p.add_argument("--templates", type=Path,
-                   help="folder of Jinja2 templates (default: muse's own, muse/templates/)")
+                   help="folder of Jinja2 templates (default: muse's own, muse/report/templates/)")
     p.set_defaults(func=report)
     p = sub.add_parser(
         "compare", help="the regression gate: deltas of memory, tokens/s and ppl between two runs"
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when KIND gets worse by more than PCT: vram:5%% (any bytes metric"
                    " rising), tokens_per_s:-5%% (falling), ppl:2%% (rising); repeatable")
     p.set_defaults(func=compare)
-    p = sub.add_parser("train", help="train a model from a TOML config (see muse/train.py)")
+    p = sub.add_parser("train",
+                       help="train a model from a TOML config (see muse/training/train.py)")
     p.add_argument("config", type=Path, metavar="CONFIG.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (a TOML value; model_overrides.KEY=VALUE sets one"

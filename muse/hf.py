@@ -147,7 +147,7 @@ def wrap(model: torch.nn.Module, spec: str) -> MuseForCausalLM:
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A `muse train` checkpoint → a save_pretrained folder (config.json and safetensors)."""
-    from muse.evaluate import load_model
+    from muse.training.evaluate import load_model
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from muse import models
+from muse.harness.results import environment_facts
 from muse.measure.mqar import MQAR, train_mqar
-from muse.results import environment_facts
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ done
 chmod -R u+w "$stage"
 python3 - "$stage" <<'PY'
 import sys
-from muse.data import encoded_split, get_tokenizer, load_corpus
+from muse.training.data import encoded_split, get_tokenizer, load_corpus
 stage = sys.argv[1]
 prose = load_corpus(f"{stage}/en-prose")
 tok = get_tokenizer("bpe:8192", prose, cache_dir=f"{stage}/cache")

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from muse import models
-from muse.data import encoded_split, get_tokenizer, load_corpus
-from muse.evaluate import load_model
 from muse.fileio import atomic_write_text
-from muse.quality import EvalSplit, QualitySettings, score, scored_bytes
-from muse.results import environment_facts
-from muse.train import TrainConfig, resolve_device, train
+from muse.harness.results import environment_facts
+from muse.training.data import encoded_split, get_tokenizer, load_corpus
+from muse.training.evaluate import load_model
+from muse.training.quality import EvalSplit, QualitySettings, score, scored_bytes
+from muse.training.train import TrainConfig, resolve_device, train
 
 
 def eval_split(corpus_spec: str, tokenizer, name: str) -> EvalSplit:

@@ -15,5 +15,5 @@ def pytester(pytester, monkeypatch):
     """Inner sessions load muse's plugin as a project's conftest.py would (it has no entry
     point), through PYTEST_PLUGINS: in-process sessions, subprocesses and xdist workers all
     read it."""
-    monkeypatch.setenv("PYTEST_PLUGINS", "muse.pytest_plugin")
+    monkeypatch.setenv("PYTEST_PLUGINS", "muse.harness.plugin")
     return pytester

@@ -7,9 +7,9 @@
     y     = local + W_o(s ⊙ w)                     (s ⊙ w / RMS(s ⊙ w) with out_norm, the default)
 
 λ does not depend on t, so the recurrence is computed in chunked matrix form
-(muse.ops.decayed_cumsum: per chunk a lower-triangular matrix of powers of λ, chunk ends carried
+(muse.ops.decayed_scan.chunk: per chunk a lower-triangular matrix of powers of λ, chunk ends carried
 by the same recurrence one level up), never a loop over tokens. On CUDA the same recurrence runs
-as one Triton scan (muse.ops.decayed_scan_triton): same values, a fortieth of the launches.
+as one Triton scan (muse.ops.decayed_scan.triton): same values, a fortieth of the launches.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.layers.norm import rms_normalize
-from muse.ops.decayed_cumsum import decayed_cumsum
+from muse.ops.decayed_scan.chunk import decayed_cumsum
 
 State = dict[str, torch.Tensor]
 
@@ -134,7 +134,7 @@ class ARSSM(nn.Module):
             carried = decay * state["ssm"][:, None].to(x.dtype)
             u = torch.cat((u[:, :1] + carried, u[:, 1:]), dim=1)
         if u.is_cuda:
-            from muse.ops.decayed_scan_triton import decayed_cumsum_triton as scan
+            from muse.ops.decayed_scan.triton import decayed_cumsum_triton as scan
         else:
             scan = decayed_cumsum
         s = scan(u, -F.softplus(self.decay_logit))

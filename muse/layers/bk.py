@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.ops import bk_core
+from muse.ops.bk_core import bk_core
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ through time (the earlier project detached W at every step). `hebbian_naive` is 
 definition the tests bind to.
 
 Backends: "torch" (the default, "auto") is the chunked form above and runs everywhere; on CUDA
-its chunk-to-chunk state steps run as one Triton scan (muse.ops.decayed_scan_triton). "fla" is
+its chunk-to-chunk state steps run as one Triton scan (muse.ops.decayed_scan.triton). "fla" is
 flash-linear-attention's `chunk_simple_gla`, the field's kernels for exactly this recurrence,
 CUDA only and opt-in: fla 0.6 refuses its backward on Hopper with Triton < 3.7.1 (a known
 miscompile, fla issue #640), which is what the lent H100/H200 machines have (Triton 3.6).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
-from muse.ops.decayed_cumsum import pad_time
+from muse.ops.decayed_scan.chunk import pad_time
 from muse.ops.delta_rule import delta_rule_chunked
 
 BACKENDS = ("auto", "fla", "torch")
@@ -93,7 +93,7 @@ def _carry_scan(added, log_through, w0):
     """The chunk-to-chunk state recurrence W_c = e^{b_c} W_{c−1} + A_c as one Triton scan
     over the chunks (D_h² channels a head); a loop here cost a launch or two per 64 tokens.
     → (the state entering each chunk (B, H, M, Dk, Dv), the state after the last)."""
-    from muse.ops.decayed_scan_triton import decayed_cumsum_triton
+    from muse.ops.decayed_scan.triton import decayed_cumsum_triton
 
     bsz, heads, m, dk, dv = added.shape
     if w0 is None:  # a fresh start: nothing to fold in (and no zeros to launch)

@@ -55,8 +55,8 @@ def _judge(seqs, stats, gate: LinearGate) -> tuple[ScalingFit, Growth]:
 
 
 def time_curve(case, phase: str, gate: LinearGate, *, control: bool = False) -> Curve:
-    """`case` is a muse.cases.Case over every seq (seq None). A control that runs out of memory
-    at a seq keeps the seqs before it and gets Growth.out_of_memory."""
+    """`case` is a muse.harness.cases.Case over every seq (seq None). A control that runs out of
+    memory at a seq keeps the seqs before it and gets Growth.out_of_memory."""
     model = case.build()
     stats: list[TimingStats] = []
     for seq in case.seqs:

@@ -15,7 +15,7 @@ tokens of context.
     bits per byte = ΣNLL / (ln 2 · bytes_scored)
 
 `bytes_scored` is the number of UTF-8 bytes of the text the scored tokens (ids[1:]) stand for;
-`scored_bytes(tokenizer, ids)` computes it for the tokenizers of `muse.data`, which are
+`scored_bytes(tokenizer, ids)` computes it for the tokenizers of `muse.training.data`, which are
 byte-level and lossless, so each token stands for a fixed byte string and the count is exact
 (for a whole encoded text it is the text's UTF-8 size minus the bytes of its first token).
 NLLs are natural-log, computed and summed in float64.

@@ -216,7 +216,7 @@ def _matched_transformer(preset: str, vocab_size: int) -> str:
         return "tiny"
     # HTT keeps Phase 1's size nearly fixed while a dense table scales with the vocabulary: the
     # presets matched at the nearest vocabulary (a trained BPE may stop a few tokens short);
-    # callers that build at another vocabulary check the match (muse.quality.check_matched)
+    # callers that build at another vocabulary check the match (muse.training.quality.check_matched)
     nearest = min(MATCHED_VOCABS, key=lambda v: abs(math.log(v / vocab_size)))
     return f"phase1-{preset}{MATCHED_VOCABS[nearest]}"
 

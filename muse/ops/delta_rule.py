@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from muse.ops.decayed_cumsum import pad_time
+from muse.ops.decayed_scan.chunk import pad_time
 
 
 def delta_rule_naive(q, k, v, log_decay, beta, state=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from muse.cli import main
-from muse.train import TrainConfig, train
+from muse.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

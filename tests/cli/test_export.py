@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from muse.cli import main
-from muse.evaluate import load_model
-from muse.train import TrainConfig, train
+from muse.training.evaluate import load_model
+from muse.training.train import TrainConfig, train
 
 transformers = pytest.importorskip("transformers")
 import muse.hf  # noqa: E402,F401  (registers the families with the Auto classes)

@@ -10,7 +10,7 @@ import pytest
 from muse.cli import main
 
 FIXTURE = Path(__file__).resolve().parents[1] / "report" / "fixtures" / "results_h200.json"
-TEMPLATES = Path(__file__).resolve().parents[2] / "muse" / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "muse" / "report" / "templates"
 
 
 def usage_error(capsys, command, argv, *words):

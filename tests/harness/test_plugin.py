@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import muse.results
+import muse.harness.results
 from muse import models
 
 # In-process inner sessions (pytester.runpytest) drop the modules they imported when they end,
@@ -19,7 +19,7 @@ from muse import models
 # aborts it, torch's lazily loaded libraries re-register their ops. The results file's
 # environment facts import triton, so they are gathered once here; sessions that run real
 # models go to a subprocess.
-muse.results.environment_facts()
+muse.harness.results.environment_facts()
 
 REPO = Path(__file__).resolve().parents[2]
 NO_CACHE = ("-p", "no:cacheprovider")
@@ -385,7 +385,7 @@ def test_summary_table_has_a_header_and_a_pass_row(pytester):
 def test_failing_record_fails_the_run_with_a_fail_row(pytester):
     pytester.makepyfile(
         test_memory="""
-        from muse.summary import describe
+        from muse.harness.summary import describe
 
         def test_x(case, record):
             rec = record(case, "m", 3.0, "1", threshold=2.0, comparison="<")
@@ -542,7 +542,7 @@ def test_stability_and_gradient_flow_criteria_pass_on_cpu(pytester):
 CONTROL_OOM = """
 import torch
 
-from muse.cases import Case
+from muse.harness.cases import Case
 
 build = Case.build
 
@@ -604,7 +604,7 @@ def test_memory_is_gated_at_the_gate_seq_when_every_seq_is_below_it(pytester):
 
 
 PEEKING = """
-from muse.cases import Case
+from muse.harness.cases import Case
 
 build = Case.build
 
@@ -646,7 +646,7 @@ def test_causality_criterion_fails_a_model_that_reads_ahead(pytester, peeking):
 
 
 def test_a_second_session_in_the_same_second_gets_its_own_history_folder(tmp_path):
-    from muse.pytest_plugin import _fresh_folder
+    from muse.harness.plugin import _fresh_folder
 
     first = _fresh_folder(tmp_path / "20261201T000000Z-abc1234-perplexity")
     second = _fresh_folder(tmp_path / "20261201T000000Z-abc1234-perplexity")
@@ -675,7 +675,7 @@ def test_two_bench_runs_at_once_into_one_folder_keep_every_record(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["muse.pytest_plugin"]\n')
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["muse.harness.plugin"]\n')
     (tmp_path / "test_rec.py").write_text(
         "import os\n\ndef test_x(case, record):\n"
         "    record(case, 'pid', float(os.getpid()), '1')\n")

@@ -20,11 +20,11 @@ import sys
 def test_own_device_option_and_no_muse(pytestconfig):
     assert pytestconfig.getoption("device") == "slide-rule"
     assert not any(m == "muse" or m.startswith("muse.") for m in sys.modules)
-    assert not pytestconfig.pluginmanager.hasplugin("muse.pytest_plugin")
+    assert not pytestconfig.pluginmanager.hasplugin("muse.harness.plugin")
     assert "torch" not in sys.modules
 """
 
-OPTING_IN_CONFTEST = 'pytest_plugins = ["muse.pytest_plugin"]\n'
+OPTING_IN_CONFTEST = 'pytest_plugins = ["muse.harness.plugin"]\n'
 
 OPTING_IN_TEST = """
 def test_uses_a_muse_case(case):
@@ -62,7 +62,7 @@ import dataclasses
 import pytest
 import torch
 
-from muse.pytest_plugin import SESSION_KEY
+from muse.harness.plugin import SESSION_KEY
 
 
 @pytest.hookimpl(trylast=True)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import muse.results
+import muse.harness.results
 
-muse.results.environment_facts()  # once, before any inner session (see test_plugin.py)
+muse.harness.results.environment_facts()  # once, before any inner session (see test_plugin.py)
 
 MISTAKE = """
 from muse.errors import MuseError

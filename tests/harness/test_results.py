@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from muse.errors import MuseError
-from muse.results import (
+from muse.harness.results import (
     SCHEMA_VERSION,
     Record,
     build_document,
@@ -209,7 +209,7 @@ def test_a_second_run_of_the_same_second_gets_its_own_file(tmp_path):
 
 WRITER = """
 import sys
-from muse.results import Record, build_document, write_document
+from muse.harness.results import Record, build_document, write_document
 from datetime import datetime, timezone
 when = datetime(2026, 11, 21, 12, 5, 1, tzinfo=timezone.utc)
 for i in range(20):

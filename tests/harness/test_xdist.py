@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import muse.results
-from muse import pytest_plugin
+import muse.harness.results
+from muse.harness import plugin
 
-muse.results.environment_facts()  # see test_plugin.py: native modules are imported once, here
+muse.harness.results.environment_facts()  # see test_plugin.py: native modules imported once, here
 
 CUDA = torch.device("cuda")
 WHO_RECORDS = """
@@ -69,17 +69,17 @@ def test_more_workers_than_gpus_is_a_usage_error(pytester, monkeypatch):
 def test_as_many_workers_as_gpus_pass(monkeypatch):
     gpus(monkeypatch, 2)
     for workers in (None, 0, 1, 2):
-        pytest_plugin.check_gpu_workers(workers, CUDA)
-    pytest_plugin.check_gpu_workers(8, torch.device("cpu"))  # the CPU: xdist's own business
+        plugin.check_gpu_workers(workers, CUDA)
+    plugin.check_gpu_workers(8, torch.device("cpu"))  # the CPU: xdist's own business
     with pytest.raises(ValueError, match="-n 3: .* 2 CUDA device"):
-        pytest_plugin.check_gpu_workers(3, CUDA)
+        plugin.check_gpu_workers(3, CUDA)
 
 
 def test_worker_gw_k_runs_on_gpu_k(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    pytest_plugin.pin_worker("gw3", CUDA)
-    pytest_plugin.pin_worker("gw0", torch.device("cpu"))
+    plugin.pin_worker("gw3", CUDA)
+    plugin.pin_worker("gw0", torch.device("cpu"))
     assert chosen == [3]
 
 
@@ -88,4 +88,4 @@ def test_worker_gw_k_runs_on_gpu_k(monkeypatch):
 def test_auto_is_one_worker_per_gpu(monkeypatch, device, count, workers):
     gpus(monkeypatch, count)
     config = SimpleNamespace(getoption=lambda name, default=None: device)
-    assert pytest_plugin.pytest_xdist_auto_num_workers(config) == workers
+    assert plugin.pytest_xdist_auto_num_workers(config) == workers

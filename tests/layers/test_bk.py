@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from muse.layers.bk import BKMixer, NonHermitianBKMixer
-from muse.ops import bk_core_reference
+from muse.ops.bk_core.naive import bk_core_reference
 
 
 def mixer(d=16, c=4, seed=0):

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse import models
+from muse.harness.results import git_facts
 from muse.measure.causality import causal_leak, causal_probe, probe_positions
 from muse.measure.gradient import backward_probe, gradient_flow, position_buckets
 from muse.measure.memory import NVMLMemory, nvml_memory, peak_memory
@@ -28,7 +29,6 @@ from muse.measure.phases import (
     torch_dtype,
 )
 from muse.measure.timing import summarize, time_callable, time_with_peak
-from muse.results import git_facts
 
 VOCAB = 97
 

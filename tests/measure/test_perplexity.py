@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.data import get_tokenizer
 from muse.measure.perplexity import evaluate_perplexity, recall_mask, scored_bytes, windows
 from muse.models import build
+from muse.training.data import get_tokenizer
 
 COMBOS = [(2, 1), (2, 2), (5, 3), (8, 8), (16, 1), (16, 7), (37, 37), (64, 16), (1000, 1000)]
 

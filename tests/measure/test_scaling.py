@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from muse import models
-from muse.cases import Thresholds
+from muse.harness.cases import Thresholds
 from muse.measure.scaling import (
     MODELS,
     Growth,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import muse.results
+import muse.harness.results
 
-muse.results.environment_facts()  # see tests/harness/test_plugin.py: imports triton once, here
+muse.harness.results.environment_facts()  # see tests/harness/test_plugin.py: triton once, here
 
 REPO = Path(__file__).resolve().parents[2]
 

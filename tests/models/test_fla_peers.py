@@ -255,7 +255,7 @@ def test_cuda_training_step_reaches_every_parameter_or_says_why_not(name):
 
 
 def test_a_run_that_names_no_model_leaves_the_fla_peers_out():
-    from muse.cases import parse_models
+    from muse.harness.cases import parse_models
 
     defaults = {name for name, _ in parse_models(None)}
     assert not any(name.startswith("fla-") for name in defaults)

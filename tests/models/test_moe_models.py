@@ -10,7 +10,7 @@ from muse.layers.mlp import MLP
 from muse.layers.moe import MoE
 from muse.measure.causality import causal_leak
 from muse.measure.phases import lm_loss, random_ids
-from muse.train import TrainConfig, train, weighted_aux_loss
+from muse.training.train import TrainConfig, train, weighted_aux_loss
 
 VOCAB = 97
 FAMILIES = ["phase1", "phase2"]

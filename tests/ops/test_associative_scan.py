@@ -1,5 +1,5 @@
 """The generic inclusive scan under BK-Core (`muse/ops/associative_scan.py`) and the reverse
-linear recurrence of its adjoint (`muse/ops/bk_core_scan.py`), against plain sequential loops."""
+linear recurrence of its adjoint (`muse/ops/bk_core/scan.py`), against plain sequential loops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from muse.ops.associative_scan import associative_scan
-from muse.ops.bk_core_scan import reverse_linear_recurrence
+from muse.ops.bk_core.scan import reverse_linear_recurrence
 
 LENGTHS = [*range(1, 34), 63, 64, 65, 127, 128, 129, 257]
 

@@ -24,12 +24,12 @@ import torch
 
 from muse.ops.associative_scan import associative_scan
 from muse.ops.bk_core import bk_core
-from muse.ops.bk_core_reference import (
+from muse.ops.bk_core.naive import (
     bk_core_reference,
     causal_reference,
     dense_resolvent_diagonal,
 )
-from muse.ops.bk_core_scan import causal_adjoint, causal_scan
+from muse.ops.bk_core.scan import causal_adjoint, causal_scan
 
 MODES = ("causal", "bidirectional")
 F64, C128 = torch.float64, torch.complex128
@@ -373,10 +373,10 @@ _TRITON_SCRIPT = textwrap.dedent(
     import json, os, sys, time
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    import muse.ops.bk_core_triton as bt
+    import muse.ops.bk_core.triton as bt
     from muse.ops.bk_core import bk_core
-    from muse.ops.bk_core_reference import causal_reference
-    from muse.ops.bk_core_scan import causal_adjoint
+    from muse.ops.bk_core.naive import causal_reference
+    from muse.ops.bk_core.scan import causal_adjoint
 
     def nerr(x, ref):
         if not ref.numel():

@@ -14,8 +14,8 @@ _SCRIPT = textwrap.dedent(
     """
     import json
     import torch
-    from muse.ops.decayed_cumsum import decayed_cumsum
-    from muse.ops.decayed_scan_triton import decayed_cumsum_triton
+    from muse.ops.decayed_scan.chunk import decayed_cumsum
+    from muse.ops.decayed_scan.triton import decayed_cumsum_triton
 
     def nerr(x, y):
         # relative to the reference, absolute where it is exactly 0 (one step: no ∂/∂λ)
@@ -91,7 +91,7 @@ def _reference(u, log_a, up, per_step):
             rows.append(s)
         s = torch.stack(rows, dim=1)
     else:
-        from muse.ops.decayed_cumsum import decayed_cumsum
+        from muse.ops.decayed_scan.chunk import decayed_cumsum
 
         s = decayed_cumsum(*leaves)
     (s * up).sum().backward()
@@ -113,7 +113,7 @@ def test_compiled_scan_is_as_accurate_as_float32_allows_on_cuda(per_step):
     tiles rounds more than a blocked matrix product, by √(N/128)·ε₃₂ ≈ 1e-6. Bound: 1e-5 for
     every output, ~5× that, and 400× below bfloat16's resolution, the dtype the models train
     in; the plain float32 algorithm's error is reported beside it."""
-    from muse.ops.decayed_scan_triton import decayed_cumsum_triton
+    from muse.ops.decayed_scan.triton import decayed_cumsum_triton
 
     g = torch.Generator().manual_seed(11)
     bsz, n, r = 2, 4000 if per_step else 20000, 48  # the per-step reference is a Python loop

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import muse
-from muse.data import Corpus, get_tokenizer
 from muse.extras import EXTRA_OF, MissingExtra, needs
+from muse.training.data import Corpus, get_tokenizer
 
 try:
     import tomllib

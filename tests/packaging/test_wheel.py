@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from muse.report import render
+from muse.report.render import render
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "reports" / "results" / "latest.json"
@@ -56,7 +56,8 @@ def test_report_renders_from_an_installed_wheel_outside_the_repo(tmp_path, monke
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(RESULTS, work / "latest.json")
-    where = run(python, "-c", "import muse.report as r; print(r.__file__); print(r.TEMPLATES)",
+    where = run(python, "-c",
+                "import muse.report.render as r; print(r.__file__); print(r.TEMPLATES)",
                 cwd=work).split()
     site = str(tmp_path / "venv")
     assert all(w.startswith(site) for w in where), where  # the wheel's muse, not the repo's

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from muse.cli import main
-from muse.plots import crossover
-from muse.report import TABLES, render
-from muse.results import read_document
+from muse.harness.results import read_document
+from muse.report.plots import crossover
+from muse.report.render import TABLES, render
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "results_h200.json"
@@ -163,7 +163,7 @@ def test_cli_report_and_default_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "reports" / "results").mkdir(parents=True)
     shutil.copy(FIXTURE, tmp_path / "reports" / "results" / "latest.json")
     monkeypatch.chdir(tmp_path)
-    templates = HERE.parents[1] / "muse" / "templates"
+    templates = HERE.parents[1] / "muse" / "report" / "templates"
     assert main(["report", "--out", "scratch", "--templates", str(templates)]) == 0
     assert (tmp_path / "scratch" / "report.html").is_file()
     assert main(["report", "missing.json"]) == 2

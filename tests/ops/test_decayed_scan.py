@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from muse.ops.decayed_cumsum import decayed_cumsum
+from muse.ops.decayed_scan.chunk import decayed_cumsum
 
 
 def loop(u, lam):

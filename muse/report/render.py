@@ -1,5 +1,5 @@
-"""Results → tables (Jinja2 templates in muse/templates/: md, csv, tex per table), REPORT.md and a
-self-contained report.html with the plots of muse.plots embedded."""
+"""Results → tables (Jinja2 templates in muse/report/templates/: md, csv, tex per table),
+REPORT.md and a self-contained report.html with the plots of muse.report.plots embedded."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pandas as pd
 
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
-from muse.results import Record, read_document, read_json
-from muse.summary import VERDICTS, format_value
+from muse.harness.results import Record, read_document, read_json
+from muse.harness.summary import VERDICTS, format_value
 
 # package data, read through importlib.resources so an installed wheel finds them
-TEMPLATES = resources.files("muse") / "templates"
+TEMPLATES = resources.files("muse.report") / "templates"
 NOT_MEASURED = "not measured"
 ALL_SEQS = -1  # the seq of a record that spans every seq (a scaling fit); a real seq is ≥ 1
 HISTORY_KEYS = ("loss", "val_loss", "ppl", "val_ppl")  # what the training plot draws
@@ -401,7 +401,7 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
     history.json path or its contents) defaults to the histories the results name. Every input
     is read and every file rendered before the first one is written, so a bad input leaves
     nothing behind."""
-    from muse import plots
+    from muse.report import plots
 
     out = Path(out)
     records, docs = load(paths)

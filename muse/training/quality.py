@@ -1,7 +1,7 @@
 """The equal-budget perplexity gate: a model against the `transformer` of matched size.
 
-Both sides are trained here by `muse.train` with one recipe (corpus, tokenizer, token budget,
-sequence length, batch, learning-rate schedule, precision, seeds), or both loaded from
+Both sides are trained here by `muse.training.train` with one recipe (corpus, tokenizer, token
+budget, sequence length, batch, learning-rate schedule, precision, seeds), or both loaded from
 checkpoints the trainer wrote, refused unless every one has the same recipe (`checkpoint_recipe`)
 and the two sides the same seeds; then both are scored on the test split with the sliding-window
 perplexity of `muse.measure.perplexity`. The two runs of a seed share the initialisation seed
@@ -46,12 +46,18 @@ from typing import Any
 import torch
 
 from muse import models
-from muse.checkpoint import load_checkpoint
-from muse.data import CORPUS_FORMS, WIKITEXT, get_tokenizer, load_corpus, parse_tokenizer_name
 from muse.errors import MuseError
 from muse.fileio import atomic_write_text
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, torch_dtype
+from muse.training.checkpoint import load_checkpoint
+from muse.training.data import (
+    CORPUS_FORMS,
+    WIKITEXT,
+    get_tokenizer,
+    load_corpus,
+    parse_tokenizer_name,
+)
 
 DEFAULT_CORPUS = "../shared/data/wiki-mini"
 SELF_COMPARISON_NOTE = (
@@ -113,7 +119,7 @@ def check_corpus_exists(spec: str) -> None:
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """The gate's recipe and evaluation, from the command line (muse.pytest_plugin)."""
+    """The gate's recipe and evaluation, from the command line (muse.harness.plugin)."""
 
     corpus: str = DEFAULT_CORPUS
     tokenizer: str = "bpe:8192"
@@ -219,7 +225,7 @@ class QualitySettings:
             )
 
     def train_config(self, spec: str, seed: int, out_dir: Path, lr: float | None = None):
-        from muse.train import TrainConfig
+        from muse.training.train import TrainConfig
 
         steps = self.steps
         lr = self.lr if lr is None else lr
@@ -394,7 +400,7 @@ def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def untrained_copy(ckpt: dict, device: torch.device | str) -> torch.nn.Module:
     """The weights the run of `ckpt` started from: the trainer seeds torch with the run's seed
-    and builds the model on the CPU before moving it (muse.train.train)."""
+    and builds the model on the CPU before moving it (muse.training.train.train)."""
     torch.manual_seed(ckpt["config"]["seed"])
     name, preset = models.resolve(ckpt["config"]["model"])
     return models.build(name, preset, **ckpt["model_overrides"]).to(device)
@@ -402,7 +408,7 @@ def untrained_copy(ckpt: dict, device: torch.device | str) -> torch.nn.Module:
 
 def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: QualitySettings,
                      train_seconds: float | None = None) -> Scored:
-    from muse.evaluate import load_model
+    from muse.training.evaluate import load_model
 
     model, ckpt = load_model(path, torch.device(settings.device))
     if ckpt["tokenizer"]["sha256"] != split.tokenizer_sha256:
@@ -707,7 +713,7 @@ class GateRuns:
         return len(runs)
 
     def _train_at(self, spec: str, seed: int, role: str, lr: float) -> SweepRun:
-        from muse.train import train
+        from muse.training.train import train
 
         sweep = bool(self.settings.lr_sweep)
         name = f"{spec.replace(':', '-')}-seed{seed}-{role}" + (f"-lr{lr:g}" if sweep else "")

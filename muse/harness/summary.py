@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from muse.results import Record
+from muse.harness.results import Record
 
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "OOM", "ERROR")
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import muse.results
+import muse.harness.results
 
 # The inner sessions' machine_info imports triton, whose native module aborts the process when
 # imported a second time after an in-process session drops it: import it once here, first.
-muse.results.environment_facts()
+muse.harness.results.environment_facts()
 
 BENCH = """
 def test_sum(benchmark):

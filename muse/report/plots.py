@@ -23,8 +23,8 @@ from matplotlib.ticker import (  # noqa: E402
     NullLocator,
 )
 
+from muse.harness.results import Record  # noqa: E402
 from muse.measure.scaling import fit_scaling  # noqa: E402
-from muse.results import Record  # noqa: E402
 
 PHASES = ("forward", "train_step")
 CONTROL = "transformer-eager"  # the O(N²) negative control of the scaling criterion

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from muse.cli import main
-from muse.data import get_tokenizer, load_corpus
-from muse.evaluate import evaluate_checkpoint, load_model
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
-from muse.train import TrainConfig, train
+from muse.training.data import get_tokenizer, load_corpus
+from muse.training.evaluate import evaluate_checkpoint, load_model
+from muse.training.train import TrainConfig, train
 
 
 @pytest.fixture

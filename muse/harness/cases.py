@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from muse.quality import QualitySettings
+    from muse.training.quality import QualitySettings
 
 DEFAULT_SEQS = (1024, 2048, 4096)
 
@@ -99,7 +99,7 @@ class Settings:
     device_requested: str
     results_dir: Path | None
     thresholds: Thresholds = field(default_factory=Thresholds)
-    quality: QualitySettings | None = None  # the perplexity gate's recipe (muse.quality)
+    quality: QualitySettings | None = None  # the perplexity gate's recipe (muse.training.quality)
 
     def describe(self) -> dict:
         d = {

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-import muse.train as trainer
+import muse.training.train as trainer
 from muse.cli import main
-from muse.rundir import LOCK, RunDir
-from muse.train import TrainConfig, train
+from muse.training.rundir import LOCK, RunDir
+from muse.training.train import TrainConfig, train
 
 TEXT = "the cat sat on the mat and the dog ran to the park . " * 40
 
@@ -152,7 +152,7 @@ def test_a_signal_between_the_update_and_its_bookkeeping_waits_for_them(
 # again while the save is under way.
 CHILD = textwrap.dedent("""
     import sys, time
-    import muse.train as trainer
+    import muse.training.train as trainer
     from muse.cli import main
 
     real = trainer.atomic_save

@@ -1,7 +1,7 @@
 """s_t = a_t ⊙ s_{t−1} + u_t on the GPU: one Triton launch forward, one backward.
 
 Two uses. The AR-SSM's state, where a_t = λ is one decay per channel: the chunked matrix form
-(`muse.ops.decayed_cumsum`) is exact, but at batch 1 it is ~40 small PyTorch ops per call, and
+(`muse.ops.decayed_scan.chunk`) is exact, but at batch 1 it is ~40 small PyTorch ops per call, and
 on the lent H200 a phase1:10gb training step spent most of the AR-SSM's time launching them
 (9 ms of span for 1 ms of kernels at seq 4096). And the Hebbian state carried from chunk to
 chunk, where a_t is one decay per (sequence, step), shared by the D_h² entries of the state.
@@ -116,6 +116,6 @@ class LinearScan(torch.autograd.Function):
 
 
 def decayed_cumsum_triton(u: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """u (B, N, R), log a: (R,) as in `muse.ops.decayed_cumsum.decayed_cumsum`, or (B, N)
+    """u (B, N, R), log a: (R,) as in `muse.ops.decayed_scan.chunk.decayed_cumsum`, or (B, N)
     one decay per step shared by the R channels."""
     return LinearScan.apply(u, log_decay)

@@ -18,11 +18,11 @@ validation loss and the history so far.
 
 Everything a user can get wrong (device, corpus, tokenizer, model overrides, the checkpoint to
 resume) is checked before `out_dir` is created. One training at a time holds `out_dir` (see
-`muse.rundir`); a folder that already holds a run needs `resume` or `overwrite`. A non-finite
-training or validation loss stops the run: nothing is saved as best, and the result's
+`muse.training.rundir`); a folder that already holds a run needs `resume` or `overwrite`. A
+non-finite training or validation loss stops the run: nothing is saved as best, and the result's
 `diverged` says why.
 
-Under torchrun (or `muse train --nproc N`) the ranks train one model (`muse.distributed`):
+Under torchrun (or `muse train --nproc N`) the ranks train one model (`muse.training.distributed`):
 `batch_size` is the global batch, each rank takes its slice; the loss and tokens/s in the
 history are global, rank 0 writes every file, and history rows and run.json say how many ranks
 ran.
@@ -47,15 +47,22 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from muse import distributed, models
-from muse.checkpoint import load_checkpoint, load_weights
-from muse.data import check_vocab, encoded_split, get_tokenizer, load_corpus, parse_tokenizer_name
+from muse import models
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.measure.phases import DTYPES, autocast, lm_loss, synchronize, torch_dtype
 from muse.models.config import StrictConfig, check_keys
-from muse.rundir import RunDir, check_reuse
+from muse.training import distributed
+from muse.training.checkpoint import load_checkpoint, load_weights
+from muse.training.data import (
+    check_vocab,
+    encoded_split,
+    get_tokenizer,
+    load_corpus,
+    parse_tokenizer_name,
+)
+from muse.training.rundir import RunDir, check_reuse
 
 try:
     import tomllib
@@ -78,7 +85,7 @@ class Terminated(BaseException):
 class TrainConfig(StrictConfig):
     model: str = "transformer:small"  # registry spec, name[:preset]
     model_overrides: dict = field(default_factory=dict)  # vocab_size defaults to the tokenizer's
-    corpus: str = "../shared/data/wiki-mini"  # a `muse.data.load_corpus` spec
+    corpus: str = "../shared/data/wiki-mini"  # a `muse.training.data.load_corpus` spec
     tokenizer: str = "bytes"  # bytes | gpt2 | bpe:<vocab>
     seq_len: int = 256
     batch_size: int = 8

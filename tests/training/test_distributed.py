@@ -21,10 +21,10 @@ import torch
 import torch.distributed.run
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from muse import distributed
-from muse.checkpoint import load_checkpoint
 from muse.cli import main
-from muse.train import TrainConfig, make_optimizer, sample_batch, train
+from muse.training import distributed
+from muse.training.checkpoint import load_checkpoint
+from muse.training.train import TrainConfig, make_optimizer, sample_batch, train
 
 WEIGHT_TOL, NORM_RTOL, LOSS_RTOL = 1e-12, 1e-12, 1e-6
 WORDS = "the cat sat on a mat and the dog ran to the park while rain fell on old roofs".split()

@@ -1,5 +1,5 @@
-"""The equal-budget perplexity gate (muse.quality) on tiny transformers and a few KB of text, on
-the CPU: the arithmetic, the options, the negative control, the shared baselines and the
+"""The equal-budget perplexity gate (muse.training.quality) on tiny transformers and a few KB of
+text, on the CPU: the arithmetic, the options, the negative control, the shared baselines and the
 checkpoint mode. The bench file itself runs in inner sessions against canned comparisons."""
 
 import argparse
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import muse.quality
-import muse.results
-import muse.train
-from muse.quality import (
+import muse.harness.results
+import muse.training.quality
+import muse.training.train
+from muse.training.quality import (
     Comparison,
     GateProgress,
     GateRuns,
@@ -28,9 +28,9 @@ from muse.quality import (
     duration,
     untrained_copy,
 )
-from muse.train import TrainConfig, train
+from muse.training.train import TrainConfig, train
 
-muse.results.environment_facts()  # see tests/harness/test_plugin.py: imports triton once, here
+muse.harness.results.environment_facts()  # see test_plugin.py: imports triton once, here
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("the cat sat on a mat and the dog ran to the park while rain fell on old stone "
@@ -273,14 +273,14 @@ def trained(tmp_path_factory):
     settings = tiny_settings(write_corpus(root / "corpus"), train_dir=str(root / "runs"))
     runs = GateRuns(settings, history_dir=root / "history")
     calls = []
-    real = muse.train.train
+    real = muse.training.train.train
 
     def counting(cfg):
         calls.append((cfg.model, cfg.seed))
         return real(cfg)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(muse.train, "train", counting)
+    mp.setattr(muse.training.train, "train", counting)
     try:
         own = runs.compare("transformer:tiny")
         eager = runs.compare("transformer-eager:tiny")
@@ -344,7 +344,7 @@ def swept(tmp_path_factory):
                              lr_sweep=(1e-9, 1e-2), train_dir=str(root / "runs"))
     runs = GateRuns(settings, history_dir=root / "history")
     calls, tested = [], []
-    real_train, real_score = muse.train.train, muse.quality.score_checkpoint
+    real_train, real_score = muse.training.train.train, muse.training.quality.score_checkpoint
 
     def counting(cfg):
         calls.append((cfg.model, cfg.seed, cfg.lr))
@@ -355,8 +355,8 @@ def swept(tmp_path_factory):
         return real_score(path, *args, **kw)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(muse.train, "train", counting)
-    mp.setattr(muse.quality, "score_checkpoint", scoring)
+    mp.setattr(muse.training.train, "train", counting)
+    mp.setattr(muse.training.quality, "score_checkpoint", scoring)
     try:
         own = runs.compare("transformer:tiny")
         eager = runs.compare("transformer-eager:tiny")
@@ -597,7 +597,7 @@ def test_the_bench_shows_each_training_run_on_the_terminal(pytester):
 
 FAKE_RUNS = """
 import pytest
-from muse.quality import Comparison, Scored
+from muse.training.quality import Comparison, Scored
 
 PPLS = {ppls!r}
 
@@ -684,8 +684,8 @@ def test_bench_records_a_pass(pytester):
 
 
 def test_the_report_labels_the_new_metrics(pytester):
-    from muse.report import LABELS, TABLES, build_table, record_frame
-    from muse.results import Record
+    from muse.harness.results import Record
+    from muse.report.render import LABELS, TABLES, build_table, record_frame
 
     _, records = run_bench(pytester, {"model": [10.2, 9.9], "baseline": [10.0, 10.0],
                                       "control": 250.0})
@@ -717,7 +717,7 @@ def test_bench_fails_when_the_untrained_control_passes(pytester):
 
 
 def test_baseline_is_matched_at_the_tokenizers_vocabulary():
-    from muse.quality import baseline_spec, check_matched, nominal_vocab
+    from muse.training.quality import baseline_spec, check_matched, nominal_vocab
 
     assert nominal_vocab("bpe:8192") == 8192 and nominal_vocab("gpt2") == 50257
     assert baseline_spec("phase1:10gb", 8192) == "transformer:phase1-10gb-v8k"

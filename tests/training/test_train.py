@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-import muse.train as trainer
+import muse.training.train as trainer
 from muse.cli import main
-from muse.train import ConfigError, TrainConfig, load_config, lr_at, train
+from muse.training.train import ConfigError, TrainConfig, load_config, lr_at, train
 
 WORDS = ("the cat sat on a mat and the dog ran to the park while rain fell on old stone "
          "roofs of the quiet town by the river").split()

@@ -7,7 +7,7 @@ import pytest
 
 from muse.cli import main
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_h200.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "report" / "fixtures" / "results_h200.json"
 GATES = ["--fail", "vram:5%", "--fail", "tokens_per_s:-5%", "--fail", "ppl:2%"]
 
 

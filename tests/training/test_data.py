@@ -1,12 +1,13 @@
-"""muse.data: corpora and tokenizers (CPU, no network: gpt2/wikitext only through their
+"""muse.training.data: corpora and tokenizers (CPU, no network: gpt2/wikitext only through their
 offline error paths)."""
 
 import random
 
 import pytest
 
-from muse import data
-from muse.data import (
+from muse.errors import MuseError
+from muse.training import data
+from muse.training.data import (
     Corpus,
     CorpusUnavailable,
     TokenizerUnavailable,
@@ -14,7 +15,6 @@ from muse.data import (
     get_tokenizer,
     load_corpus,
 )
-from muse.errors import MuseError
 
 
 def sample_text(n_lines=400, seed=0):
@@ -246,7 +246,7 @@ def test_check_vocab():
 def test_encoded_split_is_cached_and_equals_encode(tmp_path):
     import torch
 
-    from muse.data import Corpus, bytes_tokenizer, encoded_split
+    from muse.training.data import Corpus, bytes_tokenizer, encoded_split
 
     corpus = Corpus("c", {"train": "héllo wörld " * 50, "valid": "ab", "test": "cd"})
     tok = bytes_tokenizer()
@@ -293,7 +293,7 @@ def test_the_trainer_trains_on_train_validates_on_valid_and_never_reads_test(tmp
                                                                              monkeypatch):
     """Every input the model sees while the trainer runs, whatever the encoded-split cache
     holds (a cold run, then a run that reads the cache)."""
-    import muse.train
+    import muse.training.train
     from muse import models
 
     corpus_dir = tmp_path / "corpus"
@@ -312,11 +312,11 @@ def test_the_trainer_trains_on_train_validates_on_valid_and_never_reads_test(tmp
 
     monkeypatch.setattr(models, "build", build)
     for run in ("cold", "cached"):
-        cfg = muse.train.TrainConfig(
+        cfg = muse.training.train.TrainConfig(
             model="transformer:tiny", corpus=str(corpus_dir), tokenizer="bytes", seq_len=16,
             batch_size=4, steps=12, warmup_steps=1, eval_every=4, eval_tokens=4096,
             out_dir=str(tmp_path / run), device="cpu", progress=False)
-        muse.train.train(cfg)
+        muse.training.train.train(cfg)
         assert list((tmp_path / "cache").glob("ids-*-train.npy"))
         assert not list((tmp_path / "cache").glob("ids-*-test.npy"))
         assert seen["train"] and not seen["train"] & (valid_only | test_only), run

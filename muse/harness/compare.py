@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from muse.errors import MuseError
-from muse.results import Record
-from muse.summary import format_value
+from muse.harness.results import Record
+from muse.harness.summary import format_value
 
 
 def _relative(a: float, b: float) -> float:

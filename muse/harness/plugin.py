@@ -3,7 +3,7 @@ models and seqs, the `record` fixture through which every measured number reache
 file, the terminal summary and the exit status.
 
 It has no `pytest11` entry point, so installing muse changes no one else's pytest run: a
-project loads it from its root conftest.py with `pytest_plugins = ["muse.pytest_plugin"]` (as
+project loads it from its root conftest.py with `pytest_plugins = ["muse.harness.plugin"]` (as
 muse's own does), then writes its own criteria with the `case`, `longest_case`, `model_case`
 and `record` fixtures.
 """
@@ -21,10 +21,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from muse.cases import DEFAULT_SEQS, Settings, Thresholds, fraction, positive_float, positive_int
+from muse.harness.cases import (
+    DEFAULT_SEQS,
+    Settings,
+    Thresholds,
+    fraction,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:
-    from muse.quality import GateRuns, QualitySettings
+    from muse.training.quality import GateRuns, QualitySettings
 
 SESSION_KEY = pytest.StashKey["MuseSession"]()
 CASE_FIXTURES = ("case", "longest_case", "model_case")
@@ -36,7 +43,7 @@ MUSE_FIXTURES = frozenset({*CASE_FIXTURES, "record", "muse_session", "muse_setti
 class MuseSession:
     settings: Settings
     started_at: datetime
-    records: list = field(default_factory=list)  # list[muse.results.Record]
+    records: list = field(default_factory=list)  # list[muse.harness.results.Record]
     cache: dict = field(default_factory=dict)  # per-session measurements shared by tests
     results_path: Path | None = None
     tests_finished: int = 0  # tests that ran to their end (passed, failed or skipped)
@@ -131,7 +138,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def add_perplexity_options(group) -> None:
-    from muse.quality import QualitySettings, checkpoint_arg, nonnegative_int, tokenizer_arg
+    from muse.training.quality import (
+        QualitySettings,
+        checkpoint_arg,
+        nonnegative_int,
+        tokenizer_arg,
+    )
 
     q = QualitySettings()
     group.addoption(
@@ -216,7 +228,7 @@ def add_perplexity_options(group) -> None:
 
 
 def quality_from_options(config: pytest.Config, models, device) -> QualitySettings:
-    from muse.quality import QualitySettings
+    from muse.training.quality import QualitySettings
 
     opt = config.getoption
     checkpoints = tuple(opt("checkpoint") or ())
@@ -249,7 +261,7 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
 
 
 def settings_from_options(config: pytest.Config) -> Settings:
-    from muse.cases import parse_models, resolve_device
+    from muse.harness.cases import parse_models, resolve_device
 
     opt = config.getoption
     seqs = tuple(opt("seq") or DEFAULT_SEQS)
@@ -356,7 +368,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items) -> Non
     if hasattr(config, "workerinput"):  # the xdist controller checks, before workers start
         return
     if any("quality_runs" in getattr(i, "fixturenames", ()) for i in items):
-        from muse.quality import check_corpus_exists
+        from muse.training.quality import check_corpus_exists
 
         try:  # before any other criterion spends its time
             check_corpus_exists(muse.settings.quality.corpus)
@@ -364,7 +376,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items) -> Non
             pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
     if muse.settings.results_dir is None or not any("record" in i.fixturenames for i in items):
         return
-    from muse.results import check_writable
+    from muse.harness.results import check_writable
 
     try:
         check_writable(muse.settings.results_dir)
@@ -378,7 +390,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     muse = muse_session_of(config)
     if config.pluginmanager.hasplugin("dsession") and muse.settings.results_dir is not None:
-        from muse.results import check_writable
+        from muse.harness.results import check_writable
 
         try:
             check_writable(muse.settings.results_dir)
@@ -444,7 +456,7 @@ def criterion_of(item_or_request) -> str:
 
 
 def record_oom(item: pytest.Item, case, message: str) -> None:
-    from muse.results import Record
+    from muse.harness.results import Record
 
     muse_session_of(item.config).records.append(
         Record(
@@ -488,7 +500,7 @@ class Recorder:
         seq: int | None = None,
         extra: dict | None = None,
     ):
-        from muse.results import Record, verdict
+        from muse.harness.results import Record, verdict
 
         if status is None:
             status = "RECORDED" if threshold is None else verdict(value, threshold, comparison)
@@ -545,8 +557,8 @@ def quality_runs(muse_session: MuseSession, request: pytest.FixtureRequest) -> I
     histories go beside the results file, in <results>/<run>-perplexity/. Each run's start and
     end are written to the terminal as they happen, counted against the runs the collected
     gate tests need."""
-    from muse.quality import GateRuns
-    from muse.results import git_facts, run_name
+    from muse.harness.results import git_facts, run_name
+    from muse.training.quality import GateRuns
 
     settings = muse_session.settings
     quality, history = settings.quality, None
@@ -607,7 +619,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         config.workeroutput["muse_records"] = [r.to_dict() for r in muse.records]
         return
     if muse.records and muse.settings.results_dir is not None:
-        from muse.results import build_document, write_document
+        from muse.harness.results import build_document, write_document
 
         doc = build_document(
             muse.records,
@@ -650,7 +662,7 @@ def _completeness(session: pytest.Session, exitstatus, finished: int) -> tuple[b
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    from muse.results import Record
+    from muse.harness.results import Record
 
     output = getattr(node, "workeroutput", {}) or {}
     records = muse_session_of(node.config).records
@@ -658,7 +670,7 @@ def pytest_testnodedown(node, error) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    from muse.summary import summary_table
+    from muse.harness.summary import summary_table
 
     muse = muse_session_of(config)
     if not muse.records:
@@ -672,7 +684,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    from muse.results import environment_facts
+    from muse.harness.results import environment_facts
 
     machine_info["muse"] = environment_facts()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from muse.ops.bk_core_scan import causal_adjoint, causal_scan
+from muse.ops.bk_core.scan import causal_adjoint, causal_scan
 
 MODES = ("causal", "bidirectional")
 
@@ -31,7 +31,7 @@ class _CausalBK(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, backend: str):
         triton = _use_triton(a, backend)
         if triton:
-            from muse.ops.bk_core_triton import causal_forward_triton
+            from muse.ops.bk_core.triton import causal_forward_triton
 
             g = causal_forward_triton(a, k, z=z)
         else:
@@ -45,7 +45,7 @@ class _CausalBK(torch.autograd.Function):
     def backward(ctx, grad_g: torch.Tensor):
         g, k = ctx.saved_tensors
         if ctx.triton:
-            from muse.ops.bk_core_triton import causal_backward_triton
+            from muse.ops.bk_core.triton import causal_backward_triton
 
             grad_alpha, grad_k = causal_backward_triton(g, k, grad_g)
         else:

@@ -66,8 +66,8 @@ def test_nothing_to_render_is_one_line_and_status_2(tmp_path, monkeypatch, capsy
 
 
 def test_runs_of_one_model_on_two_corpora_are_two_rows_and_no_filler():
-    from muse.report.render import TABLES, build_table, record_frame
     from muse.harness.results import Record
+    from muse.report.render import TABLES, build_table, record_frame
 
     def ppl(corpus, value):
         return Record("perplexity", "phase2", "small", "ppl_degradation", value, "1", "PASS",

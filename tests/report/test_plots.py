@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from muse.harness.results import SCHEMA_VERSION, Record
 from muse.report import plots
 from muse.report.render import render
-from muse.harness.results import SCHEMA_VERSION, Record
 
 SEQS = (1024, 2048, 4096)
 MODEL, BASE, CONTROL = "phase2:small", "transformer:small", "transformer-eager:small"

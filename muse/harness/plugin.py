@@ -225,6 +225,14 @@ def add_perplexity_options(group) -> None:
         metavar="DIR",
         help="perplexity: keep the runs' checkpoints here (default: a temporary folder)",
     )
+    group.addoption(
+        "--train-jobs",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="perplexity: train N runs at once, each in its own process, over every GPU "
+        "(several share one when N > GPUs; default 1: one after another)",
+    )
 
 
 def quality_from_options(config: pytest.Config, models, device) -> QualitySettings:
@@ -255,6 +263,7 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
         stride=opt("ppl_stride"),
         checkpoints=checkpoints,
         train_dir=opt("train_dir"),
+        train_jobs=opt("train_jobs"),
     )
     quality.check_models([f"{m}:{p}" for m, p in models])
     return quality

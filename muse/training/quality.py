@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,9 @@ class QualitySettings:
     train_dir: str | None = None  # checkpoints of the runs; None: a temporary folder
     val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
     lr_sweep: tuple[float, ...] = ()  # peak rates each run trains at; (): `lr` alone
+    # training runs at once, each in its own process, spread over the GPUs (several may share
+    # one: small models leave most of an H200 idle); 1: one after another in this process
+    train_jobs: int = 1
 
     def __post_init__(self) -> None:
         parse_tokenizer_name(self.tokenizer)
@@ -158,6 +163,8 @@ class QualitySettings:
         if self.lr_sweep and self.checkpoints:
             raise ValueError("--lr-sweep and --checkpoint exclude each other: checkpoints are "
                              "scored as they were trained")
+        if not isinstance(self.train_jobs, int) or self.train_jobs < 1:
+            raise ValueError(f"--train-jobs must be an integer ≥ 1, got {self.train_jobs!r}")
         if self.seq_len < 2:
             raise ValueError(f"--train-seq must be ≥ 2 (one token to predict), got {self.seq_len}")
         if self.steps < 1:
@@ -257,7 +264,7 @@ class QualitySettings:
                  checkpoints=[f"{s}={p}" for s, p in self.checkpoints])
         if self.checkpoints:  # the recipe is the checkpoints' own
             for key in ("train_tokens", "seq_len", "batch_size", "lr", "steps", "seeds", "rates",
-                        "budget_tokens", "lr_sweep"):
+                        "budget_tokens", "lr_sweep", "train_jobs"):
                 d.pop(key)
         return d
 
@@ -629,6 +636,27 @@ class GateProgress:
         self.say(line)
 
 
+def job_devices(device: str) -> list[str]:
+    """The devices parallel training runs go to: every GPU on "cuda", else the one device."""
+    if device != "cuda":
+        return [device]
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise MuseError("--train-jobs on device 'cuda', but CUDA is not available here")
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def _train_in_child(cfg, threads: int) -> tuple[list, int, float]:
+    """One training run in a worker process: (history, steps, seconds)."""
+    from muse.training.train import train
+
+    if cfg.device == "cpu":
+        torch.set_num_threads(threads)  # the runs at once share the cores
+    t0 = time.perf_counter()
+    result = train(cfg)
+    return result.history, result.step, time.perf_counter() - t0
+
+
 class GateRuns:
     """The session's runs, each trained (or loaded) and scored once: a baseline shared by
     several models is trained once per seed. Training histories are written under
@@ -648,6 +676,8 @@ class GateRuns:
         self._histories: dict[str, list] = {}
         self._runs: list[dict] = []
         self._tmp: str | None = None
+        self._planned: list[tuple[str, int, str, float]] = []  # (spec, seed, role, lr)
+        self._swept: dict[tuple[str, int, str, float], SweepRun] = {}
 
     def split(self) -> EvalSplit:
         if self._split is None:
@@ -668,6 +698,7 @@ class GateRuns:
             "dtype": self.settings.dtype,
             "mode": self.settings.mode,
             "history": None if self.history_dir is None else str(self.history_dir),
+            "train_jobs": 1 if self.settings.checkpoints else self.settings.train_jobs,
         }
 
     def _train_root(self) -> Path:
@@ -708,32 +739,68 @@ class GateRuns:
                 for lr in self.settings.rates:
                     runs.add((baseline_spec(spec, vocab), seed, "baseline", lr))
                     runs.add((spec, seed, "model", lr))
+        self._planned = sorted(runs, key=lambda r: (r[2] != "baseline", r[0], r[1], r[3]))
         if self.progress is not None:
             self.progress.planned = len(runs)
         return len(runs)
 
     def _train_at(self, spec: str, seed: int, role: str, lr: float) -> SweepRun:
-        from muse.training.train import train
+        key = (spec, seed, role, lr)
+        if key not in self._swept and self.settings.train_jobs > 1 and key in self._planned:
+            self._train_planned_in_parallel()
+        if key not in self._swept:
+            from muse.training.train import train
 
+            out, what = self._run_names(*key)
+            if self.progress is not None:
+                self.progress.started(what, self.settings)
+            t0 = time.perf_counter()
+            result = train(self.settings.train_config(spec, seed, out, lr))
+            self._finished(key, result.history, result.step, time.perf_counter() - t0)
+        return self._swept[key]
+
+    def _run_names(self, spec: str, seed: int, role: str, lr: float) -> tuple[Path, str]:
         sweep = bool(self.settings.lr_sweep)
         name = f"{spec.replace(':', '-')}-seed{seed}-{role}" + (f"-lr{lr:g}" if sweep else "")
-        out = self._train_root() / name
         what = f"{spec} seed {seed} ({role}" + (f", lr {lr:g})" if sweep else ")")
-        if self.progress is not None:
-            self.progress.started(what, self.settings)
-        t0 = time.perf_counter()
-        result = train(self.settings.train_config(spec, seed, out, lr))
-        seconds = time.perf_counter() - t0
-        valid_loss = final_valid_loss(result.history)
+        return self._train_root() / name, what
+
+    def _finished(self, key: tuple[str, int, str, float], history: list, step: int,
+                  seconds: float) -> None:
+        spec, seed, role, lr = key
+        out, what = self._run_names(*key)
+        valid_loss = final_valid_loss(history)
         if valid_loss is None:
             raise RuntimeError(f"the run of {spec} (seed {seed}, lr {lr:g}) has no validation "
                                "loss at its last step; the learning-rate choice needs one")
         if self.progress is not None:
-            tokens = result.step * self.settings.tokens_per_step
-            self.progress.finished(what, tokens, seconds, valid_loss)
-        label = _label(spec, seed, role) + (f" lr{lr:g}" if sweep else "")
-        self._keep_history(label, result.history)
-        return SweepRun(lr, out, valid_loss, seconds)
+            self.progress.finished(what, step * self.settings.tokens_per_step, seconds,
+                                   valid_loss)
+        sweep = bool(self.settings.lr_sweep)
+        self._keep_history(_label(spec, seed, role) + (f" lr{lr:g}" if sweep else ""), history)
+        self._swept[key] = SweepRun(lr, out, valid_loss, seconds)
+
+    def _train_planned_in_parallel(self) -> None:
+        """Every planned run not yet trained, `train_jobs` at a time, each in a process of its
+        own on a device of its own where there are several (run i on GPU i mod count)."""
+        todo = [k for k in self._planned if k not in self._swept]
+        devices = job_devices(self.settings.device)
+        jobs = min(self.settings.train_jobs, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        if self.progress is not None:
+            self.progress.say(f"perplexity gate: training {len(todo)} runs, {jobs} at a time, "
+                              f"on {', '.join(sorted(set(devices)))}")
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {}
+            for i, key in enumerate(todo):
+                out, _ = self._run_names(*key)
+                cfg = replace(self.settings.train_config(key[0], key[1], out, key[3]),
+                              device=devices[i % len(devices)])
+                futures[pool.submit(_train_in_child, cfg, threads)] = key
+            for future in as_completed(futures):
+                history, step, seconds = future.result()
+                self._finished(futures[future], history, step, seconds)
 
     def loaded(self, path: str, role: str) -> Scored:
         if (path, role) not in self._loaded:

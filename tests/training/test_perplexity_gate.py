@@ -334,6 +334,33 @@ def test_histories_are_written_for_the_report(trained):
     assert runs.facts()["tokenizer"] == "bytes"
 
 
+@pytest.mark.slow
+def test_runs_trained_in_parallel_processes_match_the_serial_runs(trained, tmp_path):
+    settings, _, own, _, _, _ = trained
+    lines = []
+    parallel = GateRuns(replace(settings, train_jobs=2, train_dir=str(tmp_path / "runs")),
+                        history_dir=tmp_path / "history", say=lines.append)
+    assert parallel.plan(["transformer:tiny"]) == 4
+    cmp = parallel.compare("transformer:tiny")
+    assert any("4 runs, 2 at a time, on cpu" in line for line in lines)
+    assert sum("done" in line for line in lines) == 4
+    # each run is the serial run of its seed, trained in another process (thread counts may
+    # differ, so equal up to float rounding)
+    for ours, theirs in zip((*cmp.model_runs, *cmp.baseline_runs),
+                            (*own.model_runs, *own.baseline_runs), strict=True):
+        assert (ours.seed, ours.role) == (theirs.seed, theirs.role)
+        assert ours.ppl == pytest.approx(theirs.ppl, rel=1e-3)
+    assert parallel.facts()["train_jobs"] == 2
+    history = json.loads((tmp_path / "history" / "history.json").read_text())
+    assert len(history) == 4
+    parallel.close()
+
+
+def test_train_jobs_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(ValueError, match="--train-jobs must be an integer ≥ 1, got 0"):
+        tiny_settings(tmp_path, train_jobs=0)
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """transformer:tiny against itself and transformer-eager:tiny against it, each trained at an

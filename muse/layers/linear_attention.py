@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
-from muse.ops.decayed_cumsum import pad_time
+from muse.ops.decayed_scan.chunk import pad_time
 
 BACKENDS = ("auto", "torch", "fla")
 EPS = 1e-6  # added to the normaliser φ(q)·z, which is > 0 already (the paper's ε)

@@ -81,14 +81,3 @@ def complex_decayed_cumsum(u: torch.Tensor, log_mag: torch.Tensor, angle: torch.
     # λ^{t+1} times the state entering the chunk, for t = 0..T−1
     carried = _mul(before, p_re[1:], p_im[1:], "tr,bmr->bmtr")
     return (local + carried.to(u.dtype)).reshape(bsz, m * chunk, -1)[:, :n]
-
-
-def complex_recurrence_naive(u: torch.Tensor, lam: torch.Tensor,
-                             h0: torch.Tensor | None = None) -> torch.Tensor:
-    """The per-token definition: u (B, N, R) complex, λ (R,) complex, h0 (B, R) → h (B, N, R)."""
-    h = torch.zeros_like(u[:, 0]) if h0 is None else h0
-    out = []
-    for t in range(u.shape[1]):
-        h = lam * h + u[:, t]
-        out.append(h)
-    return torch.stack(out, dim=1)

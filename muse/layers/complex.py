@@ -1,0 +1,199 @@
+"""Complex-valued layers on planar storage (DESIGN §3.4).
+
+A complex activation of D channels is one real tensor (…, 2D): the real parts in the first D
+entries of the last dim, the imaginary parts in the last D. In bf16 or fp16 that is 4 bytes a
+complex value, half of complex64, and every product is a real GEMM or elementwise op, so
+autocast, fused optimizers and any device work as for a real model. `to_planar` and
+`from_planar` convert to and from torch's complex dtypes; each layer's `*_reference` twin
+computes the same map on complex tensors (the tests bind the two in complex128).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muse.ops.complex_scan import complex_decayed_cumsum
+
+
+def to_planar(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Complex (…, D) → real (…, 2D) [re | im]."""
+    x = torch.cat((z.real, z.imag), dim=-1)
+    return x if dtype is None else x.to(dtype)
+
+
+def from_planar(x: torch.Tensor) -> torch.Tensor:
+    """Real (…, 2D) [re | im] → complex (…, D) (complex64 from float32 or lower, else 128)."""
+    d = x.shape[-1] // 2
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.complex(wide[..., :d], wide[..., d:])
+
+
+def planes(x: torch.Tensor) -> torch.Tensor:
+    """(…, 2D) → a (…, 2, D) view: plane 0 real, plane 1 imaginary."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2))
+
+
+def complex_mul(x: torch.Tensor, w_re: torch.Tensor, w_im: torch.Tensor) -> torch.Tensor:
+    """Planar x (…, 2D) times the complex vector w = w_re + i·w_im (D,), elementwise."""
+    p = planes(x)
+    re = p[..., 0, :] * w_re - p[..., 1, :] * w_im
+    im = p[..., 0, :] * w_im + p[..., 1, :] * w_re
+    return torch.cat((re, im), dim=-1)
+
+
+class ComplexLinear(nn.Module):
+    """y = W z + b with complex W (out × in) and b, as one real GEMM on planar storage:
+    [y_re | y_im] = [z_re | z_im] · [[W_re, W_im], [−W_im, W_re]] (the 2 × 2 real form of a
+    complex number), so one matmul instead of four."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True, std: float | None = None):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.weight_re = nn.Parameter(torch.empty(d_out, d_in))
+        self.weight_im = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(2 * d_out)) if bias else None
+        self.reset_parameters(std)
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Each plane N(0, std²); by default E|W_ij|² = 1/d_in (complex Glorot, fan-in)."""
+        std = 1 / math.sqrt(2 * self.d_in) if std is None else std
+        nn.init.normal_(self.weight_re, std=std)
+        nn.init.normal_(self.weight_im, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def real_weight(self) -> torch.Tensor:
+        """The (2·out × 2·in) real matrix that acts on planar vectors."""
+        top = torch.cat((self.weight_re, -self.weight_im), dim=1)
+        bottom = torch.cat((self.weight_im, self.weight_re), dim=1)
+        return torch.cat((top, bottom), dim=0)
+
+    def complex_weight(self) -> torch.Tensor:
+        return torch.complex(self.weight_re, self.weight_im)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.real_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.d_in} → {self.d_out} complex, bias={self.bias is not None}"
+
+
+def complex_linear_reference(z: torch.Tensor, layer: ComplexLinear) -> torch.Tensor:
+    w = layer.complex_weight().to(z.dtype)
+    out = z @ w.transpose(0, 1)
+    return out if layer.bias is None else out + from_planar(layer.bias).to(z.dtype)
+
+
+class ModReLU(nn.Module):
+    """modReLU (Arjovsky et al. 2016): z ↦ ReLU(|z| + b) · z/|z| per channel, b real; the phase
+    passes through, the modulus is thresholded. At z = 0 the output is 0 (and so is its
+    gradient): the square root and the division only see |z|² where it is > 0."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = planes(x)
+        sq = p.pow(2).sum(dim=-2)  # |z|², (…, D)
+        nonzero = sq > 0
+        mod = torch.sqrt(torch.where(nonzero, sq, 1))
+        scale = torch.where(nonzero, F.relu(mod + self.bias.to(mod.dtype)) / mod, 0)
+        return (p * scale.unsqueeze(-2)).flatten(-2)
+
+
+def modrelu_reference(z: torch.Tensor, layer: ModReLU) -> torch.Tensor:
+    mod = z.abs()
+    return torch.where(mod > 0, F.relu(mod + layer.bias.to(mod.dtype)) / mod, 0) * z
+
+
+class ComplexLayerNorm(nn.Module):
+    """ẑ = (z − μ) / √(E|z − μ|² + ε), then γ ⊙ ẑ + β: complex mean μ, real gain γ, complex
+    shift β. Centring and scaling are rotation-equivariant (a common phase passes through)."""
+
+    def __init__(self, features: int, eps: float = 1e-5):
+        super().__init__()
+        self.features, self.eps = features, eps
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(2 * features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = planes(x)
+        p = p - p.mean(dim=-1, keepdim=True)
+        # E|z − μ|² = (Σ over both planes of the squares) / D, accumulated in float32 at least
+        wide = torch.promote_types(p.dtype, torch.float32)
+        sq = torch.linalg.vector_norm(p, dim=(-2, -1), keepdim=True, dtype=wide).pow(2)
+        scale = torch.rsqrt(sq / self.features + self.eps).to(p.dtype)
+        return (p * scale * self.weight.to(p.dtype)).flatten(-2) + self.bias.to(p.dtype)
+
+
+def complex_layer_norm_reference(z: torch.Tensor, layer: ComplexLayerNorm) -> torch.Tensor:
+    c = z - z.mean(dim=-1, keepdim=True)
+    var = c.abs().pow(2).mean(dim=-1, keepdim=True)
+    beta = from_planar(layer.bias).to(z.dtype)
+    return c / torch.sqrt(var + layer.eps) * layer.weight.to(var.dtype) + beta
+
+
+class ComplexEmbedding(nn.Module):
+    """Two tables (real and imaginary parts, V × D each) → planar (B, N, 2D)."""
+
+    def __init__(self, vocab_size: int, features: int, std: float = 0.02):
+        super().__init__()
+        self.real = nn.Embedding(vocab_size, features)
+        self.imag = nn.Embedding(vocab_size, features)
+        nn.init.normal_(self.real.weight, std=std)
+        nn.init.normal_(self.imag.weight, std=std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.real(ids), self.imag(ids)), dim=-1)
+
+
+class RealPart(nn.Module):
+    """Planar (…, 2D) → its real plane (…, D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : x.shape[-1] // 2]
+
+
+class ComplexDiagonalRecurrence(nn.Module):
+    """Planar x (B, N, 2·d_in) → h (B, N, 2·d_state): h_t = λ ⊙ h_{t−1} + γ ⊙ B x_t per channel,
+    λ = exp(−softplus(ν) + iω), B a ComplexLinear without bias, computed by the chunked complex
+    scan (ops.complex_scan).
+
+    γ = √(1 − |λ|²) is the LRU's input normalisation (Orvieto et al. 2023): it keeps E|h|²
+    near E|Bx|² whatever |λ|, where unnormalised a channel with |λ| = 0.999 would read out ~30×
+    its input. Init: −log|λ| log-uniform in [1e-3, 0.1] (memories of ~10 to ~1000 tokens) and
+    ω uniform in [0, max_phase] (the LRU's ring initialisation, max phase π/10)."""
+
+    def __init__(self, d_in: int, d_state: int, chunk: int = 64,
+                 decay_range: tuple[float, float] = (1e-3, 0.1), max_phase: float = math.pi / 10):
+        super().__init__()
+        self.d_state, self.chunk = d_state, chunk
+        self.proj_in = ComplexLinear(d_in, d_state, bias=False)
+        rate = torch.exp(torch.empty(d_state).uniform_(*map(math.log, decay_range)))
+        self.nu = nn.Parameter(rate + torch.log(-torch.expm1(-rate)))  # softplus⁻¹(rate)
+        self.omega = nn.Parameter(torch.empty(d_state).uniform_(0.0, max_phase))
+
+    def log_decay(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log|λ|, arg λ), each (d_state,)."""
+        return -F.softplus(self.nu), self.omega
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        """With `state` (h before x, planar (B, 2·d_state)) also returns h after the last token."""
+        log_mag, angle = self.log_decay()
+        gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(x.dtype)
+        u = self.proj_in(x) * torch.cat((gain, gain))
+        if state is not None:  # h_0 = λ h_{−1} + u_0: the carried state enters with the first input
+            lam = torch.exp(log_mag) * torch.cos(angle), torch.exp(log_mag) * torch.sin(angle)
+            carried = complex_mul(state[:, None].to(u.dtype), *(p.to(u.dtype) for p in lam))
+            first = u[:, :1] + carried
+            u = torch.cat((first, u[:, 1:]), dim=1)
+        h = complex_decayed_cumsum(u, log_mag, angle, self.chunk)
+        return h if state is None else (h, h[:, -1])
+
+    def extra_repr(self) -> str:
+        return f"d_state={self.d_state}, chunk={self.chunk}"

@@ -1,0 +1,206 @@
+"""Causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"), per head:
+
+    S_t = S_{t−1} + φ(k_t) v_tᵀ,   z_t = z_{t−1} + φ(k_t),   y_t = φ(q_t)ᵀ S_t / (φ(q_t)·z_t + ε),
+
+with φ = elu + 1 > 0, so the normaliser φ(q)·z is positive. The state (S, z) is carried
+between segments, which makes streaming exact.
+
+`linear_attention_chunked` computes it in chunks of T: inside each chunk one masked (T × T)
+product, across chunks the state entering each chunk, which without a decay is an exclusive
+cumulative sum of the chunks' contributions (one parallel `cumsum`, no loop over chunks).
+O(N·T) work. The normaliser is the same computation with a value of 1, so it rides along as
+one more value column. `linear_attention_naive` is the per-token definition the tests bind to.
+
+Backends: "torch" is the chunked form and runs everywhere; "fla" runs the numerator through
+flash-linear-attention's `chunk_simple_gla` (CUDA, Triton) and the normaliser as a cumulative
+sum here (fla's own normalisation ignores a carried state). "auto" is "fla" when the input is
+on CUDA and fla imports, else "torch"; asking for "fla" where it cannot run is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muse.layers.norm import rms_normalize
+from muse.layers.short_conv import ShortConv
+from muse.ops.decayed_scan.chunk import pad_time
+
+BACKENDS = ("auto", "torch", "fla")
+EPS = 1e-6  # added to the normaliser φ(q)·z, which is > 0 already (the paper's ε)
+
+
+def elu_feature(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = elu(x) + 1, positive everywhere."""
+    return F.elu(x) + 1
+
+
+def linear_attention_naive(q, k, v, state=None, eps: float = EPS):
+    """q, k (B, H, N, Dk) already feature-mapped (≥ 0), v (B, H, N, Dv); state (S (B, H, Dk,
+    Dv), z (B, H, Dk)) or None → y (B, H, N, Dv), (S, z) after the last token."""
+    bsz, heads, n, dk = q.shape
+    if state is None:
+        s, z = q.new_zeros(bsz, heads, dk, v.shape[-1]), q.new_zeros(bsz, heads, dk)
+    else:
+        s, z = state
+    out = []
+    for t in range(n):
+        s = s + k[:, :, t, :, None] * v[:, :, t, None, :]
+        z = z + k[:, :, t]
+        num = torch.einsum("bhk,bhkv->bhv", q[:, :, t], s)
+        den = (q[:, :, t] * z).sum(-1, keepdim=True) + eps
+        out.append(num / den)
+    return torch.stack(out, dim=2), (s, z)
+
+
+def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = EPS):
+    """Same contract as `linear_attention_naive`. The carried state and the normaliser are
+    kept in float32 at least: without a decay they grow with every token, and in bf16 a sum
+    over thousands of tokens stops changing."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+    bsz, heads, n, dk = q.shape
+    dv = v.shape[-1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    m = -(-n // chunk)
+    pad = m * chunk - n  # zero keys at the end add nothing to the state
+    # the normaliser is the numerator's computation with value 1: one more value column
+    v1 = torch.cat((v, v.new_ones(bsz, heads, n, 1)), dim=-1)
+    qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v1))
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(_above(chunk, q.device), 0.0)
+    intra = scores @ vc  # (B, H, M, T, Dv + 1)
+    added = (kc.transpose(-1, -2) @ vc).to(acc)  # what each chunk adds: (B, H, M, Dk, Dv + 1)
+    if state is None:
+        start = added.new_zeros(bsz, heads, 1, dk, dv + 1)
+    else:
+        start = torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)[:, :, None]
+    ends = start + torch.cumsum(added, dim=2)  # the state after each chunk
+    entering = torch.cat((start, ends[:, :, :-1]), dim=2)
+    y = intra.to(acc) + qc.to(acc) @ entering
+    y = y.reshape(bsz, heads, m * chunk, dv + 1)[:, :, :n]
+    out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
+    last = ends[:, :, -1]
+    return out, (last[..., :dv], last[..., dv])
+
+
+@functools.lru_cache(maxsize=16)
+def _above(chunk: int, device: torch.device) -> torch.Tensor:
+    """(chunk × chunk) True above the diagonal: built once per size and device."""
+    # a plain tensor even when first asked for under inference_mode: training reuses it
+    with torch.inference_mode(False):
+        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
+
+
+def fla_available() -> bool:
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def linear_attention_fla(q, k, v, state=None, eps: float = EPS):
+    """The chunked contract with fla's kernel for the numerator, in (B, H, N, D) layout."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s0, z0 = (None, None) if state is None else state
+    num, s = chunk_simple_gla(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0,
+        initial_state=None if s0 is None else s0.float(), output_final_state=True,
+    )
+    z = torch.cumsum(k.to(acc), dim=2)
+    if z0 is not None:
+        z = z + z0.to(acc)[:, :, None]
+    den = (q.to(acc) * z).sum(-1, keepdim=True) + eps
+    out = (num.transpose(1, 2).to(acc) / den).to(v.dtype)
+    return out, (s, z[:, :, -1])
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on `device`: never a silent substitute for the one asked for."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "fla" if device.type == "cuda" and fla_available() else "torch"
+    if backend == "fla":
+        if device.type != "cuda":
+            raise RuntimeError(f"linear attention backend 'fla' runs Triton kernels and needs a "
+                               f"CUDA tensor, got one on {device}; use backend='torch' or 'auto'")
+        if not fla_available():
+            raise RuntimeError("linear attention backend 'fla' needs flash-linear-attention: "
+                               "`pip install flash-linear-attention`, or use backend='torch'")
+    return backend
+
+
+class CausalLinearAttention(nn.Module):
+    """(B, N, D) → (B, N, D): q, k, v projections, φ = elu + 1 on q and k, causal linear
+    attention with its normaliser per head, output projection.
+
+    Read-out options that leave the mixer causal linear attention (QUALITY.md items 1, 2):
+    `conv` a short causal conv + SiLU on q, k, v before φ (kernel size, 0 = none);
+    `out_gate` each head's output RMS-normalised with a gain, times SiLU(W_g x)."""
+
+    def __init__(self, *, d_model: int, n_heads: int, head_dim: int, chunk: int = 64,
+                 backend: str = "auto", conv: int = 4, out_gate: bool = True):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"linear attention backend must be one of {BACKENDS}, "
+                             f"got {backend!r}")
+        if conv < 0:
+            raise ValueError(f"conv must be ≥ 0 (0: none), got {conv}")
+        self.n_heads, self.head_dim, self.chunk, self.backend = n_heads, head_dim, chunk, backend
+        inner = n_heads * head_dim
+        self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
+        self.conv = ShortConv(3 * inner, conv) if conv else None
+        self.gate = nn.Linear(d_model, inner, bias=False) if out_gate else None
+        self.head_gain = nn.Parameter(torch.ones(head_dim)) if out_gate else None
+        self.out = nn.Linear(inner, d_model, bias=False)
+
+    # the backend the last forward ran ("auto" resolves per device): printed with the module
+    ran_backend: str | None = None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.n_heads}, head_dim={self.head_dim}, chunk={self.chunk}, "
+                f"backend={self.backend!r}, ran={self.ran_backend!r}")
+
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        """S = 0 and z = 0 (float32 at least), and the conv's last inputs if there is a conv."""
+        ref = self.qkv.weight
+        device = device or ref.device
+        wide = torch.promote_types(dtype or ref.dtype, torch.float32)
+        h, d = self.n_heads, self.head_dim
+        state = {"s": torch.zeros(batch, h, d, d, device=device, dtype=wide),
+                 "z": torch.zeros(batch, h, d, device=device, dtype=wide)}
+        if self.conv is not None:
+            state["conv"] = self.conv.init_tail(batch, device, dtype)
+        return state
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        """x (B, N, D) → y; with `state` (from `init_state`), (y, the state after x)."""
+        bsz, n, _ = x.shape
+        new = {}
+        p = self.qkv(x)
+        if self.conv is not None:
+            if state is None:
+                p = self.conv(p)
+            else:
+                p, new["conv"] = self.conv(p, state["conv"])
+        q, k, v = p.view(bsz, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = elu_feature(q), elu_feature(k)
+        carried = None if state is None else (state["s"], state["z"])
+        self.ran_backend = resolve_backend(self.backend, x.device)
+        if self.ran_backend == "fla":
+            y, (s, z) = linear_attention_fla(q, k, v, carried)
+        else:
+            y, (s, z) = linear_attention_chunked(q, k, v, carried, chunk=self.chunk)
+        y = y.transpose(1, 2)  # (B, N, H, Dh)
+        if self.gate is not None:
+            y = (rms_normalize(y) * self.head_gain).reshape(bsz, n, -1) * F.silu(self.gate(x))
+        y = self.out(y.reshape(bsz, n, -1))
+        if state is None:
+            return y
+        return y, {**new, "s": s, "z": z}

@@ -1,0 +1,205 @@
+"""Phase 3 Stage 1 — complex dynamics (DESIGN §3.4).
+
+Every activation is complex, stored planar (layers.complex): d_model real numbers a token,
+d_model/2 complex channels, so the residual stream holds as many numbers as a transformer's of
+the same d_model and, in bf16, half the bytes of complex64.
+
+Block: z → complex LN → causal complex diagonal recurrence h_t = λ ⊙ h_{t−1} + γ ⊙ B z_t,
+λ = exp(−softplus(ν) + iω) per state channel (d_state of them, chunked scan, ops.complex_scan)
+→ ComplexLinear(d_state → D) → ModReLU → +; then z → complex LN → ComplexLinear(D → d_ff) →
+ModReLU → ComplexLinear(d_ff → D) → + (the FFN; d_ff = 0 leaves it out). Output: complex LN,
+real part, → Linear(D → V) tied to the real embedding table. ComplexEmbedding: two tables.
+
+A complex linear map holds half the real parameters of a real one of the same real width, so
+the state and the FFN are wider than a transformer's (d_state = 2·d_model, d_ff = 4·d_model
+complex channels): then a block holds 12·d_model² as a transformer block does and the embedding
+V·d_model as its table does, and the presets match the transformer of the same name at any
+vocabulary.
+
+Streaming: `init_state(B)` and `forward(ids, state)` carry each block's h (planar, (B,
+2·d_state)) across segments, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from muse.layers.complex import (
+    ComplexDiagonalRecurrence,
+    ComplexEmbedding,
+    ComplexLayerNorm,
+    ComplexLinear,
+    ModReLU,
+    RealPart,
+    complex_layer_norm_reference,
+    complex_linear_reference,
+    modrelu_reference,
+)
+from muse.models.common import INITS, StreamingLM
+from muse.models.config import StrictConfig
+from muse.models.registry import Family, register
+from muse.ops.complex_scan import complex_decayed_cumsum
+
+
+@dataclass
+class Phase3Config(StrictConfig):
+    vocab_size: int = 50257
+    d_model: int = 256  # real numbers a token: d_model/2 complex channels (even)
+    n_layers: int = 4
+    d_state: int = 512  # complex channels of the recurrence
+    d_ff: int = 1024  # complex channels inside the FFN; 0: no FFN sublayer
+    chunk: int = 64  # tokens per chunk of the scan
+    # −log|λ| at init, log-uniform over the state channels (memories of ~1/rate tokens)
+    decay_range: tuple[float, float] = (1e-3, 0.1)
+    max_phase: float = math.pi / 10  # ω at init, uniform in [0, max_phase]
+    init: str = "gpt2"  # "torch" (complex Glorot) or "gpt2": N(0, 0.02²), residual out / √(2L)
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk")
+        if self.d_model % 2:
+            raise ValueError(f"d_model must be even (d_model/2 complex channels), "
+                             f"got {self.d_model!r}")
+        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 0:
+            raise ValueError(f"d_ff must be an integer ≥ 0 (0: no FFN), got {self.d_ff!r}")
+        if self.chunk < 2:
+            raise ValueError(f"chunk must be ≥ 2, got {self.chunk!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        low, high = self.decay_range
+        if not 0 < low <= high:
+            raise ValueError(f"decay_range must be (low, high) with 0 < low ≤ high, "
+                             f"got {self.decay_range!r}")
+        if not self.max_phase >= 0:
+            raise ValueError(f"max_phase must be ≥ 0, got {self.max_phase!r}")
+
+
+class Phase3Block(nn.Module):
+    def __init__(self, config: Phase3Config):
+        super().__init__()
+        d = config.d_model // 2
+        self.ln_rec = ComplexLayerNorm(d)
+        self.rec = ComplexDiagonalRecurrence(d, config.d_state, chunk=config.chunk,
+                                             decay_range=tuple(config.decay_range),
+                                             max_phase=config.max_phase)
+        self.rec_out = ComplexLinear(config.d_state, d)
+        self.act_rec = ModReLU(d)
+        if config.d_ff:
+            self.ln_ffn = ComplexLayerNorm(d)
+            self.up = ComplexLinear(d, config.d_ff)
+            self.act_ffn = ModReLU(config.d_ff)
+            self.down = ComplexLinear(config.d_ff, d)
+        else:
+            self.ln_ffn = self.up = self.act_ffn = self.down = None
+
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        ref = self.rec.nu
+        return {"h": torch.zeros(batch, 2 * self.rec.d_state, device=device or ref.device,
+                                 dtype=dtype or ref.dtype)}
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        if state is None:
+            h = self.rec(self.ln_rec(x))
+        else:
+            h, last = self.rec(self.ln_rec(x), state["h"])
+        x = x + self.act_rec(self.rec_out(h))
+        if self.up is not None:
+            x = x + self.down(self.act_ffn(self.up(self.ln_ffn(x))))
+        return x if state is None else (x, {"h": last})
+
+
+def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
+    """The same block on torch complex tensors (complex64 or complex128), from its weights: the
+    oracle of the planar block in the tests, and the complex64 side of the memory comparison."""
+    log_mag, angle = block.rec.log_decay()
+    gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(z.dtype)
+    u = complex_linear_reference(complex_layer_norm_reference(z, block.ln_rec), block.rec.proj_in)
+    h = complex_decayed_cumsum(u * gain, log_mag, angle, block.rec.chunk)
+    z = z + modrelu_reference(complex_linear_reference(h, block.rec_out), block.act_rec)
+    if block.up is not None:
+        up = complex_linear_reference(complex_layer_norm_reference(z, block.ln_ffn), block.up)
+        z = z + complex_linear_reference(modrelu_reference(up, block.act_ffn), block.down)
+    return z
+
+
+class Phase3LM(StreamingLM):
+    """`embed` gives h₀ (planar, (B, N, d_model)) and `blocks` the layers: the names the
+    gradient-flow probe relies on. The head reads the real plane, tied to the real table."""
+
+    def __init__(self, config: Phase3Config):
+        super().__init__()
+        self.config = config
+        d = config.d_model // 2
+        self.embed = ComplexEmbedding(config.vocab_size, d)
+        self.blocks = nn.ModuleList(Phase3Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.Sequential(ComplexLayerNorm(d), RealPart())
+        if config.init == "gpt2":
+            # the transformer's N(0, 0.02) on each complex weight (0.02/√2 a plane), and
+            # 1/√(2L) of it on the maps that write into the residual stream
+            std = 0.02 / math.sqrt(2)
+            for block in self.blocks:
+                for layer in (block.rec.proj_in, block.up):
+                    if layer is not None:
+                        layer.reset_parameters(std)
+                for layer in (block.rec_out, block.down):
+                    if layer is not None:
+                        layer.reset_parameters(std / math.sqrt(2 * config.n_layers))
+
+    def output_table(self) -> torch.Tensor:
+        return self.embed.real.weight
+
+
+def saved_activation_bytes(fn, *params: nn.Parameter) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn()` runs, leaving out
+    `params` themselves: a block's activation memory, counted on any device."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def block_memory(d_model: int = 512, seq: int = 1024, batch: int = 1, seed: int = 0,
+                 planar_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Saved-for-backward bytes of one phase3 block (the `base` widths by default) on one
+    batch: planar in `planar_dtype` against the same block on complex64 tensors."""
+    torch.manual_seed(seed)
+    config = Phase3Config(d_model=d_model, d_state=2 * d_model, d_ff=4 * d_model)
+    block = Phase3Block(config)
+    z = torch.randn(batch, seq, d_model // 2, dtype=torch.complex64)
+    planar_block = Phase3Block(config).to(planar_dtype)
+    planar_block.load_state_dict(block.state_dict())
+    x = torch.cat((z.real, z.imag), dim=-1).to(planar_dtype).requires_grad_()
+    zc = z.clone().requires_grad_()
+    planar = saved_activation_bytes(lambda: planar_block(x), *planar_block.parameters())
+    native = saved_activation_bytes(lambda: block_reference(block, zc), *block.parameters())
+    return {"planar_bytes": planar, "complex64_bytes": native,
+            "input_bytes_planar": x.numel() * x.element_size(),
+            "input_bytes_complex64": zc.numel() * zc.element_size()}
+
+
+# Transformer shapes (tests/models/test_phase3.py: within 1% at 50257 and 8192 tokens)
+PRESETS = {
+    "tiny": dict(d_model=64, n_layers=2, d_state=128, d_ff=256),
+    "small": dict(d_model=256, n_layers=4, d_state=512, d_ff=1024),
+    "base": dict(d_model=512, n_layers=6, d_state=1024, d_ff=2048),
+}
+
+
+def _same_preset(preset: str, vocab_size: int) -> str:
+    return preset
+
+
+register(Family("phase3", Phase3Config, Phase3LM, PRESETS, "small", _same_preset))

@@ -1,0 +1,95 @@
+"""Phase 3 specifics beyond the contract: matched baselines, the planar block against the same
+block on complex128 tensors, the memory claim, bad configs, the long-range gradient."""
+
+import pytest
+import torch
+
+from muse import models
+from muse.layers.complex import from_planar, to_planar
+from muse.measure.gradient import gradient_flow
+from muse.measure.phases import random_ids
+from muse.models.phase3 import block_memory, block_reference
+
+
+def count(name, preset, **overrides):
+    with torch.device("meta"):
+        return models.build(name, preset, **overrides).num_params()
+
+
+@pytest.mark.parametrize("vocab", [50257, 8192])
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_matched_transformer_within_ten_percent(preset, vocab):
+    base_name, base_preset = models.baseline_for("phase3", preset, vocab)
+    ours = count("phase3", preset, vocab_size=vocab)
+    theirs = count(base_name, base_preset, vocab_size=vocab)
+    assert abs(theirs / ours - 1) < 0.10, (preset, vocab, ours, base_preset, theirs)
+
+
+@pytest.mark.parametrize("d_ff", [0, 24])
+def test_planar_block_equals_the_complex128_block(d_ff):
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97, d_ff=d_ff, chunk=4).double()
+    with torch.no_grad():  # move the ModReLU thresholds and LN shifts off their zero init
+        for block in m.blocks:
+            for mod in (block.act_rec, block.act_ffn, block.ln_rec, block.ln_ffn):
+                if mod is not None:
+                    mod.bias.normal_(std=0.3)
+    a = torch.randn(2, 11, 32, dtype=torch.complex128)
+    for block in m.blocks:
+        torch.testing.assert_close(from_planar(block(to_planar(a))), block_reference(block, a),
+                                   rtol=0, atol=1e-12)
+
+
+def test_planar_bf16_saves_at_most_about_half_of_complex64():
+    """Activation memory of one block (saved-for-backward bytes): bf16 planes against the same
+    block on complex64 tensors, and against float32 planes (complex64's bytes, planar)."""
+    small = dict(d_model=64, seq=256)
+    bf16 = block_memory(**small)
+    fp32 = block_memory(**small, planar_dtype=torch.float32)
+    assert bf16["complex64_bytes"] == fp32["complex64_bytes"]
+    assert bf16["planar_bytes"] <= 0.55 * bf16["complex64_bytes"], bf16
+    assert bf16["planar_bytes"] <= 0.53 * fp32["planar_bytes"], (bf16, fp32)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"d_model": 65}, "d_model must be even"),
+    ({"d_ff": -1}, "d_ff must be an integer ≥ 0"),
+    ({"chunk": 1}, "chunk must be ≥ 2, got 1"),
+    ({"decay_range": (0.1, 0.01)}, "decay_range"),
+    ({"init": "xavier"}, "init must be one of"),
+])
+def test_bad_config_names_the_value(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        models.build("phase3", "tiny", **overrides)
+
+
+def test_every_block_changes_its_input():
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97).double().eval()
+    x = m.embed(random_ids(97, 2, 33, "cpu"))
+    for block in m.blocks:
+        y = block(x)
+        assert (y - x).abs().max() > 1e-6
+        x = y
+
+
+def test_long_range_gradient_reaches_the_first_token_at_1024():
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97)
+    flow = gradient_flow(m, random_ids(97, 1, 1024, "cpu"), torch.float32)
+    assert flow.finite and flow.long_range_grad_norm > 0
+
+
+def test_trains_on_a_repeated_batch():
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97)
+    ids = random_ids(97, 2, 32, "cpu")
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses

@@ -13,8 +13,9 @@ one more value column. `linear_attention_naive` is the per-token definition the 
 
 Backends: "torch" is the chunked form and runs everywhere; "fla" runs the numerator through
 flash-linear-attention's `chunk_simple_gla` (CUDA, Triton) and the normaliser as a cumulative
-sum here (fla's own normalisation ignores a carried state). "auto" is "fla" when the input is
-on CUDA and fla imports, else "torch"; asking for "fla" where it cannot run is an error.
+sum here (fla's own normalisation ignores a carried state). "auto" is "torch" until the fla
+path has been checked against it on a GPU (tests/layers/test_linear_attention.py has no CUDA
+run yet); asking for "fla" where it cannot run is an error.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"linear attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "torch"
+        return "torch"
     if backend == "fla":
         if device.type != "cuda":
             raise RuntimeError(f"linear attention backend 'fla' runs Triton kernels and needs a "

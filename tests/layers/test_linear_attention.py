@@ -93,6 +93,8 @@ def test_backend_choice_is_explicit():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("torch", cpu) == "torch"
+    # fla only when asked for: its path has not been checked against this one on a GPU
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
     with pytest.raises(RuntimeError, match="'fla'.*CUDA"):
         resolve_backend("fla", cpu)
     with pytest.raises(ValueError, match="auto.*got 'flash'"):

@@ -170,9 +170,10 @@ def _emergency_note(exc: BaseException) -> str:
 def export(args: argparse.Namespace) -> int:
     from muse.hf import export as export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"wrote {out}: config.json and the weights; after `import muse.hf`, "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+    out = export_checkpoint(args.checkpoint, args.out_dir, corpus=args.corpus)
+    print(f"wrote {out}: config.json, the weights and the tokenizer; after `import muse.hf`, "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads the model and "
+          f"AutoTokenizer.from_pretrained({str(out)!r}) the tokenizer")
     return 0
 
 
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face save_pretrained folder")
     p.add_argument("checkpoint", metavar="CKPT.pt")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--corpus", metavar="PATH",
+                   help="the training corpus, where it moved: a bpe tokenizer not in the cache is"
+                   " retrained on it (default: the corpus the run's config names)")
     p.set_defaults(func=export)
     p = sub.add_parser("profile", help="where a train step's device time goes, by sublayer"
                        " and kernel")

@@ -1,7 +1,8 @@
 """Hugging Face interop: a `PretrainedConfig` and a `PreTrainedModel` wrapper per model family,
 registered with `AutoConfig` and `AutoModelForCausalLM`, so that after `import muse.hf` a folder
 written by `muse export` loads with `AutoModelForCausalLM.from_pretrained(folder)` and reaches
-the field's tools (generate(), lm-evaluation-harness).
+the field's tools (generate(), lm-evaluation-harness); the run's tokenizer is saved beside it
+as a `PreTrainedTokenizerFast`, which `AutoTokenizer.from_pretrained(folder)` loads.
 
 The wrapper holds the muse model as `.model`, built from the full muse config stored in
 config.json; the logits are the muse model's own. There is no KV cache: generate() runs the
@@ -20,16 +21,27 @@ import torch
 import torch.nn.functional as F
 
 from muse import models
-from muse.errors import MuseError
+from muse.errors import MuseError, one_line
 from muse.extras import needs
+from muse.training.data import (
+    Tokenizer,
+    cached_bpe_tokenizer,
+    get_tokenizer,
+    load_corpus,
+    parse_tokenizer_name,
+)
 
 with needs("Hugging Face interop (muse.hf, muse export)"):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
         GenerationMixin,
         PretrainedConfig,
         PreTrainedModel,
+        PreTrainedTokenizerFast,
     )
     from transformers.modeling_outputs import CausalLMOutput
 
@@ -145,8 +157,84 @@ def wrap(model: torch.nn.Module, spec: str) -> MuseForCausalLM:
     return wrapper
 
 
-def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A `muse train` checkpoint → a save_pretrained folder (config.json and safetensors)."""
+def byte_alphabet() -> list[str]:
+    """The byte-level alphabet (GPT-2's bytes_to_unicode): the character standing for byte b.
+    Printable bytes stand for themselves; the others for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def bytes_backend() -> Backend:
+    """muse's `bytes` tokenizer as a `tokenizers` one: the text's UTF-8 bytes through the
+    byte-level pre-tokenizer (no regex split, no prefix space), a BPE with no merges whose
+    vocabulary maps the character of byte b to id b, and the byte-level decoder."""
+    vocab = {char: b for b, char in enumerate(byte_alphabet())}
+    backend = Backend(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """A muse tokenizer as a `PreTrainedTokenizerFast` giving the very same ids. muse
+    vocabularies hold no special tokens and none is added: bos, eos and pad stay unset
+    (generate() stops at max_new_tokens), and decoding leaves spaces as they are."""
+    if tokenizer.name == "bytes":
+        backend = bytes_backend()
+    elif tokenizer.backend is not None:  # a copy: the wrapper sets padding and truncation on it
+        backend = Backend.from_str(tokenizer.backend.to_str())
+    else:
+        raise MuseError(f"tokenizer {tokenizer.name!r} has no Hugging Face form")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                  model_input_names=["input_ids", "attention_mask"])
+
+
+def run_tokenizer(ckpt: dict[str, Any], checkpoint: str | os.PathLike,
+                  corpus: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer the checkpoint's run was trained with, rebuilt and checked against the
+    hash it records. A `bpe:<vocab>` comes from the BPE cache by the recorded corpus hash, or
+    is retrained on `corpus` (default: the corpus the run's config names); MuseError when that
+    corpus is missing or the rebuilt tokenizer hashes otherwise."""
+    name, want = ckpt["tokenizer"]["name"], ckpt["tokenizer"]["sha256"]
+    kind, vocab = parse_tokenizer_name(name)
+    where = f"checkpoint {os.fspath(checkpoint)!r}"
+    hint = "pass --corpus PATH, the corpus it was trained on"
+    source = ""
+    if kind != "bpe":
+        tokenizer = get_tokenizer(name)
+    elif corpus is None and (cached := cached_bpe_tokenizer(vocab, ckpt["corpus"]["sha256"])):
+        tokenizer = cached
+    else:
+        spec = os.fspath(corpus) if corpus is not None else ckpt["config"]["corpus"]
+        source = f" from corpus {spec!r}"
+        try:
+            text = load_corpus(spec)
+        except MuseError as e:
+            why = one_line(e).partition("; valid: ")[0]  # the hint below says what to pass
+            raise MuseError(f"{where}: tokenizer {name!r} is retrained on the run's corpus, but "
+                            f"{why}; {hint}") from None
+        tokenizer = get_tokenizer(name, text)
+    if tokenizer.sha256 != want:
+        raise MuseError(
+            f"{where} was trained with tokenizer {name!r} of hash {want[:12]}, but the one "
+            f"rebuilt{source} hashes to {tokenizer.sha256[:12]}; "
+            + (hint if kind == "bpe" else "export needs the very tokenizer of the run"))
+    return tokenizer
+
+
+def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+           corpus: str | os.PathLike | None = None) -> Path:
+    """A `muse train` checkpoint → a save_pretrained folder: config.json and safetensors for
+    `AutoModelForCausalLM`, tokenizer.json and tokenizer_config.json for `AutoTokenizer`.
+    `corpus` is the training corpus where it moved (bpe tokenizers are retrained on it)."""
     from muse.training.evaluate import load_model
 
     out = Path(out_dir)
@@ -154,5 +242,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         raise MuseError(f"OUT_DIR {str(out)!r} exists and is not an empty folder; "
                         "pass a new or empty folder")
     model, ckpt = load_model(checkpoint, torch.device("cpu"))
+    tokenizer = hf_tokenizer(run_tokenizer(ckpt, checkpoint, corpus))
     wrap(model.eval(), ckpt["config"]["model"]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from muse.errors import MuseError
 from muse.extras import needs
@@ -171,6 +172,7 @@ class Tokenizer:
     byte_lengths: list[int]
     _encode: Callable[[str], list[int]] = field(repr=False)
     _decode: Callable[[Sequence[int]], str] = field(repr=False)
+    backend: Any = field(default=None, repr=False, compare=False)  # its `tokenizers.Tokenizer`
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -252,6 +254,7 @@ def _from_backend(name: str, backend, serialized: str) -> Tokenizer:
         byte_lengths=lengths,
         _encode=lambda text: backend.encode(text, add_special_tokens=False).ids,
         _decode=lambda ids: backend.decode(ids, skip_special_tokens=False),
+        backend=backend,
     )
 
 
@@ -300,8 +303,25 @@ def train_bpe(text: str, vocab_size: int):
     return backend
 
 
-def bpe_cache_path(cache_dir: Path, corpus: Corpus, vocab_size: int) -> Path:
-    return cache_dir / f"bpe-{vocab_size}-{corpus.sha256[:24]}.json"
+def bpe_cache_path(cache_dir: Path, corpus: Corpus | str, vocab_size: int) -> Path:
+    """Where the BPE of `corpus` (a Corpus or its sha256) is cached."""
+    sha256 = corpus if isinstance(corpus, str) else corpus.sha256
+    return cache_dir / f"bpe-{vocab_size}-{sha256[:24]}.json"
+
+
+def cached_bpe_tokenizer(vocab_size: int, corpus_sha256: str,
+                         cache_dir: str | os.PathLike | None = None) -> Tokenizer | None:
+    """The BPE cached for the corpus of hash `corpus_sha256` (the corpus itself may be gone:
+    `muse export` of a run whose corpus moved), or None when the cache has none."""
+    with needs(f"tokenizer 'bpe:{vocab_size}'"):
+        from tokenizers import Tokenizer as Backend
+
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    path = bpe_cache_path(cache, corpus_sha256, vocab_size)
+    if not path.is_file():
+        return None
+    serialized = path.read_text(encoding="utf-8")
+    return _from_backend(f"bpe:{vocab_size}", Backend.from_str(serialized), serialized)
 
 
 def bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> Tokenizer:

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from muse import models
+from muse.devices import DEVICES, resolve_device
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
@@ -68,9 +69,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
-
-DEVICES = ("auto", "cuda", "cpu")
-
 
 class ConfigError(MuseError):
     """A training config that names an unknown key or holds a value of the wrong type."""
@@ -269,15 +267,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MuseError("device 'cuda' asked for, but CUDA is not available here; "
-                        "use 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator,

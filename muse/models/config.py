@@ -14,8 +14,8 @@ C = TypeVar("C", bound="StrictConfig")
 class StrictConfig:
     """Base for model configs: building from a mapping rejects unknown keys by name.
 
-    A silently ignored key is how the earlier project ran every physics setting as a no-op,
-    so every entry point (presets, overrides, config files) goes through `from_dict`.
+    A silently ignored key would turn a setting into a no-op, so every entry point (presets,
+    overrides, config files) goes through `from_dict`.
     """
 
     @classmethod

@@ -1,9 +1,8 @@
 """Phase 1 — ResNet-BK with the efficiency engine (DESIGN §3.2).
 
-Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + FFN(LN x). The AR-SSM
-is a residual sublayer of every block: the earlier project built it and never inserted it into
-the model it benchmarked. The embedding is HTT (tensor-train factorised, ~0.6% of V·D at D=512,
-r=16) or dense for the uncompressed baseline; the output head is tied to it.
+Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + FFN(LN x): the AR-SSM is a
+residual sublayer of every block. The embedding is HTT (tensor-train factorised, ~0.6% of V·D at
+D=512, r=16) or dense for the uncompressed baseline; the output head is tied to it.
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's BK boundary value and
 AR-SSM state (conv tail and decayed s) across segments, exactly. `zeta_init` starts a dense
@@ -190,7 +189,7 @@ class Phase1LM(StreamingLM):
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, bk_channels=8, d_ff=256, htt_rank=4, ar_ssm_rank=8),
-    # the earlier project's memory profiles: AR-SSM rank, HTT rank, checkpointing
+    # memory profiles, named for the GPU memory they target: AR-SSM rank, HTT rank, checkpointing
     "8gb": dict(_ENGINE, ar_ssm_rank=16, htt_rank=8, checkpointing=True),
     "10gb": dict(_ENGINE, ar_ssm_rank=32, htt_rank=16),
     "24gb": dict(_ENGINE, ar_ssm_rank=64, htt_rank=32),

@@ -146,8 +146,9 @@ def train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace, cfg) -> int:
     """`--nproc N`: every check here first (a mistake is one line, before any rank starts),
     then this command again, without --nproc, on N ranks through torchrun."""
+    from muse.devices import resolve_device
     from muse.training.distributed import launch
-    from muse.training.train import check, resolve_device
+    from muse.training.train import check
 
     check(cfg, args.resume, args.overwrite, world=args.nproc)
     argv = ["train", str(args.config), *(f"--set={s}" for s in args.set)]
@@ -187,15 +188,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    import torch
 
     from muse import models
+    from muse.devices import resolve_device
     from muse.measure.phases import torch_dtype
     from muse.measure.profile import format_rows, profile_step
 
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MuseError("--device cuda: CUDA is not available here (use --device cpu)")
+    device = resolve_device(args.device, option="--device")
     try:
         model = models.build(args.model)
         dtype = torch_dtype(args.dtype)

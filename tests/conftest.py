@@ -10,6 +10,12 @@ import torch._dynamo  # noqa: F401
 pytest_plugins = ["pytester"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--regen-golden", action="store_true",
+                     help="rewrite tests/report/golden/ from this run's output (read the diff "
+                          "before committing it)")
+
+
 @pytest.fixture
 def pytester(pytester, monkeypatch):
     """Inner sessions load muse's plugin as a project's conftest.py would (it has no entry

@@ -49,19 +49,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device cuda was given but CUDA is not available (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda}); use --device cpu for a CPU smoke run"
-        )
-    if requested not in ("cuda", "cpu"):
-        raise ValueError(f"unknown --device {requested!r}; valid: auto, cuda, cpu")
-    return torch.device(requested)
-
-
 @dataclass(frozen=True)
 class Thresholds:
     vram_limit_gb: float = 8.0

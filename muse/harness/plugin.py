@@ -270,7 +270,8 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
 
 
 def settings_from_options(config: pytest.Config) -> Settings:
-    from muse.harness.cases import parse_models, resolve_device
+    from muse.devices import resolve_device
+    from muse.harness.cases import parse_models
 
     opt = config.getoption
     seqs = tuple(opt("seq") or DEFAULT_SEQS)
@@ -295,7 +296,7 @@ def settings_from_options(config: pytest.Config) -> Settings:
             f"--max-loglog-slope {thresholds.max_loglog_slope}"
         )
     chosen = parse_models(opt("model"))
-    device = resolve_device(opt("device"))
+    device = resolve_device(opt("device"), option="--device")
     return Settings(
         models=chosen,
         seqs=tuple(sorted(seqs)),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.layers import count_params
 from muse.layers.norm import rms_normalize
 from muse.ops.decayed_scan.chunk import decayed_cumsum
 
@@ -75,7 +76,7 @@ class ARSSM(nn.Module):
                 f"soft_gating={self.soft_gating}, rank_warmup_steps={self.rank_warmup_steps}")
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     def decay(self) -> torch.Tensor:
         """λ ∈ (0, 1]^r."""

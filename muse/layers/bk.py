@@ -35,15 +35,11 @@ class BKMixer(nn.Module):
         self.a0 = nn.Parameter(torch.zeros(channels))
         # z per channel: Re z spread over the band so channels resonate differently;
         # Im z = softplus(·) + 1e-3 > 0 bounds |g| ≤ 1/Im z (stability by construction). Im z
-        # also sets how far g reaches back: at Im z ≈ 0.7 (softplus(0)) the last token's gradient
-        # at the first 2k of 16k tokens was 6e-9 (CPU fp32, phase1:10gb), at Im z ≈ 0.05
-        # (softplus(−3)) together with AR-SSM decays up to 0.99999 it was 1.7e-2.
+        # also sets how far g reaches back: the smaller it is, the further.
         self.z_real = nn.Parameter(torch.linspace(-1.0, 1.0, channels))
         # A pair (lo, hi) spreads the pre-softplus Im z over the channels, so some channels
-        # reach far back and others stay local. All at −3 (Im z ≈ 0.05) the mixer forgot
-        # nothing nearby: 150 steps of phase1:tiny on wiki-mini bytes reached 2.96 nats against
-        # the transformer's 2.49, and 2.65 with (−2, 1) (Im z 0.13 to 1.3); phase2:tiny 2.96 →
-        # 2.72. The AR-SSM and Hebbian slow decays carry the long range.
+        # reach far back and others stay local: all far-reaching, the mixer blurs the nearby
+        # context it is best at. The AR-SSM and Hebbian slow decays carry the long range.
         if isinstance(z_imag_init, (tuple, list)):
             lo, hi = map(float, z_imag_init)
             z_imag = torch.linspace(lo, hi, channels)
@@ -91,8 +87,8 @@ class BKMixer(nn.Module):
 
 class NonHermitianBKMixer(BKMixer):
     """Phase 2's potential (DESIGN §3.3): the diagonal is V − iΓ with
-    Γ = softplus(Linear(x)) + Γ_base ≥ Γ_base > 0. Γ enters the resolvent itself (it did not in
-    the earlier project): Im α = −Γ − Im z, so the dissipation tightens |g| ≤ 1/(Γ + Im z)."""
+    Γ = softplus(Linear(x)) + Γ_base ≥ Γ_base > 0. Γ enters the resolvent itself:
+    Im α = −Γ − Im z, so the dissipation tightens |g| ≤ 1/(Γ + Im z)."""
 
     def __init__(self, *, d_model: int, channels: int, gamma_base: float = 1e-3, **kwargs):
         super().__init__(d_model=d_model, channels=channels, **kwargs)

@@ -1,8 +1,7 @@
 """The tied output head: logits = h · Eᵀ over a vocabulary padded to a multiple of 64.
 
 A 50257-row table (GPT-2's vocabulary) is not a multiple of 8, and cuBLAS then falls back to a
-slow kernel: 8.4 ms for the phase1:10gb head at seq 16384 on an H200 (profiled,
-reports/results/phase1-preview). Zero rows padded on and sliced off change no logit (beyond
+slow kernel. Zero rows padded on and sliced off change no logit (beyond
 the rounding of a differently blocked product).
 """
 

@@ -7,14 +7,14 @@ b_t = Σ_{s≤t} −Γ_s·dt it reads y_t = η Σ_{j≤t} e^{b_t − b_j} (q_t·
 initial state), computed in chunks of T: inside every chunk one masked (T × T) product, all
 chunks in one batched call, and across chunks a carried (D_h × D_h) state. Every exponent is
 a difference b_t − b_j ≤ 0 taken inside one chunk, so nothing overflows. The gradient flows
-through time (the earlier project detached W at every step). `hebbian_naive` is the per-token
-definition the tests bind to.
+through time (W is never detached). `hebbian_naive` is the per-token definition the tests
+bind to.
 
 Backends: "torch" (the default, "auto") is the chunked form above and runs everywhere; on CUDA
 its chunk-to-chunk state steps run as one Triton scan (muse.ops.decayed_scan.triton). "fla" is
 flash-linear-attention's `chunk_simple_gla`, the field's kernels for exactly this recurrence,
 CUDA only and opt-in: fla 0.6 refuses its backward on Hopper with Triton < 3.7.1 (a known
-miscompile, fla issue #640), which is what the lent H100/H200 machines have (Triton 3.6).
+miscompile, fla issue #640).
 """
 
 from __future__ import annotations

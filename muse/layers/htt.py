@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from muse.layers import count_params
+
 
 def _factor(n: int) -> tuple[int, int]:
     a = math.isqrt(n - 1) + 1  # ⌈√n⌉ in exact integer arithmetic, n ≥ 1
@@ -63,7 +65,7 @@ class HTTEmbedding(nn.Module):
                 f"v=({self.v1}, {self.v2}), d=({self.d1}, {self.d2})")
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         # Checked on CPU only: on an accelerator min()/max() would force a host sync every

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from muse.errors import MuseError
+from muse.layers import count_params
 from muse.layers.head import tied_logits
 from muse.layers.moe import moe_aux_loss, moe_diagnostics
 
@@ -123,7 +124,7 @@ class StreamingLM(nn.Module):
     `output_table` (the tied head)."""
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     def aux_loss(self) -> torch.Tensor:
         """The MoE load-balancing losses of the last forward, summed (0 without MoE); the

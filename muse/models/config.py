@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from muse.layers.moe import check_ffn_config
+
 C = TypeVar("C", bound="StrictConfig")
 
 
@@ -12,8 +14,8 @@ C = TypeVar("C", bound="StrictConfig")
 class StrictConfig:
     """Base for model configs: building from a mapping rejects unknown keys by name.
 
-    A silently ignored key is how the earlier project ran every physics setting as a no-op,
-    so every entry point (presets, overrides, config files) goes through `from_dict`.
+    A silently ignored key would turn a setting into a no-op, so every entry point (presets,
+    overrides, config files) goes through `from_dict`.
     """
 
     @classmethod
@@ -60,3 +62,17 @@ def check_keys(cls: type, values: dict[str, Any]) -> None:
             f"unknown config key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
             f"valid keys: {', '.join(valid)}"
         )
+
+
+@dataclasses.dataclass
+class FFNConfig(StrictConfig):
+    """The feed-forward keys the MUSE families share: an MLP or a top-k mixture of experts
+    (layers.moe). A family's config inherits them and calls `super().__post_init__()`."""
+
+    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
+    moe_experts: int = 8
+    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
+    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
+
+    def __post_init__(self) -> None:
+        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from muse.layers import count_params
 from muse.layers.head import tied_logits
 from muse.layers.mlp import MLP
 from muse.models.common import check_input_ids, run_blocks
@@ -214,7 +215,7 @@ class FlaPeerLM(nn.Module):
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids)

@@ -1,9 +1,8 @@
 """Phase 1 — ResNet-BK with the efficiency engine (DESIGN §3.2).
 
-Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + FFN(LN x). The AR-SSM
-is a residual sublayer of every block: the earlier project built it and never inserted it into
-the model it benchmarked. The embedding is HTT (tensor-train factorised, ~0.6% of V·D at D=512,
-r=16) or dense for the uncompressed baseline; the output head is tied to it.
+Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + FFN(LN x): the AR-SSM is a
+residual sublayer of every block. The embedding is HTT (tensor-train factorised, ~0.6% of V·D at
+D=512, r=16) or dense for the uncompressed baseline; the output head is tied to it.
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's BK boundary value and
 AR-SSM state (conv tail and decayed s) across segments, exactly. `zeta_init` starts a dense
@@ -20,12 +19,12 @@ import torch.nn as nn
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
+from muse.layers.embedding import dense_embedding
 from muse.layers.htt import HTTEmbedding
 from muse.layers.local_attention import SlidingWindowAttention
-from muse.layers.moe import check_ffn_config, make_ffn
-from muse.layers.zeta import zeta_token_table
+from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
-from muse.models.config import StrictConfig
+from muse.models.config import FFNConfig
 from muse.models.registry import Family, register
 
 EMBEDDINGS = ("htt", "dense")
@@ -33,16 +32,12 @@ HEADS = ("tied", "dense")
 
 
 @dataclass
-class Phase1Config(StrictConfig):
+class Phase1Config(FFNConfig):
     vocab_size: int = 50257
     d_model: int = 512
     n_layers: int = 6
     bk_channels: int = 32  # independent BK-Core channels per block (C)
     d_ff: int = 2048
-    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
-    moe_experts: int = 8
-    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
-    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     embedding: str = "htt"  # "htt" (compressed) or "dense" (the uncompressed baseline)
     htt_rank: int = 16
     # the dense token embedding starts as sinusoids at zeta-zero frequencies (layers.zeta)
@@ -68,7 +63,7 @@ class Phase1Config(StrictConfig):
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
 
     def __post_init__(self) -> None:
-        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
+        super().__post_init__()
         self.require_positive_ints(
             "vocab_size", "d_model", "n_layers", "bk_channels", "d_ff", "htt_rank"
         )
@@ -170,11 +165,7 @@ class Phase1LM(StreamingLM):
                 vocab_size=config.vocab_size, d_model=config.d_model, rank=config.htt_rank
             )
         else:
-            self.embed = nn.Embedding(config.vocab_size, config.d_model)
-            nn.init.normal_(self.embed.weight, std=0.02)
-            if config.zeta_init:
-                with torch.no_grad():
-                    self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
+            self.embed = dense_embedding(config.vocab_size, config.d_model, config.zeta_init)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Phase1Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -198,7 +189,7 @@ class Phase1LM(StreamingLM):
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, bk_channels=8, d_ff=256, htt_rank=4, ar_ssm_rank=8),
-    # the earlier project's memory profiles: AR-SSM rank, HTT rank, checkpointing
+    # memory profiles, named for the GPU memory they target: AR-SSM rank, HTT rank, checkpointing
     "8gb": dict(_ENGINE, ar_ssm_rank=16, htt_rank=8, checkpointing=True),
     "10gb": dict(_ENGINE, ar_ssm_rank=32, htt_rank=16),
     "24gb": dict(_ENGINE, ar_ssm_rank=64, htt_rank=32),

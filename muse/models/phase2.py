@@ -28,28 +28,24 @@ import torch
 import torch.nn as nn
 
 from muse.layers.bk import NonHermitianBKMixer
+from muse.layers.embedding import dense_embedding
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
 from muse.layers.hebbian import DissipativeHebbian, decay_diagnostics
-from muse.layers.moe import check_ffn_config, make_ffn
+from muse.layers.moe import make_ffn
 from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
-from muse.layers.zeta import zeta_token_table
 from muse.models.common import INITS, StreamingLM, gpt2_init
-from muse.models.config import StrictConfig
+from muse.models.config import FFNConfig
 from muse.models.registry import Family, register
 
 
 @dataclass
-class Phase2Config(StrictConfig):
+class Phase2Config(FFNConfig):
     vocab_size: int = 50257
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4  # Hebbian heads
     head_dim: int = 64
     d_ff: int = 1024
-    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
-    moe_experts: int = 8
-    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
-    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     bk_channels: int = 8
     gamma_base: float = 1e-3  # Γ_base of the non-Hermitian potential
     # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
@@ -85,7 +81,7 @@ class Phase2Config(StrictConfig):
     resonance_threshold: float = 0.01  # keep modes with energy ≥ this × the strongest mode's
 
     def __post_init__(self) -> None:
-        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
+        super().__post_init__()
         self.require_positive_ints(
             "vocab_size",
             "d_model",
@@ -239,11 +235,7 @@ class Phase2LM(StreamingLM):
     def __init__(self, config: Phase2Config):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        if config.zeta_init:
-            with torch.no_grad():
-                self.embed.weight.copy_(zeta_token_table(config.vocab_size, config.d_model))
+        self.embed = dense_embedding(config.vocab_size, config.d_model, config.zeta_init)
         self.blocks = nn.ModuleList(Phase2Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.init == "gpt2":

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers import count_params
 from muse.layers.head import tied_logits
 from muse.layers.mlp import MLP, SwiGLU
 from muse.layers.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
@@ -124,7 +125,7 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.config.vocab_size)

@@ -12,11 +12,11 @@ import os
 import torch
 
 from muse import models
+from muse.devices import resolve_device
 from muse.errors import MuseError
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
 from muse.training.checkpoint import load_checkpoint, load_weights
 from muse.training.data import get_tokenizer, load_corpus
-from muse.training.train import resolve_device
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from muse import models
+from muse.devices import DEVICES, resolve_device
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
@@ -68,9 +69,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
-
-DEVICES = ("auto", "cuda", "cpu")
-
 
 class ConfigError(MuseError):
     """A training config that names an unknown key or holds a value of the wrong type."""
@@ -269,15 +267,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MuseError("device 'cuda' asked for, but CUDA is not available here; "
-                        "use 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator,
@@ -522,223 +511,263 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
         held = (RunDir(checked.out, resume=resume is not None, overwrite=overwrite)
                 if ranks.main else contextlib.nullcontext())
         with held, Signals() as signals:
-            return _run(cfg, resume, checked, ranks, signals)
+            return Trainer(cfg, checked, ranks, signals, resume).fit()
     finally:
         distributed.leave(ranks)
 
 
-def _run(cfg, resume, c: Checked, ranks: distributed.Ranks, signals: Signals) -> TrainResult:
-    device, dtype, out, tokenizer, corpus = c.device, c.dtype, c.out, c.tokenizer, c.corpus
-    train_ids, valid_ids, overrides, ckpt = c.train_ids, c.valid_ids, c.overrides, c.ckpt
-    main = ranks.main
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    raw_model = models.build(c.name, c.preset, **overrides).to(device).train()
-    if ckpt is not None:
-        load_weights(raw_model, ckpt, resume)  # before FSDP shards the parameters
-    wrapped = distributed.wrap(raw_model, ranks, device)
-    model = torch.compile(wrapped) if cfg.compile else wrapped
-    # with DDP, validation needs no other rank: the module under the wrapper
-    eval_model = model if not ranks.several or ranks.fsdp else (
-        torch.compile(raw_model) if cfg.compile else raw_model)
-    optimizer = make_optimizer(raw_model, cfg, device, fused=not ranks.fsdp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    step, best_val, history = 0, None, []
-    if ckpt is not None:
-        distributed.load_optimizer(raw_model, optimizer, ckpt["optimizer"], ranks)
-        scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["data_generator"])
+def _wandb_run(cfg: TrainConfig, out: Path):
+    """A Weights & Biases run, or None (with a warning) when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("wandb = true, but wandb is not installed: not logging to W&B",
+                      stacklevel=3)
+        return None
+    return wandb.init(config=cfg.to_dict(), dir=str(out))
+
+
+class Trainer:
+    """One training run, in named pieces: set-up (the constructor), `resume`, `train_step`,
+    `evaluate`/`validate`, `save` (a checkpoint) and `fit`, the loop that strings them together
+    and saves what it can when the run is stopped."""
+
+    def __init__(self, cfg: TrainConfig, c: Checked, ranks: distributed.Ranks, signals: Signals,
+                 resume: str | os.PathLike | None = None) -> None:
+        self.cfg, self.ranks, self.signals = cfg, ranks, signals
+        self.device, self.dtype, self.out = c.device, c.dtype, c.out
+        self.tokenizer, self.corpus, self.overrides = c.tokenizer, c.corpus, c.overrides
+        self.train_ids, self.valid_ids = c.train_ids, c.valid_ids
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.raw_model = models.build(c.name, c.preset, **c.overrides).to(self.device).train()
+        if c.ckpt is not None:
+            load_weights(self.raw_model, c.ckpt, resume)  # before FSDP shards the parameters
+        self.wrapped = distributed.wrap(self.raw_model, ranks, self.device)
+        self.model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # with DDP, validation needs no other rank: the module under the wrapper
+        self.eval_model = self.model if not ranks.several or ranks.fsdp else (
+            torch.compile(self.raw_model) if cfg.compile else self.raw_model)
+        self.optimizer = make_optimizer(self.raw_model, cfg, self.device, fused=not ranks.fsdp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.step, self.best_val, self.history = 0, None, []
+        self.start_state = None  # (data generator, RNG) at the start of a step in flight
+        self.diverged: str | None = None
+        if c.ckpt is not None:
+            self.resume(c.ckpt)
+        if ranks.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a checkpoint saves
+            torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank + self.step)
+        self.wandb_run = _wandb_run(cfg, self.out) if cfg.wandb and ranks.main else None
+
+    def resume(self, ckpt: dict[str, Any]) -> None:
+        """Optimizer, scaler, data generator, RNG, step, best and history from a checkpoint
+        (its weights were loaded before wrapping)."""
+        distributed.load_optimizer(self.raw_model, self.optimizer, ckpt["optimizer"], self.ranks)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.gen.set_state(ckpt["data_generator"])
         set_rng_states(ckpt["rng"])
-        step, best_val, history = ckpt["step"], ckpt["best_val_loss"], ckpt["history"]
-    if ranks.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a checkpoint saves
-        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank + step)
+        self.step, self.best_val, self.history = (ckpt["step"], ckpt["best_val_loss"],
+                                                  ckpt["history"])
 
-    run = None
-    if cfg.wandb and main:
-        try:
-            import wandb
-        except ImportError:
-            warnings.warn("wandb = true, but wandb is not installed: not logging to W&B",
-                          stacklevel=2)
-        else:
-            run = wandb.init(config=cfg.to_dict(), dir=str(out))
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; its history row."""
+        cfg, device, ranks, raw_model = self.cfg, self.device, self.ranks, self.raw_model
+        self.start_state = (self.gen.get_state(), rng_states())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x = sample_batch(self.train_ids, cfg.batch_size, cfg.seq_len, self.gen,
+                             ranks).to(device)
+            with distributed.grad_sync(self.wrapped, ranks, micro == cfg.grad_accum - 1):
+                with autocast(device, self.dtype):
+                    loss = lm_loss(self.model(x), x) / cfg.grad_accum
+                self.scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss_sum = distributed.mean(loss_sum, ranks)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+        grad_norm = distributed.replicated(
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
+        # the update and its step count, RNG and history row change together: a signal
+        # here is raised after them, so a checkpoint never sees half of them
+        with self.signals.atomic():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.start_state = None
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            entry: dict[str, Any] = {
+                "step": self.step,
+                "loss": loss_sum.item(),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": cfg.batch_size * cfg.seq_len * cfg.grad_accum / seconds,  # global
+                "peak_mem_bytes": (torch.cuda.max_memory_allocated(device)
+                                   if device.type == "cuda" else None),  # rank 0's device
+                "ranks": ranks.world,
+            }
+            if callable(getattr(raw_model, "diagnostics", None)):
+                with torch.no_grad():
+                    diagnostics = raw_model.diagnostics()
+                entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
+            self.history.append(entry)  # before any save: a checkpoint holds its own step's row
+        return entry
 
-    def state(data_state: torch.Tensor, rngs: dict[str, Any]) -> dict[str, Any]:
-        weights, moments = distributed.full_state(raw_model, optimizer, ranks)
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte on the capped valid split."""
+        cfg = self.cfg
+        with autocast(self.device, self.dtype):
+            res = evaluate_perplexity(self.eval_model, self.valid_ids,
+                                      scored_bytes(self.tokenizer, self.valid_ids),
+                                      context=cfg.seq_len, stride=cfg.seq_len,
+                                      batch_size=cfg.batch_size, device=self.device)
+        return distributed.from_main({"val_loss": res.nll_per_token, "val_ppl": res.ppl,
+                                      "val_bits_per_byte": res.bits_per_byte}, self.ranks)
+
+    def validate(self, entry: dict[str, Any]) -> None:
+        """`evaluate` into the step's row; a non-finite score marks the run diverged, a better
+        one is saved as best.pt."""
+        entry.update(self.evaluate())
+        if self.diverged is None and not math.isfinite(entry["val_loss"]):
+            self.diverged = f"validation loss {entry['val_loss']} at step {self.step}"
+        if self.diverged is None and (self.best_val is None or entry["val_loss"] < self.best_val):
+            with self.signals.atomic():  # best_val and best.pt agree in any checkpoint
+                self.best_val = entry["val_loss"]
+                self.save("best.pt")
+
+    def state(self, data_state: torch.Tensor, rngs: dict[str, Any]) -> dict[str, Any]:
+        """Everything a resume needs; every rank calls it (FSDP gathers the shards)."""
+        weights, moments = distributed.full_state(self.raw_model, self.optimizer, self.ranks)
         return {
             "model": weights,
             "optimizer": moments,
-            "scaler": scaler.state_dict(),
-            "step": step,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
             "data_generator": data_state,
             "rng": rngs,
-            "config": cfg.to_dict(),
-            "model_overrides": overrides,
-            "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256},
-            "corpus": {"name": corpus.name, "sha256": corpus.sha256},
-            "best_val_loss": best_val,
-            "history": history,
-            "distributed": ranks.describe(),
+            "config": self.cfg.to_dict(),
+            "model_overrides": self.overrides,
+            "tokenizer": {"name": self.tokenizer.name, "sha256": self.tokenizer.sha256},
+            "corpus": {"name": self.corpus.name, "sha256": self.corpus.sha256},
+            "best_val_loss": self.best_val,
+            "history": self.history,
+            "distributed": self.ranks.describe(),
         }
 
-    def save(filename: str, data_state=None, rngs=None) -> None:
-        data_state = gen.get_state() if data_state is None else data_state
-        saved = state(data_state, rngs or rng_states())  # every rank: FSDP gathers the shards
-        if main:
-            atomic_save(saved, out / filename)
+    def save(self, filename: str, data_state=None, rngs=None) -> None:
+        data_state = self.gen.get_state() if data_state is None else data_state
+        saved = self.state(data_state, rngs or rng_states())
+        if self.ranks.main:
+            atomic_save(saved, self.out / filename)
 
-    def write_history() -> None:
-        if main:
-            atomic_write_json(history_document(cfg.model, history), out / "history.json")
+    def write_history(self) -> None:
+        if self.ranks.main:
+            atomic_write_json(history_document(self.cfg.model, self.history),
+                              self.out / "history.json")
 
-    def write_run(status: str, **why: Any) -> None:
-        if main:
-            doc = run_document(cfg, tokenizer, corpus, overrides, ranks)
-            atomic_write_json({**doc, "status": status, "step": step, **why}, out / "run.json")
+    def write_run(self, status: str, **why: Any) -> None:
+        if self.ranks.main:
+            doc = run_document(self.cfg, self.tokenizer, self.corpus, self.overrides, self.ranks)
+            atomic_write_json({**doc, "status": status, "step": self.step, **why},
+                              self.out / "run.json")
 
-    def evaluate() -> dict[str, float]:
-        with autocast(device, dtype):
-            res = evaluate_perplexity(eval_model, valid_ids, scored_bytes(tokenizer, valid_ids),
-                                      context=cfg.seq_len, stride=cfg.seq_len,
-                                      batch_size=cfg.batch_size, device=device)
-        return distributed.from_main({"val_loss": res.nll_per_token, "val_ppl": res.ppl,
-                                      "val_bits_per_byte": res.bits_per_byte}, ranks)
+    def fit(self) -> TrainResult:
+        """Steps until `cfg.steps` or divergence, validating, logging and checkpointing on the
+        config's schedule; on an exception, saves what it can and re-raises."""
+        cfg, ranks = self.cfg, self.ranks
+        from muse.extras import needs
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global
-    from muse.extras import needs
+        with needs("the progress bar"):
+            from tqdm.auto import tqdm
 
-    with needs("the progress bar"):
-        from tqdm.auto import tqdm
+        self.write_run("running")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ranks.main),
+                   desc="train")
+        try:
+            while self.step < cfg.steps:
+                entry = self.train_step()
+                step = self.step
+                if not math.isfinite(entry["loss"]):
+                    self.diverged = f"training loss {entry['loss']} at step {step}"
+                # a diverged run is validated once more: its last row carries what it scores now
+                evaluated = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+                if evaluated or self.diverged:
+                    self.validate(entry)
+                if self.wandb_run is not None:
+                    self.wandb_run.log(entry, step=step)
+                if step % cfg.log_every == 0 or step == cfg.steps or evaluated or self.diverged:
+                    self.write_history()
+                if self.diverged:
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save(f"step-{step:06d}.pt")
+                bar.update(1)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}")
+            self.save("final.pt")
+            if self.diverged:
+                self.write_run("diverged", reason=self.diverged)
+            else:
+                self.write_run("complete")
+        except BaseException as exc:
+            self.on_exception(exc)
+            raise
+        finally:
+            bar.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+        return TrainResult(self.out, self.step, self.history, self.best_val, self.diverged,
+                           ranks.rank, ranks.world)
 
-    write_run("running")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), desc="train")
-    start_state = None  # (data generator, RNG) at the start of a step in flight
-    diverged = None
-    try:
-        while step < cfg.steps:
-            start_state = (gen.get_state(), rng_states())
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen, ranks).to(device)
-                with distributed.grad_sync(wrapped, ranks, micro == cfg.grad_accum - 1):
-                    with autocast(device, dtype):
-                        loss = lm_loss(model(x), x) / cfg.grad_accum
-                    scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            loss_sum = distributed.mean(loss_sum, ranks)
-            scaler.unscale_(optimizer)
-            max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-            grad_norm = distributed.replicated(
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
-            # the update and its step count, RNG and history row change together: a signal
-            # here is raised after them, so a checkpoint never sees half of them
-            with signals.atomic():
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                start_state = None
-                synchronize(device)
-                seconds = time.perf_counter() - t0
-
-                entry: dict[str, Any] = {
-                    "step": step,
-                    "loss": loss_sum.item(),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tokens_per_step / seconds,
-                    "peak_mem_bytes": (torch.cuda.max_memory_allocated(device)
-                                       if device.type == "cuda" else None),  # rank 0's device
-                    "ranks": ranks.world,
-                }
-                if callable(getattr(raw_model, "diagnostics", None)):
-                    with torch.no_grad():
-                        diagnostics = raw_model.diagnostics()
-                    entry["diagnostics"] = {k: float(v) for k, v in diagnostics.items()}
-                history.append(entry)  # before any save, so a checkpoint holds its own step's row
-            if not math.isfinite(entry["loss"]):
-                diverged = f"training loss {entry['loss']} at step {step}"
-            # a diverged run is validated once more: its last row carries what it scores now
-            evaluated = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-            if evaluated or diverged:
-                entry.update(evaluate())
-                if diverged is None and not math.isfinite(entry["val_loss"]):
-                    diverged = f"validation loss {entry['val_loss']} at step {step}"
-                if diverged is None and (best_val is None or entry["val_loss"] < best_val):
-                    with signals.atomic():  # best_val and best.pt agree in any checkpoint
-                        best_val = entry["val_loss"]
-                        save("best.pt")
-            if run is not None:
-                run.log(entry, step=step)
-            if step % cfg.log_every == 0 or step == cfg.steps or evaluated or diverged:
-                write_history()
-            if diverged:
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(f"step-{step:06d}.pt")
-            bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}")
-        save("final.pt")
-        if diverged:
-            write_run("diverged", reason=diverged)
-        else:
-            write_run("complete")
-    except BaseException as exc:
-        if not main:
-            exc.rank = ranks.rank  # rank 0 saves, and says so
-        elif ranks.fsdp:
+    def on_exception(self, exc: BaseException) -> None:
+        """Rank 0 saves emergency.pt (not under FSDP, whose shards cannot be gathered once a
+        rank has stopped) and records the status; another rank marks the exception as its."""
+        if not self.ranks.main:
+            exc.rank = self.ranks.rank  # rank 0 saves, and says so
+        elif self.ranks.fsdp:
             exc.emergency_error = ("under FSDP the state is spread over the ranks and cannot be "
                                    "gathered once one has stopped; resume from the last "
                                    "step-NNNNNN.pt")
-            _final_words(exc, write_history, write_run, signals)
+            self.final_words(exc)
         else:
-            _emergency(exc, out, save, start_state, optimizer, write_history, write_run, signals)
-        raise
-    finally:
-        bar.close()
-        if run is not None:
-            run.finish()
-    return TrainResult(out, step, history, best_val, diverged, ranks.rank, ranks.world)
+            self.emergency(exc)
+
+    def emergency(self, exc: BaseException) -> None:
+        """emergency.pt, once. A step in flight has not changed the weights (the optimizer steps
+        last): the state from before it is saved, so a resume redraws that step's batches. The
+        exception carries `emergency_checkpoint` only when the file was written."""
+        with self.signals.saving("emergency.pt"):
+            try:
+                if self.start_state is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.save("emergency.pt", *self.start_state)
+                else:
+                    self.save("emergency.pt")
+                exc.emergency_checkpoint = self.out / "emergency.pt"
+                self.write_history()
+                self.write_run(_status(exc), reason=type(exc).__name__, emergency="emergency.pt")
+            except Exception as e:  # the original exception says what happened; this adds why
+                exc.emergency_error = f"{type(e).__name__}: {e}"
+
+    def final_words(self, exc: BaseException) -> None:
+        """history.json and run.json of a run that stops without emergency.pt."""
+        with self.signals.saving("history.json"):
+            try:
+                self.write_history()
+                self.write_run(_status(exc), reason=type(exc).__name__)
+            except Exception:  # the original exception is what the user must see
+                pass
 
 
 def _status(exc: BaseException) -> str:
     return {KeyboardInterrupt: "interrupted", Terminated: "interrupted"}.get(type(exc), "failed")
-
-
-def _emergency(exc, out, save, start_state, optimizer, write_history, write_run,
-               signals: Signals) -> None:
-    """emergency.pt, once. A step in flight has not changed the weights (the optimizer steps
-    last): the state from before it is saved, so a resume redraws that step's batches. The
-    exception carries `emergency_checkpoint` only when the file was written."""
-    with signals.saving("emergency.pt"):
-        try:
-            if start_state is not None:
-                optimizer.zero_grad(set_to_none=True)
-                save("emergency.pt", *start_state)
-            else:
-                save("emergency.pt")
-            exc.emergency_checkpoint = out / "emergency.pt"
-            write_history()
-            write_run(_status(exc), reason=type(exc).__name__, emergency="emergency.pt")
-        except Exception as e:  # the original exception says what happened; this one adds why
-            exc.emergency_error = f"{type(e).__name__}: {e}"
-
-
-def _final_words(exc, write_history, write_run, signals: Signals) -> None:
-    """history.json and run.json of a run that stops without emergency.pt."""
-    with signals.saving("history.json"):
-        try:
-            write_history()
-            write_run(_status(exc), reason=type(exc).__name__)
-        except Exception:  # the original exception is what the user must see
-            pass
 
 
 def run_document(cfg: TrainConfig, tokenizer, corpus, overrides,

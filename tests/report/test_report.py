@@ -2,7 +2,7 @@
 the recorded numbers, and results with holes and failures that say so.
 
 Regenerate the golden files deliberately, after reading the diff:
-    MUSE_REGEN_GOLDEN=1 pytest tests/report/test_report.py"""
+    pytest tests/report/test_report.py --regen-golden"""
 
 import json
 import os
@@ -51,10 +51,10 @@ def write_variant(tmp: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "name", ["REPORT.md", *(f"tables/{t.name}.md" for t in TABLES)]
 )
-def test_markdown_matches_golden(out, name):
+def test_markdown_matches_golden(out, name, request):
     got = (out / name).read_text(encoding="utf-8")
     golden = GOLDEN / name.replace("tables/", "")
-    if os.environ.get("MUSE_REGEN_GOLDEN"):
+    if request.config.getoption("regen_golden"):
         golden.write_text(got, encoding="utf-8")
     assert got == golden.read_text(encoding="utf-8"), f"{name} differs from {golden}"
 

@@ -420,8 +420,8 @@ def _chunk_outputs(
 
 def default_chunk(n: int) -> int:
     """Positions per thread: about √N/4 (at least 8, at most 256) balances the in-order walks of
-    launches (1, 3) against the parallelism across sub-chunks (measured on an H200 at N = 16k to
-    1M, reports/bk_core_tuning.md)."""
+    launches (1, 3) against the parallelism across sub-chunks (tuned at N = 16k to 1M:
+    reports/bk_core_tuning.md)."""
     return min(256, max(8, triton.next_power_of_2(math.isqrt(max(n, 1))) // 4))
 
 

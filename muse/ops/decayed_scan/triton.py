@@ -1,10 +1,10 @@
 """s_t = a_t ⊙ s_{t−1} + u_t on the GPU: one Triton launch forward, one backward.
 
 Two uses. The AR-SSM's state, where a_t = λ is one decay per channel: the chunked matrix form
-(`muse.ops.decayed_scan.chunk`) is exact, but at batch 1 it is ~40 small PyTorch ops per call, and
-on the lent H200 a phase1:10gb training step spent most of the AR-SSM's time launching them
-(9 ms of span for 1 ms of kernels at seq 4096). And the Hebbian state carried from chunk to
-chunk, where a_t is one decay per (sequence, step), shared by the D_h² entries of the state.
+(`muse.ops.decayed_scan.chunk`) is exact, but at batch 1 it is ~40 small PyTorch ops per call,
+whose launches, not their kernels, take most of the AR-SSM's time. And the Hebbian state carried
+from chunk to chunk, where a_t is one decay per (sequence, step), shared by the D_h² entries of
+the state.
 
 One program owns a block of channels and walks the sequence in tiles: inside a tile an
 associative scan of the affine maps s ↦ a s + u, across tiles the carried state. Accumulation
@@ -27,9 +27,8 @@ BLOCK_R = 32  # channels per program; 8 when there are few channels, for more pr
 
 @triton.jit
 def _affine(l1, b1, l2, b2):
-    # s ↦ e^{l1} s + b1, then s ↦ e^{l2} s + b2. The decays travel as logs: λ = 0.99999 in
-    # float32 carries 1 − λ to only ~3e-3, which over 20k steps put 3.7e-4 of error into s
-    # (the H200 test); a sum of log λ keeps the exponent exact to float32.
+    # s ↦ e^{l1} s + b1, then s ↦ e^{l2} s + b2. The decays travel as logs: a float32 λ near 1
+    # keeps few digits of 1 − λ, and products of it drift; a sum of log λ stays exact.
     return l1 + l2, b1 * tl.exp(l2) + b2
 
 
@@ -105,7 +104,7 @@ class LinearScan(torch.autograd.Function):
         grad_log_decay = None
         if ctx.needs_input_grad[1]:
             # Σ ∂L/∂u_t · s_{t−1}, s_{−1} = 0, summed in float64: per channel it runs over
-            # B·N terms, and a float32 sum of 40k of them was 10× off the float32 chunked form
+            # B·N terms, too many for a float32 sum to stay accurate
             prod = grad_u[:, 1:].double() * s[:, :-1].double()
             if log_decay.dim() == 1:
                 dot = prod.sum(dim=(0, 1))

@@ -69,7 +69,7 @@ class FFNConfig(StrictConfig):
     """The feed-forward keys the MUSE families share: an MLP or a top-k mixture of experts
     (layers.moe). A family's config inherits them and calls `super().__post_init__()`."""
 
-    ffn: str = "mlp"  # "mlp" or "moe" (top-k mixture of experts, see layers.moe)
+    ffn: str = "mlp"  # "mlp" (GELU), "swiglu" or "moe" (top-k mixture of experts, layers.moe)
     moe_experts: int = 8
     moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
     moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss

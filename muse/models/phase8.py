@@ -20,15 +20,16 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from muse.layers.embedding import dense_embedding
 from muse.layers.linear_attention import BACKENDS, CausalLinearAttention
-from muse.layers.moe import check_ffn_config, make_ffn
+from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
-from muse.models.config import StrictConfig
+from muse.models.config import FFNConfig
 from muse.models.registry import Family, register
 
 
 @dataclass
-class Phase8Config(StrictConfig):
+class Phase8Config(FFNConfig):
     vocab_size: int = 50257
     d_model: int = 256
     n_layers: int = 4
@@ -37,19 +38,15 @@ class Phase8Config(StrictConfig):
     # the mixer holds 5·D² (q, k, v, gate, out) to attention's 4·D²: the FFN gives that back,
     # 3.5·D instead of the transformer's 4·D, so the presets match it in parameters
     d_ff: int = 896
-    ffn: str = "mlp"  # "mlp" (GELU), "swiglu" or "moe" (layers.moe)
-    moe_experts: int = 8
-    moe_top_k: int = 2  # ≥ 2: with one expert per token the router gets no gradient
-    moe_aux_weight: float = 0.01  # × the load-balancing loss, added to the training loss
     conv: int = 4  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
     out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x) on the read-out
     chunk: int = 64  # tokens per chunk of the chunked form
-    backend: str = "auto"  # "auto" (fla on CUDA when installed, else torch), "torch" or "fla"
+    backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        check_ffn_config(self.ffn, self.moe_experts, self.moe_top_k, self.moe_aux_weight)
+        super().__post_init__()
         self.require_positive_ints("vocab_size", "d_model", "n_layers", "n_heads", "head_dim",
                                    "d_ff", "chunk")
         if self.backend not in BACKENDS:
@@ -91,8 +88,7 @@ class Phase8LM(StreamingLM):
     def __init__(self, config: Phase8Config):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        self.embed = dense_embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Phase8Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.init == "gpt2":

@@ -151,6 +151,8 @@ PRESETS = {
     "phase1-10gb-v8k": dict(d_model=512, n_layers=3, n_heads=8, d_ff=2048),
     "phase1-24gb-v8k": dict(d_model=384, n_layers=6, n_heads=6, d_ff=1536),
     "phase1-dense-v8k": dict(d_model=448, n_layers=6, n_heads=7, d_ff=1792),
+    # the shape of phase7:1.5b (its dense head is V·D like this tied table; tests/models)
+    "phase7-1.5b": dict(d_model=2048, n_layers=24, n_heads=16, d_ff=8192),
 }
 
 

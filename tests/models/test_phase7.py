@@ -1,0 +1,111 @@
+"""Phase 7 specifics beyond the contract: matched baselines, the 1.5b count, the head options,
+the BK gate, exact streaming across the window and causality, strict config."""
+
+import pytest
+import torch
+
+from muse import models
+from muse.layers.htt import HTTEmbedding
+from muse.measure.phases import random_ids
+
+TOL = 1e-10
+VOCAB = 97
+
+
+def count(name, preset, **overrides):
+    with torch.device("meta"):
+        return models.build(name, preset, **overrides).num_params()
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return models.build("phase7", "tiny", vocab_size=VOCAB, **overrides).double().eval()
+
+
+@pytest.mark.parametrize("vocab", [50257, 8192])
+@pytest.mark.parametrize("preset", ["small", "base", "1.5b"])
+def test_matched_transformer_within_ten_percent(preset, vocab):
+    base_name, base_preset = models.baseline_for("phase7", preset, vocab)
+    assert base_name == "transformer"
+    ours = count("phase7", preset, vocab_size=vocab)
+    theirs = count(base_name, base_preset, vocab_size=vocab)
+    assert abs(theirs / ours - 1) < 0.10, (preset, vocab, ours, base_preset, theirs)
+
+
+def test_the_1_5b_preset_builds_its_real_count():
+    cfg = models.config("phase7", "1.5b")
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.window, cfg.htt_rank,
+            cfg.ar_ssm_rank) == (2048, 24, 16, 128, 32, 64)
+    # 1,329,540,728 at 50257 tokens: 1.33B with its FFN (the seeds' "1.5B" built 0.44B, no FFN)
+    assert count("phase7", "1.5b") == 1_329_540_728
+
+
+def test_the_default_head_is_untied_and_tied_reads_the_htt_table():
+    dense, tied = tiny(), tiny(head="tied")
+    assert isinstance(dense.embed, HTTEmbedding) and dense.head.shape == (VOCAB, 64)
+    assert dense.output_table() is dense.head
+    assert not hasattr(tied, "head")
+    assert torch.equal(tied.output_table(), tied.embed.full_table())
+    assert dense.num_params() - tied.num_params() == VOCAB * 64
+
+
+def test_gate_lies_in_the_unit_interval_and_streams():
+    gate = tiny().blocks[0].gate
+    x = torch.randn(2, 40, 64, dtype=torch.float64)
+    g = gate(x)
+    assert g.shape == x.shape and ((g > 0) & (g < 1)).all()
+    carry, parts = gate.init_carry(2, dtype=torch.float64), []
+    for a, b in ((0, 13), (13, 14), (14, 40)):
+        y, carry = gate(x[:, a:b], carry)
+        parts.append(y)
+    assert torch.allclose(torch.cat(parts, 1), g, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("head", ["dense", "tied"])
+@pytest.mark.parametrize("cut", [1, 15, 16, 40])
+def test_two_segments_equal_one_pass(head, cut):
+    m = tiny(head=head)  # window 16: cuts before, at and past it
+    ids = random_ids(VOCAB, 2, 50, "cpu")
+    whole = m(ids)
+    first, state = m(ids[:, :cut], m.init_state(2))
+    second, state = m(ids[:, cut:], state)
+    assert torch.allclose(torch.cat((first, second), 1), whole, rtol=TOL, atol=TOL)
+    assert state.tokens == 50 and state.blocks[0]["local"]["k"].shape[2] == 15
+
+
+def test_future_tokens_do_not_change_earlier_logits():
+    m = tiny()
+    ids = random_ids(VOCAB, 1, 40, "cpu")
+    other = ids.clone()
+    other[:, 25:] = (other[:, 25:] + 1) % VOCAB
+    a, b = m(ids), m(other)
+    assert torch.equal(a[:, :25], b[:, :25]) and not torch.equal(a[:, 25:], b[:, 25:])
+
+
+def test_every_path_moves_the_output():
+    m = tiny()
+    block = m.blocks[0]
+    x = m.embed(random_ids(VOCAB, 1, 20, "cpu"))
+    y = block(x)
+    for path in (block.local, block.ssm, block.gate):
+        with torch.no_grad():
+            for p in path.parameters():
+                p.add_(0.1)
+        assert (block(x) - y).abs().max() > 1e-8
+        y = block(x)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"window": 0}, "window must be a positive integer, got 0"),
+    ({"head_dim": 31}, "head_dim must be even"),
+    ({"curvature": -1.0}, "curvature must be a number > 0, got -1.0"),
+    ({"beta_init": 0}, "beta_init must be a number > 0"),
+    ({"head": "htt"}, r"head must be one of \('dense', 'tied'\), got 'htt'"),
+    ({"init": "xavier"}, "init must be one of"),
+    ({"backend": "cuda"}, "backend must be one of"),
+    ({"ar_ssm_decay_init": (0.9, 1.0)}, "ar_ssm_decay_init must satisfy"),
+    ({"htt_rank": 0}, "htt_rank must be a positive integer"),
+])
+def test_bad_config_names_the_value(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        models.build("phase7", "tiny", **overrides)

@@ -6,6 +6,7 @@ import torch
 
 from muse import models
 from muse.layers.htt import HTTEmbedding
+from muse.measure.gradient import gradient_flow
 from muse.measure.phases import random_ids
 
 TOL = 1e-10
@@ -109,3 +110,10 @@ def test_every_path_moves_the_output():
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):
         models.build("phase7", "tiny", **overrides)
+
+
+def test_long_range_gradient_reaches_the_first_token_past_the_window():
+    torch.manual_seed(0)
+    m = models.build("phase7", "tiny", vocab_size=VOCAB)  # window 16: only the AR-SSM and BK reach
+    flow = gradient_flow(m, random_ids(VOCAB, 1, 512, "cpu"), torch.float32)
+    assert flow.finite and flow.long_range_grad_norm > 0

@@ -117,3 +117,10 @@ def test_long_range_gradient_reaches_the_first_token_past_the_window():
     m = models.build("phase7", "tiny", vocab_size=VOCAB)  # window 16: only the AR-SSM and BK reach
     flow = gradient_flow(m, random_ids(VOCAB, 1, 512, "cpu"), torch.float32)
     assert flow.finite and flow.long_range_grad_norm > 0
+
+
+def test_bf16_weights_give_finite_logits_and_distances_in_float32():
+    torch.manual_seed(0)
+    m = models.build("phase7", "tiny", vocab_size=VOCAB).to(torch.bfloat16)
+    out = m(random_ids(VOCAB, 2, 40, "cpu"))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -21,6 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$OUT/machine.txt"
 echo "commit ${MUSE_GIT_SHA:-unknown}; command: $0 $mode $*" | tee -a "$OUT/machine.txt"
 python3 -m pytest -m gpu tests/layers/test_local_attention_cuda.py tests/layers/test_hebbian_cuda.py \
+  tests/models/test_families_cuda.py \
   -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
 data=.data/unpacked
 case $mode in

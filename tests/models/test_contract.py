@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from muse import models
 from muse.measure.causality import causal_leak
+from muse.measure.gradient import gradient_flow
 from muse.measure.phases import lm_loss, random_ids
 
 VOCAB = 97
@@ -173,3 +174,19 @@ def test_embed_output_is_h0_and_feeds_the_logits(name):
     torch.testing.assert_close(h0, model.embed(ids), rtol=0, atol=0)
     logits[:, -1].sum().backward()
     assert h0.grad is not None and h0.grad[:, -1].abs().sum() > 0
+
+
+def test_every_block_changes_its_input(name):
+    m = build_tiny(name).eval()
+    x = m.embed(ids_for(33))
+    for block in m.blocks:
+        y = block(x)
+        assert (y - x).abs().max() > 1e-6
+        x = y
+
+
+def test_long_range_gradient_reaches_the_first_token_at_1024(name):
+    torch.manual_seed(0)
+    m = models.build(name, "tiny", vocab_size=VOCAB)
+    flow = gradient_flow(m, random_ids(VOCAB, 1, 1024, "cpu"), torch.float32)
+    assert flow.finite and flow.long_range_grad_norm > 0

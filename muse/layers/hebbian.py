@@ -19,7 +19,6 @@ miscompile, fla issue #640).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
-from muse.ops.decayed_scan.chunk import pad_time
+from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 from muse.ops.delta_rule import delta_rule_chunked
 
 BACKENDS = ("auto", "fla", "torch")
@@ -60,7 +59,8 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
     b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
     # b_t − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
-    lag = (b[..., :, None] - b[..., None, :]).masked_fill(_above(chunk, q.device), -torch.inf)
+    above = above_diagonal(chunk, q.device)
+    lag = (b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf)
     # the decay factors are in [0, 1] and b is kept wide (float32 under autocast): each factor
     # is cast to the products' dtype only when formed, so fp16 weights work without autocast
     scores = (qc @ kc.transpose(-1, -2)) * torch.exp(lag).to(qc.dtype)
@@ -105,14 +105,6 @@ def _carry_scan(added, log_through, w0):
     ends = decayed_cumsum_triton(u, log_through.reshape(bsz * heads, m))
     ends = ends.view(bsz, heads, m, dk, dv)
     return torch.cat((w0[:, :, None].to(ends.dtype), ends[:, :, :-1]), dim=2), ends[:, :, -1]
-
-
-@functools.lru_cache(maxsize=16)
-def _above(chunk: int, device: torch.device) -> torch.Tensor:
-    """(chunk × chunk) True above the diagonal: built once per size and device."""
-    # a plain tensor even when first asked for under inference_mode: training reuses it
-    with torch.inference_mode(False):
-        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
 
 
 def fla_available() -> bool:

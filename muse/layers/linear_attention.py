@@ -20,15 +20,14 @@ run yet); asking for "fla" where it cannot run is an error.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.hebbian import fla_available
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
-from muse.ops.decayed_scan.chunk import pad_time
+from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
 BACKENDS = ("auto", "torch", "fla")
 EPS = 1e-6  # added to the normaliser φ(q)·z, which is > 0 already (the paper's ε)
@@ -71,7 +70,7 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
     # the normaliser is the numerator's computation with value 1: one more value column
     v1 = torch.cat((v, v.new_ones(bsz, heads, n, 1)), dim=-1)
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v1))
-    scores = (qc @ kc.transpose(-1, -2)).masked_fill(_above(chunk, q.device), 0.0)
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(above_diagonal(chunk, q.device), 0.0)
     intra = scores @ vc  # (B, H, M, T, Dv + 1)
     added = (kc.transpose(-1, -2) @ vc).to(acc)  # what each chunk adds: (B, H, M, Dk, Dv + 1)
     if state is None:
@@ -85,22 +84,6 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
     out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
     last = ends[:, :, -1]
     return out, (last[..., :dv], last[..., dv])
-
-
-@functools.lru_cache(maxsize=16)
-def _above(chunk: int, device: torch.device) -> torch.Tensor:
-    """(chunk × chunk) True above the diagonal: built once per size and device."""
-    # a plain tensor even when first asked for under inference_mode: training reuses it
-    with torch.inference_mode(False):
-        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
-
-
-def fla_available() -> bool:
-    try:
-        import fla.ops.simple_gla  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def linear_attention_fla(q, k, v, state=None, eps: float = EPS):

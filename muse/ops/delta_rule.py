@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from muse.ops.decayed_scan.chunk import pad_time
+from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
 
 def delta_rule_naive(q, k, v, log_decay, beta, state=None):
@@ -60,8 +60,8 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
     bc = pad_time(beta, pad, 2).view(bsz, heads, m, chunk, 1)
     b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
-    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~lower, -torch.inf))
+    above = above_diagonal(chunk, q.device)
+    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
     ratio = ratio.to(qc.dtype)  # γ_t/γ_j for j ≤ t, 0 above the diagonal
     strict = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
     a = bc * strict * (kc @ kc.transpose(-1, -2))

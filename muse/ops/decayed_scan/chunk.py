@@ -10,6 +10,8 @@ log₂(N) levels. Powers are formed as exp(k · log λ) with k ≥ 0, so nothing
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -46,6 +48,15 @@ def decayed_cumsum(u: torch.Tensor, log_decay: torch.Tensor, chunk: int = 64) ->
     steps = torch.arange(1, chunk + 1, device=u.device, dtype=log_decay.dtype)
     s = local + before[:, :, None, :] * _powers(steps, log_decay).to(u.dtype)
     return s.reshape(bsz, m * chunk, r)[:, :n]
+
+
+@functools.lru_cache(maxsize=16)
+def above_diagonal(chunk: int, device: torch.device) -> torch.Tensor:
+    """(chunk × chunk) True above the diagonal, the causal mask of a chunk: built once per size
+    and device."""
+    # a plain tensor even when first asked for under inference_mode: training reuses it
+    with torch.inference_mode(False):
+        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
 
 
 def pad_time(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:

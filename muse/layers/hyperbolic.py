@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.layers.local_attention import _band
+from muse.layers.local_attention import SlidingWindowAttention, _band
 from muse.layers.rotary import apply_rotary, rotary_tables
 
 # Tangent norms √c‖u‖ are capped here: the ball radius tanh(6) = 1 − 1.2e-5, and the conformal
@@ -112,22 +112,18 @@ def poincare_local_attention(q, k, v, window: int, c: float, beta: torch.Tensor,
     return y.reshape(bsz, heads, m * window, d)[:, :, :n]
 
 
-class PoincareWindowAttention(nn.Module):
+class PoincareWindowAttention(SlidingWindowAttention):
     """(B, N, D) → (B, N, D): q, k, v and output projections, rotary positions on the tangent
     q and k, Poincaré-distance scores with a learned β per head. Streams with the window's last
     w − 1 keys and values (before rotation)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, window: int,
                  curvature: float = 1.0, beta_init: float = 1.0, rope_base: float = 10000.0):
-        super().__init__()
-        if window < 1 or head_dim % 2:
-            raise ValueError(f"need window ≥ 1 and an even head_dim, got {window}, {head_dim}")
+        super().__init__(d_model=d_model, n_heads=n_heads, head_dim=head_dim, window=window,
+                         rope_base=rope_base)
         if curvature <= 0 or beta_init <= 0:
             raise ValueError(f"curvature and beta_init must be > 0, got {curvature}, {beta_init}")
-        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
-        self.curvature, self.rope_base = curvature, rope_base
-        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
-        self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.curvature = curvature
         # β = softplus(·) > 0: a larger β sharpens attention towards the nearest keys
         self.beta_logit = nn.Parameter(torch.full((n_heads,), math.log(math.expm1(beta_init))))
 
@@ -137,12 +133,6 @@ class PoincareWindowAttention(nn.Module):
 
     def beta(self) -> torch.Tensor:
         return F.softplus(self.beta_logit)
-
-    def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        ref = self.qkv.weight
-        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device or ref.device,
-                            dtype=dtype or ref.dtype)
-        return {"k": empty, "v": empty.clone()}
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         bsz, n, _ = x.shape

@@ -141,7 +141,7 @@ class QualitySettings:
     val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
     lr_sweep: tuple[float, ...] = ()  # peak rates each run trains at; (): `lr` alone
     # training runs at once, each in its own process, spread over the GPUs (several may share
-    # one: small models leave most of an H200 idle); 1: one after another in this process
+    # one: a small model's step leaves most of a GPU idle); 1: one after another, in-process
     train_jobs: int = 1
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ plain gated linear attention with values u. Inside a chunk of T tokens entered w
     (I + A) U = diag(β) (V − diag(γ) K W_0),    A_tj = β_t (γ_t/γ_j) k_t·k_j  (j < t),
 
 so U = U₀ − P W_0 with U₀ = (I + A)⁻¹ diag(β) V and P = (I + A)⁻¹ diag(βγ) K, both solved for
-all chunks at once; only W_0 ↦ (U, W_T) runs chunk after chunk, three small products each.
+all chunks at once. W_0 ↦ W_T is then affine, and only that runs chunk after chunk.
 Every decay ratio is e^{b_t − b_j} with b the in-chunk cumulative log-decay, t ≥ j: nothing
 overflows.
 """
@@ -72,12 +72,17 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     u0, p = solved[..., :dv], solved[..., dv:]
     scores = ratio * (qc @ kc.transpose(-1, -2))  # (B, H, M, T, T)
     tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype) * kc  # k_j γ_T/γ_j
-    through = torch.exp(b[..., -1]).to(qc.dtype)  # γ_T per chunk
-    w = q.new_zeros(bsz, heads, dk, dv) if state is None else state
-    out = []
+    through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
+    # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks at
+    # once, so the sequential part is one batched multiply-add per chunk
+    eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
+    step = (through * eye_k - tail.transpose(-1, -2) @ p).flatten(0, 1)  # (BH, M, Dk, Dk)
+    push = (tail.transpose(-1, -2) @ u0).flatten(0, 1)  # (BH, M, Dk, Dv)
+    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
+    entering = []
     for c in range(m):
-        u = u0[:, :, c] - p[:, :, c] @ w
-        out.append(gamma[:, :, c] * (qc[:, :, c] @ w) + scores[:, :, c] @ u)
-        w = through[:, :, c, None, None] * w + tail[:, :, c].transpose(-1, -2) @ u
-    y = torch.stack(out, dim=2).reshape(bsz, heads, m * chunk, dv)[:, :, :n]
-    return y, w
+        entering.append(w)
+        w = torch.baddbmm(push[:, c], step[:, c], w)
+    w0 = torch.stack(entering, dim=1).view(bsz, heads, m, dk, dv)
+    y = gamma * (qc @ w0) + scores @ (u0 - p @ w0)
+    return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)

@@ -56,3 +56,17 @@ def test_half_precision_inputs_are_solved_in_float32():
     ref, _ = delta_rule_naive(*(t.double() for t in args))
     assert y.dtype == w.dtype == torch.float32
     assert (y.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("n, chunk", [(17, 4), (64, 16)])
+def test_chunked_gradients_equal_the_per_token_definition(n, chunk):
+    args = [x.requires_grad_() for x in inputs(n, seed=7)]
+    state = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, n, 5, dtype=torch.float64)
+
+    def grads(fn, **kw):
+        y, w = fn(*args, state=state, **kw)
+        return torch.autograd.grad((y * weights).sum() + w.square().sum(), [*args, state])
+
+    for a, b in zip(grads(delta_rule_naive), grads(delta_rule_chunked, chunk=chunk), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)

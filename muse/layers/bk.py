@@ -48,6 +48,11 @@ class BKMixer(nn.Module):
         self.z_imag = nn.Parameter(z_imag)
         self.out = nn.Linear(2 * channels, d_model)
 
+    def zero_out(self) -> None:
+        """Start as a no-op sublayer: the residual stream learns first, then what g adds."""
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
     def shift(self) -> torch.Tensor:
         zr, zi = _wide(self.z_real), _wide(self.z_imag)
         return torch.complex(zr, F.softplus(zi) + 1e-3)

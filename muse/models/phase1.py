@@ -49,6 +49,7 @@ class Phase1Config(FFNConfig):
     ar_ssm_out_norm: bool = True  # s ⊙ w divided by its RMS over the rank (layers.norm)
     # pre-softplus Im z spread over the channels: Im z from 0.13 (far) to 1.3 (local), BKMixer
     bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)  # a float: one value for all
+    bk_zero_out: bool = False  # the BK sublayer's output projection starts at 0 (a no-op at init)
     # the output head: "tied" to the embedding (HTT's table when embedding="htt") or "dense", an
     # untied V × D table of its own (V·D more parameters)
     head: str = "tied"
@@ -173,6 +174,9 @@ class Phase1LM(StreamingLM):
             self.head = nn.Parameter(torch.randn(config.vocab_size, config.d_model) * 0.02)
         if config.init == "gpt2":
             gpt2_init(self.blocks, config.n_layers)
+        if config.bk_zero_out:
+            for block in self.blocks:
+                block.mixer.zero_out()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.drop(self.embed(input_ids))

@@ -242,8 +242,7 @@ class Phase2LM(StreamingLM):
             gpt2_init(self.blocks, config.n_layers)
         if config.bk_mixer and config.bk_zero_out:
             for block in self.blocks:
-                nn.init.zeros_(block.bk.out.weight)
-                nn.init.zeros_(block.bk.out.bias)
+                block.bk.zero_out()
 
     def diagnostics(self) -> dict[str, float]:
         """The MoE expert load (with MoE) and the Hebbian heads' decay of the last forward."""

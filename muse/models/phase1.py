@@ -199,6 +199,10 @@ PRESETS = {
     "24gb": dict(_ENGINE, ar_ssm_rank=64, htt_rank=32),
     # the uncompressed baseline of the configuration sweep
     "dense": dict(_ENGINE, ar_ssm_rank=32, embedding="dense"),
+    # the default: the block that learns as well as its matched transformer (reports/quality):
+    # 8 BK channels whose output starts at 0, a wide AR-SSM, exact attention over 128 tokens
+    "small": dict(d_model=512, n_layers=4, bk_channels=8, bk_zero_out=True, d_ff=1152,
+                  embedding="dense", ar_ssm_rank=256, local_window=128, init="gpt2"),
 }
 
 
@@ -216,4 +220,4 @@ def _matched_transformer(preset: str, vocab_size: int) -> str:
     return f"phase1-{preset}{MATCHED_VOCABS[nearest]}"
 
 
-register(Family("phase1", Phase1Config, Phase1LM, PRESETS, "10gb", _matched_transformer))
+register(Family("phase1", Phase1Config, Phase1LM, PRESETS, "small", _matched_transformer))

@@ -144,6 +144,7 @@ PRESETS = {
     "phase1-10gb": dict(d_model=192, n_layers=9, n_heads=3, d_ff=768),
     "phase1-24gb": dict(d_model=192, n_layers=10, n_heads=3, d_ff=768),
     "phase1-dense": dict(d_model=448, n_layers=7, n_heads=7, d_ff=1792),
+    "phase1-small": dict(d_model=512, n_layers=3, n_heads=8, d_ff=2048),
     # the same, at an 8192-token vocabulary (the perplexity gate's bpe:8192): HTT keeps Phase 1
     # near 13.5M parameters at any vocabulary while a dense table shrinks from 25.7M to 4.2M,
     # so the transformers matched at 50257 tokens would be 2.4× smaller here
@@ -151,6 +152,7 @@ PRESETS = {
     "phase1-10gb-v8k": dict(d_model=512, n_layers=3, n_heads=8, d_ff=2048),
     "phase1-24gb-v8k": dict(d_model=384, n_layers=6, n_heads=6, d_ff=1536),
     "phase1-dense-v8k": dict(d_model=448, n_layers=6, n_heads=7, d_ff=1792),
+    "phase1-small-v8k": dict(d_model=512, n_layers=3, n_heads=8, d_ff=2048),
     # the shape of phase7:1.5b (its dense head is V·D like this tied table; tests/models)
     "phase7-1.5b": dict(d_model=2048, n_layers=24, n_heads=16, d_ff=8192),
 }

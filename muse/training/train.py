@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from muse import models
-from muse.devices import DEVICES, resolve_device
+from muse.devices import DEVICES, is_device_name, resolve_device
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
@@ -143,8 +143,9 @@ class TrainConfig(StrictConfig):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not is_device_name(self.device):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:<index>, got "
+                              f"{self.device!r}")
         if self.parallel not in distributed.PARALLEL:
             raise ConfigError(f"parallel must be one of {', '.join(distributed.PARALLEL)}, "
                               f"got {self.parallel!r}")

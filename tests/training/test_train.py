@@ -86,6 +86,18 @@ def test_unknown_key_in_set_is_an_error(tmp_path):
         load_config(None, ["steps=1.5"])
 
 
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7"])
+def test_a_device_or_one_gpu_by_index_is_accepted(device):
+    # parallel training runs place their jobs on cuda:<index> (training.quality.job_devices)
+    assert TrainConfig(model="transformer:tiny", device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cuda:-1", "cpu:0", ""])
+def test_other_device_names_are_refused_naming_the_valid_ones(device):
+    with pytest.raises(ConfigError, match=r"device must be one of auto, cuda, cpu or cuda:<index>"):
+        TrainConfig(model="transformer:tiny", device=device)
+
+
 def test_cli_reports_unknown_key(tmp_path, capsys):
     path = tmp_path / "run.toml"
     path.write_text("stepz = 3\n", encoding="utf-8")

@@ -11,18 +11,19 @@ mode=$1
 shift
 mkdir -p .data/unpacked ~/.cache/muse/tokenizers
 tar xzf .data/carry.tgz -C .data/unpacked && cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/machine.txt"
 echo "commit ${MUSE_GIT_SHA:-unknown}; command: $0 $mode $*" | tee -a "$OUT/machine.txt"
+# before the fla wheels go in: fla's tests autotune for minutes (the fla mode runs them)
 python3 -m pytest -m gpu tests/layers/test_local_attention_cuda.py tests/layers/test_hebbian_cuda.py \
   tests/models/test_families_cuda.py \
   -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 data=.data/unpacked
 case $mode in
   screen) python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
@@ -31,6 +32,8 @@ case $mode in
           --corpus $data/en-prose --tokenizer bpe:8192 --results "$OUT/results" \
           -p no:cacheprovider "$@" 2>&1 | tail -40 | tee "$OUT/gate.txt" ;;
   mqar) python3 scripts/mqar.py --device cuda --out "$OUT/mqar" "$@" 2>&1 | tee "$OUT/mqar.txt" ;;
-  fla) python3 scripts/fla_smoke.py 2>&1 | tee "$OUT/fla.txt" ;;
+  fla) python3 -m pytest -m gpu tests/layers/test_hebbian_cuda.py tests/models/test_fla_peers.py \
+         -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/fla-tests.txt"
+       python3 scripts/fla_smoke.py 2>&1 | tee "$OUT/fla.txt" ;;
   *) echo "mode must be screen, gate, mqar or fla, got '$mode'" >&2; exit 2 ;;
 esac

@@ -24,15 +24,13 @@ import torch.nn as nn
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer
-from muse.layers.embedding import dense_embedding
-from muse.layers.htt import HTTEmbedding
+from muse.layers.embedding import EMBEDDINGS, embedding_table, token_embedding
 from muse.layers.local_attention import SlidingWindowAttention
 from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
 from muse.models.config import FFNConfig
 from muse.models.registry import Family, register
 
-EMBEDDINGS = ("htt", "dense")
 HEADS = ("tied", "dense")
 
 
@@ -166,12 +164,8 @@ class Phase1LM(StreamingLM):
     def __init__(self, config: Phase1Config):
         super().__init__()
         self.config = config
-        if config.embedding == "htt":
-            self.embed = HTTEmbedding(
-                vocab_size=config.vocab_size, d_model=config.d_model, rank=config.htt_rank
-            )
-        else:
-            self.embed = dense_embedding(config.vocab_size, config.d_model, config.zeta_init)
+        self.embed = token_embedding(config.embedding, config.vocab_size, config.d_model,
+                                     htt_rank=config.htt_rank, zeta_init=config.zeta_init)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Phase1Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -188,11 +182,7 @@ class Phase1LM(StreamingLM):
 
     def output_table(self) -> torch.Tensor:
         """logits = h · Eᵀ: E the untied head's table, or the (materialised) embedding table."""
-        if self.config.head == "dense":
-            return self.head
-        if isinstance(self.embed, nn.Embedding):
-            return self.embed.weight
-        return self.embed.full_table()
+        return self.head if self.config.head == "dense" else embedding_table(self.embed)
 
 
 _ENGINE = dict(d_model=512, n_layers=6, bk_channels=32, d_ff=2048)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer, _wide
-from muse.layers.htt import HTTEmbedding
+from muse.layers.embedding import EMBEDDINGS, embedding_table, token_embedding
 from muse.layers.hyperbolic import PoincareWindowAttention
 from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
@@ -59,8 +59,9 @@ class Phase7Config(FFNConfig):
     bk_channels: int = 16  # BK-Core channels of the gate (C)
     # pre-softplus Im z spread over the channels (BKMixer): some reach far back, some stay local
     bk_z_imag_init: float | tuple[float, float] = (-2.0, 1.0)
+    embedding: str = "htt"  # "htt" (compressed) or "dense" (a V × D table)
     htt_rank: int = 16
-    head: str = "dense"  # "dense": an untied V × D table; "tied": the HTT table (see above)
+    head: str = "dense"  # "dense": an untied V × D table; "tied": the embedding's table
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2" (models.common.gpt2_init)
     checkpointing: bool = False  # recompute each block in backward to save activation memory
     backend: str = "auto"  # BK-Core: "auto" (Triton on CUDA), "scan" or "triton"
@@ -82,6 +83,8 @@ class Phase7Config(FFNConfig):
                              f"{self.ar_ssm_decay_init!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.backend not in ("auto", "scan", "triton"):
@@ -158,8 +161,8 @@ class Phase7LM(StreamingLM):
     def __init__(self, config: Phase7Config):
         super().__init__()
         self.config = config
-        self.embed = HTTEmbedding(vocab_size=config.vocab_size, d_model=config.d_model,
-                                  rank=config.htt_rank)
+        self.embed = token_embedding(config.embedding, config.vocab_size, config.d_model,
+                                     htt_rank=config.htt_rank)
         self.blocks = nn.ModuleList(Phase7Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         if config.head == "dense":
@@ -169,7 +172,7 @@ class Phase7LM(StreamingLM):
             gpt2_init(self.blocks, config.n_layers)
 
     def output_table(self) -> torch.Tensor:
-        return self.head if self.config.head == "dense" else self.embed.full_table()
+        return self.head if self.config.head == "dense" else embedding_table(self.embed)
 
 
 PRESETS = {

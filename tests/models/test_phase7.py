@@ -52,10 +52,16 @@ def test_gate_lies_in_the_unit_interval_and_streams():
     assert torch.allclose(torch.cat(parts, 1), g, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("head", ["dense", "tied"])
+def test_a_dense_embedding_ties_its_own_table():
+    m = tiny(embedding="dense", head="tied")
+    assert isinstance(m.embed, torch.nn.Embedding)
+    assert m.output_table() is m.embed.weight
+
+
+@pytest.mark.parametrize("head, embedding", [("dense", "htt"), ("tied", "htt"), ("tied", "dense")])
 @pytest.mark.parametrize("cut", [1, 15, 16, 40])
-def test_two_segments_equal_one_pass(head, cut):
-    m = tiny(head=head)  # window 16: cuts before, at and past it
+def test_two_segments_equal_one_pass(head, embedding, cut):
+    m = tiny(head=head, embedding=embedding)  # window 16: cuts before, at and past it
     ids = random_ids(VOCAB, 2, 50, "cpu")
     whole = m(ids)
     first, state = m(ids[:, :cut], m.init_state(2))
@@ -92,6 +98,7 @@ def test_every_path_moves_the_output():
     ({"curvature": -1.0}, "curvature must be a number > 0, got -1.0"),
     ({"beta_init": 0}, "beta_init must be a number > 0"),
     ({"head": "htt"}, r"head must be one of \('dense', 'tied'\), got 'htt'"),
+    ({"embedding": "hash"}, r"embedding must be one of \('htt', 'dense'\), got 'hash'"),
     ({"init": "xavier"}, "init must be one of"),
     ({"backend": "cuda"}, "backend must be one of"),
     ({"ar_ssm_decay_init": (0.9, 1.0)}, "ar_ssm_decay_init must satisfy"),

@@ -1,5 +1,9 @@
 """GPT-2-style pre-LN Transformer with rotary positions: the baseline every MUSE family is
-measured against, and (attention="eager") the O(N²) negative control of the scaling gate."""
+measured against, and (attention="eager") the O(N²) negative control of the scaling gate.
+
+It streams like the MUSE families (`init_state(B)`, `forward(ids, state)`), its state being a
+KV cache: keys (already rotated to their positions) and values of every token so far, so the
+state grows with the context where a MUSE family's stays fixed."""
 
 from __future__ import annotations
 
@@ -10,11 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.layers import count_params
-from muse.layers.head import tied_logits
 from muse.layers.mlp import MLP, SwiGLU
 from muse.layers.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
-from muse.models.common import check_input_ids, run_blocks
+from muse.models.common import StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
 
@@ -50,11 +52,15 @@ class TransformerConfig(StrictConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def future_mask(n: int, t: int, device) -> torch.Tensor:
+    """(n, t) True where query i (the last n of t positions) would see a later key."""
+    return torch.ones(n, t, dtype=torch.bool, device=device).triu(t - n + 1)
+
+
 def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    n = q.shape[-2]
+    """q (B, H, n, D) the last n of the t positions of k, v (B, H, t, D)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = scores.masked_fill(future_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
     return torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype) @ v
 
@@ -70,17 +76,33 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        ref = self.qkv.weight
+        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device or ref.device,
+                            dtype=dtype or ref.dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None):
+        """x (B, n, D) → (B, n, D); with `cache` (the keys and values before x), also the cache
+        after x."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rotary_tables(n, self.head_dim, self.rope_base, x.device, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0 if cache is None else cache["k"].shape[2]
+        cos, sin = rotary_tables(past + n, self.head_dim, self.rope_base, x.device, q.dtype)
+        q, k = apply_rotary(q, cos[past:], sin[past:]), apply_rotary(k, cos[past:], sin[past:])
+        if cache is not None:
+            k = torch.cat((cache["k"].to(k.dtype), k), dim=2)
+            v = torch.cat((cache["v"].to(v.dtype), v), dim=2)
         if self.eager:
             y = eager_causal_attention(q, k, v)
         else:
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+            # one new token sees every key; a longer segment after a cache needs the offset mask
+            mask = None if past == 0 or n == 1 else ~future_mask(n, past + n, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=past == 0 and n > 1)
+        y = self.proj(y.transpose(1, 2).reshape(b, n, d))
+        return y if cache is None else (y, {"k": k, "v": v})
 
 
 class Block(nn.Module):
@@ -93,12 +115,19 @@ class Block(nn.Module):
         self.mlp = ffn(d_model=config.d_model, d_ff=config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+    def init_state(self, batch: int, device=None, dtype=None) -> dict:
+        return self.attn.init_state(batch, device, dtype)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        if state is None:
+            x = x + self.drop(self.attn(self.ln1(x)))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        h, state = self.attn(self.ln1(x), state)
+        x = x + self.drop(h)
+        return x + self.drop(self.mlp(self.ln2(x))), state
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(StreamingLM):
     """`embed` gives h₀ and `blocks` the layers: the names the gradient-flow probe relies on."""
 
     def __init__(self, config: TransformerConfig):
@@ -124,14 +153,11 @@ class TransformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self) -> int:
-        return count_params(self)
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.embed(input_ids))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        check_input_ids(input_ids, self.config.vocab_size)
-        x = self.drop(self.embed(input_ids))
-        x = run_blocks(self.blocks, x, self.config.checkpointing)
-        return tied_logits(self.ln_f(x), self.lm_head.weight)
+    def output_table(self) -> torch.Tensor:
+        return self.lm_head.weight
 
 
 PRESETS = {

@@ -29,7 +29,7 @@ def variants():
     for name in STREAMING:
         out.append(pytest.param(name, {}, id=name))
         fields = models.family(name).config_cls.field_names()
-        if "ffn" in fields:
+        if "moe_experts" in fields:
             out.append(pytest.param(name, {"ffn": "moe"}, id=f"{name}-moe"))
         if "hebbian_conv" in fields:  # the conv tail and the window's keys are carried too
             out.append(pytest.param(name, READOUT, id=f"{name}-readout"))

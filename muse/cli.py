@@ -1,5 +1,5 @@
 """`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`, `muse eval`,
-`muse export`, `muse profile`; `generate` arrives with its issue and says so until then.
+`muse generate`, `muse export`, `muse profile`.
 
 Exit status: 0 done; 1 a failed check (`compare` found a regression) or a bug in muse (with
 its traceback); 2 a user's mistake (one line on stderr naming the bad value); 3 a training
@@ -18,11 +18,6 @@ from muse.harness.cases import positive_int
 from muse.harness.compare import parse_gate
 
 USAGE, DIVERGED = 2, 3
-
-PLANNED = {
-    "generate": "text generation",
-}
-
 
 def info(args: argparse.Namespace) -> int:
     import torch
@@ -187,6 +182,40 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from muse.devices import resolve_device
+    from muse.generate import Sampling
+    from muse.generate import generate as sample
+    from muse.training.evaluate import checkpoint_tokenizer, load_model
+
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise MuseError(f"--{str(exc).replace('_', '-')}") from None
+    device = resolve_device(args.device, option="--device")
+    model, ckpt = load_model(args.checkpoint, device)
+    tokenizer = checkpoint_tokenizer(ckpt)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise MuseError("--prompt encodes to no tokens: give it some text")
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    made, shown = [], ""
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    for token in sample(model.eval(), prompt, args.max_new_tokens, sampling, generator):
+        made.append(int(token[0]))
+        # a byte-level token may end inside a character: hold it back until it is whole
+        text = tokenizer.decode(made).rstrip("\ufffd")
+        print(text[len(shown):], end="", flush=True)
+        shown = max(shown, text, key=len)
+    print(tokenizer.decode(made)[len(shown):])
+    return 0
+
+
 def profile(args: argparse.Namespace) -> int:
 
     from muse import models
@@ -285,6 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text"
+                       " (MUSE families decode from their fixed-size state, the transformer from a"
+                       " KV cache)")
+    p.add_argument("checkpoint", metavar="CKPT.pt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set holding this probability (1: off)")
+    p.add_argument("--seed", type=int, help="the sampling generator's seed (default: unseeded)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.set_defaults(func=generate)
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face save_pretrained folder")
     p.add_argument("checkpoint", metavar="CKPT.pt")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty folder")
@@ -302,12 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--rows", type=positive_int, default=20)
     p.set_defaults(func=profile)
-    for name, what in PLANNED.items():
-        sub.add_parser(name, help=f"not yet available: {what}").set_defaults(planned=what)
     args = parser.parse_args(argv)
-    if hasattr(args, "planned"):
-        print(f"muse {args.command}: not yet available — {args.planned}", file=sys.stderr)
-        return USAGE
     try:
         return args.func(args)
     except MuseError as exc:  # a user's mistake: one line, no traceback

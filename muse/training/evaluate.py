@@ -32,6 +32,20 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device) -> tuple[tor
     return model, ckpt
 
 
+def checkpoint_tokenizer(ckpt: dict):
+    """The tokenizer the checkpoint was trained with, rebuilt from its training corpus; an error
+    when the rebuilt one hashes differently (the corpus has changed since)."""
+    cfg = ckpt["config"]
+    tokenizer = get_tokenizer(ckpt["tokenizer"]["name"], corpus=load_corpus(cfg["corpus"]))
+    if tokenizer.sha256 != ckpt["tokenizer"]["sha256"]:
+        raise MuseError(
+            f"tokenizer {tokenizer.name!r} rebuilt from {cfg['corpus']!r} hashes to "
+            f"{tokenizer.sha256[:12]}, but the checkpoint was trained with "
+            f"{ckpt['tokenizer']['sha256'][:12]}: the training corpus has changed"
+        )
+    return tokenizer
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     split: str = "test",
@@ -44,13 +58,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     cfg = ckpt["config"]
-    tokenizer = get_tokenizer(ckpt["tokenizer"]["name"], corpus=load_corpus(cfg["corpus"]))
-    if tokenizer.sha256 != ckpt["tokenizer"]["sha256"]:
-        raise MuseError(
-            f"tokenizer {tokenizer.name!r} rebuilt from {cfg['corpus']!r} hashes to "
-            f"{tokenizer.sha256[:12]}, but the checkpoint was trained with "
-            f"{ckpt['tokenizer']['sha256'][:12]}: the training corpus has changed"
-        )
+    tokenizer = checkpoint_tokenizer(ckpt)
     scored = load_corpus(corpus or cfg["corpus"])
     if split not in scored.splits:
         raise MuseError(f"unknown split {split!r}; valid: {', '.join(scored.splits)}")

@@ -14,8 +14,8 @@ def format_value(value: float | None, unit: str) -> str:
         return "not measured"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if unit == "bytes":  # SI gigabytes, the unit of --vram-limit-gb
-        return f"{value / 1e9:.3f} GB"
+    if unit == "bytes":  # SI gigabytes, the unit of --vram-limit-gb; a small state in megabytes
+        return f"{value / 1e6:.4g} MB" if abs(value) < 1e7 else f"{value / 1e9:.3f} GB"
     if unit == "s":
         return f"{value * 1e3:.3f} ms"
     if unit == "tokens/s":

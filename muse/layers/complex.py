@@ -193,7 +193,10 @@ class ComplexDiagonalRecurrence(nn.Module):
             first = u[:, :1] + carried
             u = torch.cat((first, u[:, 1:]), dim=1)
         h = complex_decayed_cumsum(u, log_mag, angle, self.chunk)
-        return h if state is None else (h, h[:, -1])
+        if state is None:
+            return h
+        # carried in float32 at least, whatever precision this segment's path computed in
+        return h, h[:, -1].to(torch.promote_types(h.dtype, torch.float32))
 
     def extra_repr(self) -> str:
         return f"d_state={self.d_state}, chunk={self.chunk}"

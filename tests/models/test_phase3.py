@@ -61,3 +61,11 @@ def test_trains_on_a_repeated_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2, losses
+
+
+@pytest.mark.parametrize("n", [10, 200])  # inside one chunk of the scan, and across chunks
+def test_the_carried_state_is_float32_under_half_precision_autocast(n):
+    model = models.build("phase3", "tiny").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model(torch.randint(0, 100, (1, n)), model.init_state(1))
+    assert {b["h"].dtype for b in state.blocks} == {torch.float32}

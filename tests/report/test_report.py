@@ -83,7 +83,8 @@ def test_report_states_facts_failures_and_thresholds(out):
     assert "git: unknown (not recorded)" in text  # the fixture run had no git history
     assert "**3 verdict(s) failed**" in text
     assert "11.167 GB FAIL (< 8.000 GB)" in text
-    assert "Not measured in these results: Perplexity, Configuration sweep." in text
+    assert ("Not measured in these results: Decoding after a long prompt, Perplexity, "
+            "Configuration sweep.") in text
 
 
 def test_tex_is_escaped(out):

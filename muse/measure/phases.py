@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.head import wide
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -41,8 +43,8 @@ def autocast(device: torch.device | str, dtype: torch.dtype):
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over every position (in fp32)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    """Next-token cross-entropy over every position (in fp32 at least)."""
+    return F.cross_entropy(wide(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
 
 
 def forward_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:

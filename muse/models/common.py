@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from muse.errors import MuseError
 from muse.layers import count_params
-from muse.layers.head import tied_logits
+from muse.layers.head import chunked_next_token_loss, tied_logits
 from muse.layers.moe import moe_aux_loss, moe_diagnostics
 
 INITS = ("torch", "gpt2")  # a family's `init`: nn.Linear's own, or `gpt2_init`
@@ -150,15 +150,21 @@ class StreamingLM(nn.Module):
         where = dict(device=device, dtype=dtype)
         return StreamState(batch_size, [b.init_state(batch_size, **where) for b in self.blocks])
 
-    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
+    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None, *,
+                loss_chunk: int | None = None):
         """logits (B, N, V); with `state`, (logits, the state after these tokens): segments
         run one after another give the logits of one run over their concatenation (with any
-        filters on the carried state off)."""
+        filters on the carried state off). With `loss_chunk`, the mean next-token loss instead,
+        its logits made `loss_chunk` positions at a time (layers.head)."""
         check_input_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         if state is None:
-            x = run_blocks(self.blocks, x, self.config.checkpointing)
-            return tied_logits(self.ln_f(x), self.output_table())
+            x = self.ln_f(run_blocks(self.blocks, x, self.config.checkpointing))
+            if loss_chunk is not None:
+                return chunked_next_token_loss(x, self.output_table(), input_ids, loss_chunk)
+            return tied_logits(x, self.output_table())
+        if loss_chunk is not None:
+            raise ValueError("loss_chunk is for the stateless forward: pass no state with it")
         check_state(state, input_ids, len(self.blocks))
         x, blocks = run_blocks_streaming(self.blocks, x, state.blocks, self.config.checkpointing)
         logits = tied_logits(self.ln_f(x), self.output_table())

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from muse.layers import count_params
-from muse.layers.head import tied_logits
+from muse.layers.head import chunked_next_token_loss, tied_logits
 from muse.layers.mlp import MLP
 from muse.models.common import check_input_ids, run_blocks
 from muse.models.config import StrictConfig
@@ -217,11 +217,14 @@ class FlaPeerLM(nn.Module):
     def num_params(self) -> int:
         return count_params(self)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, loss_chunk: int | None = None) -> torch.Tensor:
+        """logits (B, N, V), or with `loss_chunk` the chunked next-token loss (layers.head)."""
         check_input_ids(input_ids)
         check_runs_here(self.config.kind, input_ids.device, backward=torch.is_grad_enabled())
-        x = run_blocks(self.blocks, self.embed(input_ids), self.config.checkpointing)
-        return tied_logits(self.ln_f(x), self.embed.weight)
+        x = self.ln_f(run_blocks(self.blocks, self.embed(input_ids), self.config.checkpointing))
+        if loss_chunk is not None:
+            return chunked_next_token_loss(x, self.embed.weight, input_ids, loss_chunk)
+        return tied_logits(x, self.embed.weight)
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:

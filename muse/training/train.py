@@ -98,6 +98,7 @@ class TrainConfig(StrictConfig):
     dtype: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (fp16 adds loss scaling)
     checkpointing: bool = False  # activation checkpointing (a model override)
     compile: bool = False  # torch.compile the model
+    loss_chunk: int = 0  # > 0: the loss's logits made this many positions at a time (layers.head)
     seed: int = 0
     eval_every: int = 100  # validation every K steps (and at the end); 0: only at the end
     eval_tokens: int = 65536  # cap on validation tokens
@@ -116,7 +117,8 @@ class TrainConfig(StrictConfig):
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a table, got {self.model_overrides!r}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_tokens", "log_every")
-        for key in positive + ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for key in positive + ("warmup_steps", "eval_every", "checkpoint_every", "seed",
+                               "loss_chunk"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -587,7 +589,8 @@ class Trainer:
                              ranks).to(device)
             with distributed.grad_sync(self.wrapped, ranks, micro == cfg.grad_accum - 1):
                 with autocast(device, self.dtype):
-                    loss = lm_loss(self.model(x), x) / cfg.grad_accum
+                    loss = (self.model(x, loss_chunk=cfg.loss_chunk) if cfg.loss_chunk
+                            else lm_loss(self.model(x), x)) / cfg.grad_accum
                 self.scaler.scale(loss + weighted_aux_loss(raw_model) / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         loss_sum = distributed.mean(loss_sum, ranks)

@@ -101,6 +101,19 @@ def test_forward_and_backward_are_finite_and_reach_every_parameter(name):
     assert not nonfinite, f"parameters with a non-finite gradient: {nonfinite}"
 
 
+def test_the_chunked_loss_equals_the_loss_of_the_logits_with_its_gradients(name):
+    model = build_tiny(name).train()
+    ids = ids_for(20)
+    full = lm_loss(model(ids), ids)
+    want = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    chunked = model(ids, loss_chunk=9)  # 38 scored positions: chunks of 9, 9, 9, 9 and 2
+    assert torch.allclose(chunked, full, rtol=1e-10, atol=0)
+    got = torch.autograd.grad(chunked, list(model.parameters()), allow_unused=True)
+    for (n, _), a, b in zip(model.named_parameters(), want, got, strict=True):
+        assert (a is None) == (b is None), n
+        assert a is None or torch.allclose(a, b, rtol=1e-8, atol=1e-12), n
+
+
 # the baselines and the fla peers need not stream
 BASELINES = {"transformer", "transformer-eager", *(n for n in NAMES if n.startswith("fla-"))}
 

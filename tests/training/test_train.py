@@ -232,3 +232,15 @@ def test_mixed_precision_and_accumulation_run(corpus, tmp_path, dtype):
     assert all(math.isfinite(r["loss"]) for r in result.history)
     if dtype == "fp16":
         assert ckpt["scaler"]  # loss scaling on: the scaler has state to resume
+
+
+def test_the_chunked_loss_trains_as_the_full_logits_do(corpus, tmp_path):
+    # float32 on the CPU: the two sum the loss in a different order, so ~1e-6 apart per step
+    full = losses(train(tiny(corpus, tmp_path / "a", steps=4)))
+    chunked = losses(train(tiny(corpus, tmp_path / "b", steps=4, loss_chunk=13)))
+    assert torch.allclose(full, chunked, rtol=1e-4, atol=0)
+
+
+def test_a_negative_loss_chunk_is_refused():
+    with pytest.raises(ConfigError, match="loss_chunk must be ≥ 0, got -1"):
+        TrainConfig(loss_chunk=-1)

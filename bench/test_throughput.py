@@ -113,12 +113,13 @@ class FixedStep:
         return self.batch * self.seq / self.stats.median_s
 
 
-def fixed_step(case, tokens_per_step: int, cache: dict) -> FixedStep:
+def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0) -> FixedStep:
     """`case`'s model under the fixed-tokens protocol, measured once per session and seq: a
     baseline's figures serve every model matched to it, and its own test."""
-    key = ("fixed_step", case.spec, case.seq, tokens_per_step)
+    key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk)
     if key not in cache:
-        step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device)
+        step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device,
+                                 loss_chunk)
         stats, peak = time_with_peak(step, case.device, WARMUP, ROUNDS)
         cache[key] = FixedStep(step.ids.shape[0], case.seq, stats, peak, step.last_loss.item())
         del step
@@ -131,9 +132,11 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
     if case.seq > tokens:
         pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}: no whole "
                     "sequence fits a step")
-    own = fixed_step(case, tokens, muse_session.cache)
+    chunk = pytestconfig.getoption("loss_chunk")
+    own = fixed_step(case, tokens, muse_session.cache, chunk)
     at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
     facts = {"protocol": FIXED_STEP_PROTOCOL, "tokens_per_step": own.batch * own.seq,
+             "loss_chunk": chunk,
              "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
              "rounds": own.stats.rounds, "loss": own.loss}
     rec = record(at, "fixed_step_tokens_per_s", own.tokens_per_s, "tokens/s",
@@ -150,7 +153,7 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
     base_spec = f"{base_name}:{base_preset}"
     try:
         base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens,
-                          muse_session.cache)
+                          muse_session.cache, chunk)
     except torch.OutOfMemoryError as exc:  # the baseline's limit, not the model's
         message = str(exc).splitlines()[0]
         traceback.clear_frames(exc.__traceback__)
@@ -161,4 +164,4 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
     record(at, metric, own.tokens_per_s / base.tokens_per_s, "1", extra={
         "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
         "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes,
-        "tokens_per_step": own.batch * own.seq, "summary": True})
+        "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk, "summary": True})

@@ -72,6 +72,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--batch", type=positive_int, default=1, help="batch size (default 1)")
     from muse.measure.phases import TOKENS_PER_STEP
+    from muse.training.quality import nonnegative_int
 
     group.addoption(
         "--tokens-per-step",
@@ -80,6 +81,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="N",
         help="throughput: the fixed-tokens protocol's tokens per training step, batch = N // seq "
         f"(default {TOKENS_PER_STEP})",
+    )
+    group.addoption(
+        "--loss-chunk",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="throughput: the fixed-tokens protocol's loss made N positions at a time, the logits"
+        " never whole (muse.layers.head), for every model alike; 0 (default): the full logits",
     )
     group.addoption(
         "--device",

@@ -64,7 +64,7 @@ class TrainStep:
     the optimizer update; `last_loss` keeps the loss so callers can check it is finite."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype, lr: float = 1e-4,
-                 fused: bool = False):
+                 fused: bool = False, loss_chunk: int = 0):
         self.model = model.to(dtype=torch.float32).train()
         self.ids = ids
         self.dtype = dtype
@@ -74,11 +74,15 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, **extra)
         enabled = dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=enabled)
+        self.loss_chunk = loss_chunk  # > 0: the chunked loss (layers.head), 0: the full logits
         self.last_loss: torch.Tensor | None = None
 
     def __call__(self) -> None:
         with autocast(self.device, self.dtype):
-            loss = lm_loss(self.model(self.ids), self.ids)
+            if self.loss_chunk:
+                loss = self.model(self.ids, loss_chunk=self.loss_chunk)
+            else:
+                loss = lm_loss(self.model(self.ids), self.ids)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -120,8 +124,10 @@ def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
 
 
 def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
-                      device: torch.device | str) -> TrainStep:
-    """The protocol's training step of `model` on seeded random ids at `seq`."""
+                      device: torch.device | str, loss_chunk: int = 0) -> TrainStep:
+    """The protocol's training step of `model` on seeded random ids at `seq`; with
+    `loss_chunk` > 0 its loss's logits are made that many positions at a time."""
     batch = fixed_tokens_batch(tokens_per_step, seq)
     ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
-    return TrainStep(model, ids, torch_dtype(FIXED_STEP_DTYPE), fused=True)
+    return TrainStep(model, ids, torch_dtype(FIXED_STEP_DTYPE), fused=True,
+                     loss_chunk=loss_chunk)

@@ -494,3 +494,17 @@ def test_nvml_process_figure_is_none_when_this_pid_is_not_listed(monkeypatch):
 def test_nvml_absent_reads_nothing(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     assert nvml_memory(torch.device("cuda", 0)) is None
+
+
+def test_fixed_tokens_step_with_the_chunked_loss_takes_the_same_step():
+    torch.manual_seed(0)
+    model = models.build("transformer", "tiny", vocab_size=VOCAB)
+    twin = copy.deepcopy(model)
+    full = fixed_tokens_step(model, 256, 64, "cpu")
+    chunked = fixed_tokens_step(twin, 256, 64, "cpu", loss_chunk=50)
+    assert chunked.loss_chunk == 50 and torch.equal(full.ids, chunked.ids)
+    full()
+    chunked()
+    # bf16 autocast: the two sum the loss in different orders (their gradients are checked
+    # equal in float64 by tests/models/test_contract.py)
+    assert torch.allclose(full.last_loss, chunked.last_loss, rtol=1e-3, atol=0)

@@ -150,6 +150,7 @@ def add_perplexity_options(group) -> None:
     from muse.training.quality import (
         QualitySettings,
         checkpoint_arg,
+        jobs_arg,
         nonnegative_int,
         tokenizer_arg,
     )
@@ -236,11 +237,12 @@ def add_perplexity_options(group) -> None:
     )
     group.addoption(
         "--train-jobs",
-        type=positive_int,
-        default=1,
+        type=jobs_arg,
+        default=q.train_jobs,
         metavar="N",
         help="perplexity: train N runs at once, each in its own process, over every GPU "
-        "(several share one when N > GPUs; default 1: one after another)",
+        "(several share one when N > GPUs); 1: one after another; default auto: 8 on CUDA "
+        "(fewer below 16 CPU cores), 1 elsewhere",
     )
 
 

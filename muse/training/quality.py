@@ -81,6 +81,19 @@ def tokenizer_arg(text: str) -> str:
     return text
 
 
+def jobs_arg(text: str) -> int | str:
+    """--train-jobs: "auto" or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer ≥ 1, got {text!r}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type for --seeds."""
     try:
@@ -141,8 +154,9 @@ class QualitySettings:
     val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
     lr_sweep: tuple[float, ...] = ()  # peak rates each run trains at; (): `lr` alone
     # training runs at once, each in its own process, spread over the GPUs (several may share
-    # one: a small model's step leaves most of a GPU idle); 1: one after another, in-process
-    train_jobs: int = 1
+    # one: a small model's step leaves most of a GPU idle); 1: one after another, in-process;
+    # "auto": `jobs` decides
+    train_jobs: int | str = "auto"
 
     def __post_init__(self) -> None:
         parse_tokenizer_name(self.tokenizer)
@@ -163,8 +177,10 @@ class QualitySettings:
         if self.lr_sweep and self.checkpoints:
             raise ValueError("--lr-sweep and --checkpoint exclude each other: checkpoints are "
                              "scored as they were trained")
-        if not isinstance(self.train_jobs, int) or self.train_jobs < 1:
-            raise ValueError(f"--train-jobs must be an integer ≥ 1, got {self.train_jobs!r}")
+        if self.train_jobs != "auto" and (isinstance(self.train_jobs, bool) or not isinstance(
+                self.train_jobs, int) or self.train_jobs < 1):
+            raise ValueError(f"--train-jobs must be auto or an integer ≥ 1, got "
+                             f"{self.train_jobs!r}")
         if self.seq_len < 2:
             raise ValueError(f"--train-seq must be ≥ 2 (one token to predict), got {self.seq_len}")
         if self.steps < 1:
@@ -179,6 +195,16 @@ class QualitySettings:
                 f"--ppl-stride must be in [1, --ppl-context {self.eval_context}], "
                 f"got {self.eval_stride}"
             )
+
+    @property
+    def jobs(self) -> int:
+        """Runs trained at once: `train_jobs`, where "auto" is 1 off CUDA and on CUDA 8 (fewer
+        with fewer than 16 CPU cores: each run's host side needs about two)."""
+        if self.train_jobs != "auto":
+            return self.train_jobs
+        if self.device != "cuda" or self.checkpoints:
+            return 1
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
 
     @property
     def mode(self) -> str:
@@ -698,7 +724,7 @@ class GateRuns:
             "dtype": self.settings.dtype,
             "mode": self.settings.mode,
             "history": None if self.history_dir is None else str(self.history_dir),
-            "train_jobs": 1 if self.settings.checkpoints else self.settings.train_jobs,
+            "train_jobs": 1 if self.settings.checkpoints else self.settings.jobs,
         }
 
     def _train_root(self) -> Path:
@@ -746,7 +772,7 @@ class GateRuns:
 
     def _train_at(self, spec: str, seed: int, role: str, lr: float) -> SweepRun:
         key = (spec, seed, role, lr)
-        if key not in self._swept and self.settings.train_jobs > 1 and key in self._planned:
+        if key not in self._swept and self.settings.jobs > 1 and key in self._planned:
             self._train_planned_in_parallel()
         if key not in self._swept:
             from muse.training.train import train
@@ -785,7 +811,7 @@ class GateRuns:
         own on a device of its own where there are several (run i on GPU i mod count)."""
         todo = [k for k in self._planned if k not in self._swept]
         devices = job_devices(self.settings.device)
-        jobs = min(self.settings.train_jobs, len(todo))
+        jobs = min(self.settings.jobs, len(todo))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         if self.progress is not None:
             self.progress.say(f"perplexity gate: training {len(todo)} runs, {jobs} at a time, "

@@ -26,6 +26,7 @@ from muse.training.quality import (
     checkpoint_arg,
     degradations,
     duration,
+    jobs_arg,
     untrained_copy,
 )
 from muse.training.train import TrainConfig, train
@@ -356,9 +357,23 @@ def test_runs_trained_in_parallel_processes_match_the_serial_runs(trained, tmp_p
     parallel.close()
 
 
-def test_train_jobs_must_be_a_positive_integer(tmp_path):
-    with pytest.raises(ValueError, match="--train-jobs must be an integer ≥ 1, got 0"):
-        tiny_settings(tmp_path, train_jobs=0)
+def test_train_jobs_must_be_auto_or_a_positive_integer(tmp_path):
+    for bad in (0, -1, "many", 1.5, True):
+        with pytest.raises(ValueError, match="--train-jobs must be auto or an integer ≥ 1"):
+            tiny_settings(tmp_path, train_jobs=bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be auto or an integer ≥ 1"):
+        jobs_arg("0")
+    assert jobs_arg("auto") == "auto" and jobs_arg("3") == 3
+
+
+def test_auto_train_jobs_is_one_off_cuda_and_up_to_eight_on_it(tmp_path, monkeypatch):
+    assert tiny_settings(tmp_path).train_jobs == "auto"
+    assert tiny_settings(tmp_path).jobs == 1  # the CPU
+    assert tiny_settings(tmp_path, train_jobs=3).jobs == 3
+    cuda = replace(tiny_settings(tmp_path), device="cuda")
+    for cores, jobs in ((2, 1), (6, 3), (16, 8), (128, 8)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert cuda.jobs == jobs
 
 
 @pytest.fixture(scope="module")

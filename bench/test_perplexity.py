@@ -5,8 +5,10 @@ scored on the test split with sliding windows (--ppl-context, --ppl-stride). Pas
 over seeds of PPL_model / PPL_baseline − 1 is < --max-ppl-degradation. The harness checks itself:
 an untrained copy of the model must fail that gate against the trained baseline
 (muse.training.quality). Recorded beside the gate: PPL and degradation on recall tokens and on
-the rest, the chosen learning rates and each side's training budget."""
+the rest, the chosen learning rates, each side's training budget, and with --also-corpus the
+same checkpoints' PPL and degradation on other corpora's test splits."""
 
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -43,6 +45,14 @@ def test_perplexity_within_budget_of_matched_transformer(
         put(f"ppl_degradation_{part}", cmp.part_degradation(part), extra={
             "summary": True, "per_seed": dict(zip(map(str, cmp.seeds),
                                                   cmp.part_degradations(part), strict=True))})
+    for corpus in cmp.also:  # the same checkpoints on other corpora (--also-corpus)
+        there, base_there = cmp.also_side(corpus, "model"), cmp.also_side(corpus, "baseline")
+        put(f"ppl@{corpus}", there["ppl"])
+        put(f"baseline_ppl@{corpus}", base_there["ppl"])
+        put(f"bits_per_byte@{corpus}", there["bits_per_byte"])
+        put(f"ppl_degradation@{corpus}", statistics.fmean(cmp.also_degradations(corpus)),
+            extra={"summary": True, "per_seed": dict(zip(
+                map(str, cmp.seeds), cmp.also_degradations(corpus), strict=True))})
     # the same for both sides: it depends only on the test text and the windows
     put("recall_fraction", model["recall_fraction"])
     for prefix, side in (("", model), ("baseline_", base)):

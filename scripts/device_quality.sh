@@ -29,7 +29,8 @@ case $mode in
   screen) python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
             --out "$OUT/screen" "$@" 2>&1 | tee "$OUT/screen.txt" ;;
   gate) python3 -m pytest -m gpu bench/test_perplexity.py --device cuda --dtype bf16 \
-          --corpus $data/en-prose --tokenizer bpe:8192 --results "$OUT/results" \
+          --corpus $data/en-prose --also-corpus $data/wiki-mini --tokenizer bpe:8192 \
+          --results "$OUT/results" \
           -p no:cacheprovider "$@" 2>&1 | tail -40 | tee "$OUT/gate.txt" ;;
   mqar) python3 scripts/mqar.py --device cuda --out "$OUT/mqar" "$@" 2>&1 | tee "$OUT/mqar.txt" ;;
   fla) python3 -m pytest -m gpu tests/layers/test_hebbian_cuda.py tests/models/test_fla_peers.py \

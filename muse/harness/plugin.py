@@ -231,6 +231,14 @@ def add_perplexity_options(group) -> None:
         "model, baseline and seed)",
     )
     group.addoption(
+        "--also-corpus",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="perplexity: score the same checkpoints on this corpus's test split too, through "
+        "the gate's tokenizer (recorded, not gated); repeatable",
+    )
+    group.addoption(
         "--train-dir",
         metavar="DIR",
         help="perplexity: keep the runs' checkpoints here (default: a temporary folder)",
@@ -275,6 +283,7 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
         checkpoints=checkpoints,
         train_dir=opt("train_dir"),
         train_jobs=opt("train_jobs"),
+        also=tuple(opt("also_corpus")),
     )
     quality.check_models([f"{m}:{p}" for m, p in models])
     return quality

@@ -153,6 +153,8 @@ class QualitySettings:
     train_dir: str | None = None  # checkpoints of the runs; None: a temporary folder
     val_tokens: int = 32768  # validation tokens the trainer scores for its loss curves
     lr_sweep: tuple[float, ...] = ()  # peak rates each run trains at; (): `lr` alone
+    # more corpora whose test splits score the same checkpoints, through the gate's tokenizer
+    also: tuple[str, ...] = ()
     # training runs at once, each in its own process, spread over the GPUs (several may share
     # one: a small model's step leaves most of a GPU idle); 1: one after another, in-process;
     # "auto": `jobs` decides
@@ -339,9 +341,13 @@ class EvalSplit:
     corpus_sha256: str
 
 
-def load_eval_split(corpus_spec: str, tokenizer_name: str) -> EvalSplit:
+def load_eval_split(corpus_spec: str, tokenizer_name: str,
+                    tokenizer_corpus: str | None = None) -> EvalSplit:
+    """The test split of `corpus_spec`, through the tokenizer built on `tokenizer_corpus` (the
+    training corpus; default: this one)."""
     corpus = load_corpus(corpus_spec)
-    tokenizer = get_tokenizer(tokenizer_name, corpus)
+    trained_on = corpus if tokenizer_corpus is None else load_corpus(tokenizer_corpus)
+    tokenizer = get_tokenizer(tokenizer_name, trained_on)
     ids = torch.tensor(tokenizer.encode(corpus.splits["test"]), dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError(f"the test split of {corpus_spec!r} has {ids.numel()} tokens; "
@@ -376,6 +382,7 @@ class Scored:
     corpus_sha256: str = ""
     lr_tried: tuple[float, ...] = ()  # the rates its model and seed trained at, and the final
     lr_valid_loss: tuple[float | None, ...] = ()  # validation loss (nats/token) of each run
+    also: dict = field(default_factory=dict)  # corpus name → {"ppl", "bits_per_byte"} there
 
     def facts(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("config", "model_overrides")}
@@ -440,7 +447,8 @@ def untrained_copy(ckpt: dict, device: torch.device | str) -> torch.nn.Module:
 
 
 def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: QualitySettings,
-                     train_seconds: float | None = None) -> Scored:
+                     train_seconds: float | None = None,
+                     also: tuple[EvalSplit, ...] = ()) -> Scored:
     from muse.training.evaluate import load_model
 
     model, ckpt = load_model(path, torch.device(settings.device))
@@ -452,6 +460,10 @@ def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: Qu
             "tokenizer and corpus the checkpoint was trained with"
         )
     result = score(model, split, settings)
+    elsewhere = {}
+    for other in also:
+        there = score(model, other, settings)
+        elsewhere[other.corpus] = {"ppl": there.ppl, "bits_per_byte": there.bits_per_byte}
     steps = [row["tokens_per_s"] for row in ckpt["history"] if row.get("tokens_per_s")]
     lr = ckpt["config"]["lr"]
     return Scored(
@@ -463,7 +475,7 @@ def score_checkpoint(path: Path | str, role: str, split: EvalSplit, settings: Qu
         train_seconds=train_seconds,
         train_tokens_per_s=statistics.median(steps) if steps else None, source=os.fspath(path),
         config=ckpt["config"], model_overrides=ckpt["model_overrides"],
-        corpus_sha256=ckpt["corpus"]["sha256"],
+        corpus_sha256=ckpt["corpus"]["sha256"], also=elsewhere,
     )
 
 
@@ -541,6 +553,20 @@ class Comparison:
 
     def part_degradation(self, part: str) -> float:
         return statistics.fmean(self.part_degradations(part))
+
+    @property
+    def also(self) -> list[str]:
+        """The other corpora both sides were scored on."""
+        return list(self.model_runs[0].also)
+
+    def also_side(self, corpus: str, role: str) -> dict[str, float]:
+        runs = self.model_runs if role == "model" else self.baseline_runs
+        return {key: statistics.fmean(r.also[corpus][key] for r in runs)
+                for key in ("ppl", "bits_per_byte")}
+
+    def also_degradations(self, corpus: str) -> list[float]:
+        return degradations([r.also[corpus]["ppl"] for r in self.model_runs],
+                            [r.also[corpus]["ppl"] for r in self.baseline_runs])
 
     @property
     def control_baseline(self) -> Scored:
@@ -696,6 +722,7 @@ class GateRuns:
         self.history_dir = Path(history_dir) if history_dir is not None else None
         self.progress = GateProgress(say) if say is not None else None
         self._split: EvalSplit | None = None
+        self._also: tuple[EvalSplit, ...] | None = None
         self._scored: dict[tuple[str, int, str], Scored] = {}
         self._loaded: dict[tuple[str, str], Scored] = {}
         self._heads: dict[str, dict[str, Any]] = {}
@@ -710,6 +737,15 @@ class GateRuns:
             check_corpus_exists(self.settings.corpus)
             self._split = load_eval_split(self.settings.corpus, self.settings.tokenizer)
         return self._split
+
+    def also_splits(self) -> tuple[EvalSplit, ...]:
+        """The test splits of `also`, through the gate's tokenizer."""
+        if self._also is None:
+            for spec in self.settings.also:
+                check_corpus_exists(spec)
+            self._also = tuple(load_eval_split(spec, self.settings.tokenizer, self.settings.corpus)
+                               for spec in self.settings.also)
+        return self._also
 
     def facts(self) -> dict[str, Any]:
         """What every record of the gate carries: the tokenizer and corpus by name and hash."""
@@ -743,7 +779,7 @@ class GateRuns:
             runs = [self._train_at(spec, seed, role, lr) for lr in self.settings.rates]
             chosen = best_run(runs)
             scored = score_checkpoint(chosen.out / "final.pt", role, split, self.settings,
-                                      chosen.seconds)
+                                      chosen.seconds, self.also_splits())
             scored = replace(scored, budget_tokens=scored.train_tokens * len(runs),
                              lr_tried=tuple(r.lr for r in runs),
                              lr_valid_loss=tuple(r.valid_loss for r in runs))
@@ -830,7 +866,8 @@ class GateRuns:
 
     def loaded(self, path: str, role: str) -> Scored:
         if (path, role) not in self._loaded:
-            self._loaded[path, role] = score_checkpoint(path, role, self.split(), self.settings)
+            self._loaded[path, role] = score_checkpoint(path, role, self.split(), self.settings,
+                                                        also=self.also_splits())
         return self._loaded[path, role]
 
     def _keep_history(self, label: str, history: list) -> None:

@@ -15,6 +15,7 @@ import torch
 import muse.harness.results
 import muse.training.quality
 import muse.training.train
+from muse.training.evaluate import load_model
 from muse.training.quality import (
     Comparison,
     GateProgress,
@@ -27,6 +28,8 @@ from muse.training.quality import (
     degradations,
     duration,
     jobs_arg,
+    score,
+    score_checkpoint,
     untrained_copy,
 )
 from muse.training.train import TrainConfig, train
@@ -769,3 +772,28 @@ def test_baseline_is_matched_at_the_tokenizers_vocabulary():
     # the preset matched at 50257 tokens is 2.4× too small at 8192: refused, with both counts
     with pytest.raises(ValueError, match=r"not matched.*8192-token.*parameters"):
         check_matched("phase1:10gb", "transformer:phase1-10gb", 8192)
+
+
+def test_also_corpora_score_the_same_checkpoints_through_the_gates_tokenizer(trained, tmp_path):
+    settings, runs, own, _, _, root = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    for split, seed in (("train", 5), ("valid", 6), ("test", 7)):
+        (other / f"{split}.txt").write_text(_text(seed, 6).upper(), encoding="utf-8")
+    with_also = GateRuns(replace(settings, also=(str(other),)), history_dir=tmp_path / "h")
+    (there,) = with_also.also_splits()
+    assert there.corpus == "other" and there.tokenizer_sha256 == runs.split().tokenizer_sha256
+    path = root / "runs" / "transformer-tiny-seed0-model" / "final.pt"
+    got = score_checkpoint(path, "model", runs.split(), settings, also=(there,))
+    model, _ = load_model(path, torch.device("cpu"))
+    want = score(model, there, settings)
+    assert got.also == {"other": {"ppl": want.ppl, "bits_per_byte": want.bits_per_byte}}
+    assert got.ppl == own.model_runs[0].ppl  # the gate's own split is scored as before
+    assert got.also["other"]["ppl"] != got.ppl
+    assert own.also == [] and own.model_runs[0].also == {}
+
+
+def test_a_missing_also_corpus_is_named(tmp_path):
+    runs = GateRuns(tiny_settings(write_corpus(tmp_path / "c"), also=(str(tmp_path / "nowhere"),)))
+    with pytest.raises(ValueError, match="nowhere"):
+        runs.also_splits()

@@ -80,9 +80,10 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     push = (tail.transpose(-1, -2) @ u0).flatten(0, 1)  # (BH, M, Dk, Dv)
     w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
     entering = []
-    for c in range(m):
+    # unbind, not step[:, c]: the backward of M selections would add M full-size zero tensors
+    for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
         entering.append(w)
-        w = torch.baddbmm(push[:, c], step[:, c], w)
+        w = torch.baddbmm(push_c, step_c, w)
     w0 = torch.stack(entering, dim=1).view(bsz, heads, m, dk, dv)
     y = gamma * (qc @ w0) + scores @ (u0 - p @ w0)
     return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)

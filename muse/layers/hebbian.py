@@ -80,9 +80,10 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
         through = torch.exp(b[..., -1])  # (B, H, M): decay across a whole chunk
         w = q.new_zeros(bsz, heads, dk, dv, dtype=acc) if state is None else state.to(acc)
         states = []
-        for c in range(m):
+        # unbound, not indexed per chunk: an index's backward is a full-size zero tensor
+        for through_c, added_c in zip(through.unbind(-1), added.unbind(2), strict=True):
             states.append(w)
-            w = through[..., c, None, None] * w + added[:, :, c]
+            w = through_c[..., None, None] * w + added_c
         entering = torch.stack(states, dim=2)
     inter = torch.exp(b)[..., None].to(qc.dtype) * (qc @ entering.to(qc.dtype))
     y = (intra + inter).reshape(bsz, heads, m * chunk, dv)[:, :, :n]

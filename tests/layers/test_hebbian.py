@@ -165,3 +165,17 @@ def test_decay_diagnostics_report_the_heads_of_the_last_forward():
     d = decay_diagnostics(m)
     assert d["decay_min"] == pytest.approx(math.exp(-1.6), rel=1e-5)
     assert d["decay_max"] == pytest.approx(math.exp(-1e-3), rel=1e-5)
+
+
+def test_the_backward_of_the_cpu_chunk_loop_selects_no_chunk():
+    # a per-chunk index backpropagates as a full-size zero tensor per chunk: O(M²) over M chunks
+    from torch.profiler import ProfilerActivity, profile
+
+    def selections(n):
+        q, k, v, ld = (x.requires_grad_() for x in inputs(n, seed=3))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y, _ = hebbian_chunked(q, k, v, ld, chunk=4)
+            y.sum().backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::select_backward")
+
+    assert selections(16) == selections(64)

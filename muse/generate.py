@@ -3,7 +3,8 @@
 Every model here streams (`init_state`, `forward(ids, state)`): the MUSE families carry fixed-size
 recurrent states, so a token costs the same memory after 64k tokens of prompt as after 10, and the
 transformer carries a KV cache that grows with the context. The prompt runs as one segment, then
-each new token as a segment of one; the sampling code is the same for every model.
+each new token as a segment of one; the sampling code is the same for every model. A model
+without a streaming state (the fla peers) reruns the whole text for each new token.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int,
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+    if not hasattr(model, "init_state"):  # a model that does not stream reruns its prefix
+        text = prompt
+        for _ in range(max_new_tokens):
+            token = next_tokens(model(text)[:, -1], sampling, generator)
+            yield token
+            text = torch.cat((text, token[:, None]), dim=1)
+        return
     state = model.init_state(prompt.shape[0], device=prompt.device)
     logits, state = model(prompt, state)
     for i in range(max_new_tokens):

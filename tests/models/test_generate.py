@@ -77,3 +77,16 @@ def test_bad_sampling_settings_name_the_value(kwargs, match):
 def test_bad_prompt_or_length_is_refused(prompt, steps, match):
     with pytest.raises(ValueError, match=match):
         next(generate(build_tiny("transformer"), prompt, steps))
+
+
+def test_a_model_that_does_not_stream_reruns_its_prefix():
+    model = build_tiny("transformer").eval()
+
+    class Stateless(torch.nn.Module):  # the fla peers' interface: logits of the whole text
+        def forward(self, ids):
+            return model(ids)
+
+    prompt = ids_for(5)[:1]
+    greedy = Sampling(temperature=0)
+    assert torch.equal(torch.cat(list(generate(Stateless(), prompt, 4, greedy))),
+                       torch.cat(list(generate(model, prompt, 4, greedy))))

@@ -4,10 +4,10 @@ Block: x + BKMixer(LN x), x + ARSSM(LN x) (when its rank is > 0), x + window att
 (when `local_window` > 0), x + FFN(LN x). The embedding is HTT (tensor-train factorised, ~0.6% of
 V·D at D=512, r=16) or dense; the output head is tied to it unless `head="dense"`.
 
-The default preset `small` learns as well as its matched transformer on en-prose: few BK channels
-starting as a no-op (many, or a live start, cost ~20% perplexity), a wide AR-SSM for the long
+The default preset `small` is the block that learns as well as its matched transformer on
+en-prose (reports/quality): few BK channels starting as a no-op, a wide AR-SSM for the long
 range and exact attention over 128 tokens for the short, over a dense table (HTT's factorised
-table as input or head costs far more than it saves at an 8k vocabulary).
+table, as input or as head, costs more perplexity than it saves parameters at an 8k vocabulary).
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's BK boundary value and
 AR-SSM state (conv tail and decayed s) across segments, exactly. `zeta_init` starts a dense

@@ -74,8 +74,7 @@ def test_chunked_gradients_equal_the_per_token_definition(n, chunk):
 
 def test_the_backward_of_the_chunk_loop_selects_no_chunk():
     # a per-chunk index (step[:, c]) backpropagates as a full-size zero tensor per chunk: M of
-    # them make the backward O(M²); unbind's backward is one stack (fwd+bwd at 16k tokens on a
-    # CPU: 11.5 s with the selections against 2.3 s without)
+    # them make the backward O(M²); unbind's backward is one stack
     from torch.profiler import ProfilerActivity, profile
 
     def selections(n):

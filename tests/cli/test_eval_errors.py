@@ -4,31 +4,12 @@ status 2, one line on stderr naming the file and the fault, no traceback."""
 import pytest
 import torch
 
-from muse.cli import main
-from muse.training.train import TrainConfig, train
+from .cli_checks import tiny_checkpoint, usage_error
 
 
 @pytest.fixture(scope="module")
 def final(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for split in ("train", "valid", "test"):
-        (corpus / f"{split}.txt").write_text("the cat sat on the mat . " * 30)
-    train(TrainConfig(model="transformer:tiny", corpus=str(corpus), tokenizer="bytes",
-                      seq_len=16, batch_size=2, steps=1, eval_tokens=64,
-                      out_dir=str(root / "run"), device="cpu", progress=False))
-    return root / "run" / "final.pt"
-
-
-def usage_error(capsys, argv, *words):
-    code = main(["eval", *map(str, argv)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("muse eval: ") and "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
+    return tiny_checkpoint(tmp_path_factory.mktemp("eval"))
 
 
 def corrupt(data: bytes) -> bytes:
@@ -48,37 +29,40 @@ def corrupt(data: bytes) -> bytes:
 def test_a_file_that_is_not_a_checkpoint(final, tmp_path, capsys, name, make, words):
     path = tmp_path / name
     path.write_bytes(make(final.read_bytes()))
-    usage_error(capsys, [path, "--device", "cpu"], name, *words, "written by muse train")
+    usage_error(capsys, ["eval", path, "--device", "cpu"], name, *words, "written by muse train")
 
 
 def test_other_programs_files_and_folders(final, tmp_path, capsys):
     torch.save({"a": 1}, tmp_path / "dict.pt")
-    usage_error(capsys, [tmp_path / "dict.pt", "--device", "cpu"],
+    usage_error(capsys, ["eval", tmp_path / "dict.pt", "--device", "cpu"],
                 "not a muse training checkpoint", "another program's file", "lacks model")
     torch.save(torch.load(final, weights_only=False)["model"], tmp_path / "weights.pt")
-    usage_error(capsys, [tmp_path / "weights.pt", "--device", "cpu"], "a bare state_dict")
-    usage_error(capsys, [tmp_path, "--device", "cpu"], "is a directory")
-    usage_error(capsys, [tmp_path / "none.pt", "--device", "cpu"], "none.pt' does not exist")
+    usage_error(capsys, ["eval", tmp_path / "weights.pt", "--device", "cpu"], "a bare state_dict")
+    usage_error(capsys, ["eval", tmp_path, "--device", "cpu"], "is a directory")
+    usage_error(capsys, ["eval", tmp_path / "none.pt", "--device", "cpu"],
+                "none.pt' does not exist")
 
 
 def test_weights_that_do_not_fit_the_model(final, tmp_path, capsys):
     ckpt = torch.load(final, weights_only=False)
     ckpt["model"] = {k: v[:1] for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "cut.pt")
-    usage_error(capsys, [tmp_path / "cut.pt", "--device", "cpu"],
+    usage_error(capsys, ["eval", tmp_path / "cut.pt", "--device", "cpu"],
                 "cut.pt", "its weights do not fit 'transformer:tiny'", "size mismatch")
     ckpt["config"]["model"] = "gpt5"
     torch.save(ckpt, tmp_path / "gpt5.pt")
-    usage_error(capsys, [tmp_path / "gpt5.pt", "--device", "cpu"], "unknown model 'gpt5'")
+    usage_error(capsys, ["eval", tmp_path / "gpt5.pt", "--device", "cpu"], "unknown model 'gpt5'")
 
 
 def test_bad_windows_and_splits(final, capsys):
-    usage_error(capsys, [final, "--device", "cpu", "--context", "1"], "--context must be ≥ 2")
-    usage_error(capsys, [final, "--device", "cpu", "--context", "8", "--stride", "9"],
+    usage_error(capsys, ["eval", final, "--device", "cpu", "--context", "1"],
+                "--context must be ≥ 2")
+    usage_error(capsys, ["eval", final, "--device", "cpu", "--context", "8", "--stride", "9"],
                 "--stride must be in [1, --context=8], got 9")
-    usage_error(capsys, [final, "--device", "cpu", "--split", "dev"], "unknown split 'dev'")
+    usage_error(capsys, ["eval", final, "--device", "cpu", "--split", "dev"], "unknown split 'dev'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
 def test_cuda_without_cuda(final, capsys):
-    usage_error(capsys, [final, "--device", "cuda"], "device 'cuda'", "CUDA is not available")
+    usage_error(capsys, ["eval", final, "--device", "cuda"], "device 'cuda'",
+                "CUDA is not available")

@@ -13,6 +13,8 @@ from muse.cli import main
 from muse.training.evaluate import load_model
 from muse.training.train import TrainConfig, train
 
+from .cli_checks import usage_error
+
 transformers = pytest.importorskip("transformers")
 import muse.hf  # noqa: E402,F401  (registers the families with the Auto classes)
 
@@ -78,22 +80,14 @@ def test_labels_give_the_next_token_loss(corpus, tmp_path):
         model(ids, attention_mask=torch.tensor([[0] + [1] * 8, [1] * 9]))
 
 
-def usage_error(capsys, argv, *words):
-    code = main(["export", *map(str, argv)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("muse export: "), err
-    for word in words:
-        assert word in err, (word, err)
-
-
 def test_mistakes_are_one_line(corpus, tmp_path, capsys, monkeypatch):
     ckpt = checkpoint(corpus, tmp_path, "transformer:tiny")
-    usage_error(capsys, [tmp_path / "none.pt", tmp_path / "a"], "none.pt", "does not exist")
+    usage_error(capsys, ["export", tmp_path / "none.pt", tmp_path / "a"], "none.pt",
+                "does not exist")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    usage_error(capsys, [ckpt, tmp_path / "full"], "full", "not an empty folder")
+    usage_error(capsys, ["export", ckpt, tmp_path / "full"], "full", "not an empty folder")
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "muse.hf")
-    usage_error(capsys, [ckpt, tmp_path / "b"], "needs transformers", "muse[data]")
+    usage_error(capsys, ["export", ckpt, tmp_path / "b"], "needs transformers", "muse[data]")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

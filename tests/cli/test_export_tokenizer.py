@@ -14,6 +14,8 @@ from muse.training import data
 from muse.training.evaluate import load_model
 from muse.training.train import TrainConfig, train
 
+from .cli_checks import usage_error
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 import muse.hf  # noqa: E402  (registers the families with the Auto classes)
@@ -62,16 +64,6 @@ def cache(runs, monkeypatch):
     """The BPE cache the runs wrote (a test may empty it: tests then use a copy)."""
     monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", runs["cache"])
     return runs["cache"]
-
-
-def usage_error(capsys, argv, *words):
-    code = main(["export", *map(str, argv)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("muse export: "), err
-    for word in words:
-        assert word in err, (word, err)
-    return err
 
 
 def test_the_bytes_backend_gives_the_utf8_bytes():
@@ -141,7 +133,7 @@ def test_a_moved_corpus_is_named_and_found_with_corpus(runs, tmp_path, capsys, m
     capsys.readouterr()
     # an empty cache: the tokenizer is retrained on the corpus, which is gone
     monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", tmp_path / "empty-cache")
-    usage_error(capsys, [moved_ckpt, tmp_path / "a"], str(old), "does not exist",
+    usage_error(capsys, ["export", moved_ckpt, tmp_path / "a"], str(old), "does not exist",
                 "bpe:300", "--corpus PATH")
     assert not (tmp_path / "a").exists()
     out = tmp_path / "b"
@@ -155,12 +147,12 @@ def test_a_tokenizer_of_another_hash_is_refused(runs, cache, tmp_path, capsys):
     # bpe retrained on another corpus: other merges
     other = write_corpus(tmp_path / "other", seed=7)
     (other / "train.txt").write_text("zebra quagga okapi " * 200, encoding="utf-8")
-    usage_error(capsys, [runs["ckpt"]["bpe:300"], tmp_path / "a", "--corpus", other],
+    usage_error(capsys, ["export", runs["ckpt"]["bpe:300"], tmp_path / "a", "--corpus", other],
                 "bpe:300", "hashes to", str(other), "--corpus PATH")
     # a checkpoint whose record is not the bytes tokenizer's
     saved = torch.load(runs["ckpt"]["bytes"], weights_only=False)
     saved["tokenizer"]["sha256"] = "0" * 64
     bad = tmp_path / "bad.pt"
     torch.save(saved, bad)
-    usage_error(capsys, [bad, tmp_path / "b"], "'bytes'", "000000000000", "hashes to")
+    usage_error(capsys, ["export", bad, tmp_path / "b"], "'bytes'", "000000000000", "hashes to")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

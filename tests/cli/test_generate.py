@@ -6,20 +6,13 @@ import torch
 
 from muse.cli import main
 from muse.training.evaluate import load_model
-from muse.training.train import TrainConfig, train
+
+from .cli_checks import tiny_checkpoint, usage_error
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("generate")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for split in ("train", "valid", "test"):
-        (corpus / f"{split}.txt").write_text("the cat sat on the mat . " * 30)
-    train(TrainConfig(model="phase2:tiny", corpus=str(corpus), tokenizer="bytes", seq_len=16,
-                      batch_size=2, steps=2, eval_tokens=64, out_dir=str(root / "run"),
-                      device="cpu", progress=False))
-    return root / "run" / "final.pt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("generate"), "phase2:tiny", steps=2)
 
 
 def test_greedy_generation_prints_the_prompt_and_the_models_argmax(checkpoint, capsys):
@@ -50,12 +43,10 @@ def test_a_seed_reproduces_the_sampled_text(checkpoint, capsys):
     (["--prompt", ""], "--prompt encodes to no tokens"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(checkpoint, capsys, extra, message):
-    args = ["generate", str(checkpoint), "--prompt", "the", "--device", "cpu", *extra]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    usage_error(capsys, ["generate", checkpoint, "--prompt", "the", "--device", "cpu", *extra],
+                message)
 
 
 def test_a_missing_checkpoint_is_named(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "none.pt"), "--prompt", "x", "--device", "cpu"]) == 2
-    assert "none.pt" in capsys.readouterr().err
+    usage_error(capsys, ["generate", tmp_path / "none.pt", "--prompt", "x", "--device", "cpu"],
+                "none.pt")

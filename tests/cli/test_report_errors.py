@@ -9,18 +9,10 @@ import pytest
 
 from muse.cli import main
 
+from .cli_checks import usage_error
+
 FIXTURE = Path(__file__).resolve().parents[1] / "report" / "fixtures" / "results_h200.json"
 TEMPLATES = Path(__file__).resolve().parents[2] / "muse" / "report" / "templates"
-
-
-def usage_error(capsys, command, argv, *words):
-    code = main([command, *map(str, argv)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith(f"muse {command}: ") and "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
 
 
 def doc_with(change):
@@ -55,15 +47,15 @@ def test_a_bad_results_file(tmp_path, capsys, name, command):
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     out = tmp_path / "out"
     argv = [path, "--out", out] if command == "report" else [FIXTURE, path]
-    usage_error(capsys, command, argv, name, *words)
+    usage_error(capsys, [command, *argv], name, *words)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["report", "compare"])
 def test_a_directory_or_a_missing_file(tmp_path, capsys, command):
     first = [] if command == "report" else [FIXTURE]
-    usage_error(capsys, command, [*first, tmp_path], "is a directory", "latest.json")
-    usage_error(capsys, command, [*first, tmp_path / "none.json"], "none.json' does not exist")
+    usage_error(capsys, [command, *first, tmp_path], "is a directory", "latest.json")
+    usage_error(capsys, [command, *first, tmp_path / "none.json"], "none.json' does not exist")
 
 
 @pytest.mark.parametrize("content, words", [
@@ -79,7 +71,7 @@ def test_a_bad_history(tmp_path, capsys, content, words):
     if content is not None:
         path.write_text(content)
     out = tmp_path / "out"
-    usage_error(capsys, "report", [FIXTURE, "--out", out, "--history", path], "--history",
+    usage_error(capsys, ["report", FIXTURE, "--out", out, "--history", path], "--history",
                 "history.json", *words)
     assert not out.exists()
 
@@ -96,19 +88,19 @@ def test_a_history_with_nulls_plots(tmp_path, capsys):
 
 def test_bad_templates(tmp_path, capsys):
     out = tmp_path / "out"
-    usage_error(capsys, "report", [FIXTURE, "--out", out, "--templates", tmp_path / "none"],
+    usage_error(capsys, ["report", FIXTURE, "--out", out, "--templates", tmp_path / "none"],
                 "--templates", "none' is not a folder")
     partial = tmp_path / "partial"
     shutil.copytree(TEMPLATES, partial)
     (partial / "memory.tex.j2").unlink()
-    usage_error(capsys, "report", [FIXTURE, "--out", out, "--templates", partial],
+    usage_error(capsys, ["report", FIXTURE, "--out", out, "--templates", partial],
                 "lacks 1 template(s): memory.tex.j2")
     shutil.copy(TEMPLATES / "memory.tex.j2", partial)
     (partial / "REPORT.md.j2").write_text("{{ no_such_thing.x }}")
-    usage_error(capsys, "report", [FIXTURE, "--out", out, "--templates", partial],
+    usage_error(capsys, ["report", FIXTURE, "--out", out, "--templates", partial],
                 "template 'REPORT.md.j2'", "no_such_thing")
     (partial / "REPORT.md.j2").write_text("{% for %}")
-    usage_error(capsys, "report", [FIXTURE, "--out", out, "--templates", partial],
+    usage_error(capsys, ["report", FIXTURE, "--out", out, "--templates", partial],
                 "template 'REPORT.md.j2'", "TemplateSyntaxError")
     assert not out.exists()
 
@@ -116,7 +108,7 @@ def test_bad_templates(tmp_path, capsys):
 def test_a_bad_out(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    usage_error(capsys, "report", [FIXTURE, "--out", blocker], "--out", "a-file' is a file")
-    usage_error(capsys, "report", [FIXTURE, "--out", blocker / "out"], "--out",
+    usage_error(capsys, ["report", FIXTURE, "--out", blocker], "--out", "a-file' is a file")
+    usage_error(capsys, ["report", FIXTURE, "--out", blocker / "out"], "--out",
                 "cannot be written", "Not a directory")
     assert blocker.read_text() == "x"

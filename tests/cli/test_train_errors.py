@@ -9,6 +9,8 @@ import torch
 
 from muse.cli import main
 
+from .cli_checks import usage_error
+
 TEXT = "the cat sat on the mat and the dog ran to the park . " * 40
 
 
@@ -34,18 +36,6 @@ def write_config(path, corpus, out, **values):
 @pytest.fixture
 def setup(tmp_path):
     return write_corpus(tmp_path / "corpus"), tmp_path / "out"
-
-
-def usage_error(capsys, argv, *words):
-    """main(argv) exits 2 with one line on stderr holding every word, and no traceback."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("muse train: ") and "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
-    return err
 
 
 def test_a_missing_or_unreadable_config_file(tmp_path, capsys):

@@ -12,6 +12,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/mac
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/machine.txt"
 echo "commit ${MUSE_GIT_SHA:-unknown}; command: pytest bench -m gpu $*" | tee -a "$OUT/machine.txt"
-python3 -m pytest bench -m gpu --results "$OUT/results" -p no:cacheprovider "$@" 2>&1 \
+# SIGINT before the call's limit: pytest then still writes the results file, marked incomplete
+timeout -s INT "${MUSE_BENCH_LIMIT:-520}" python3 -m pytest bench -m gpu --results "$OUT/results" -p no:cacheprovider "$@" 2>&1 \
   | tail -60 | tee "$OUT/bench.txt"
 exit "${PIPESTATUS[0]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device run of the acceptance criteria (issues 11, 13, 14): the machine's facts, then
 # `pytest bench -m gpu …` with the arguments given, its results file under $OUT/results and the
-# last lines of its log in $OUT/bench.txt. No corpus travels: pass --ignore
+# whole log in $OUT/bench.log (its
+# last lines also in $OUT/bench.txt). No corpus travels: pass --ignore
 # bench/test_perplexity.py (device_quality.sh runs the gate with en-prose).
 #   MUSE_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/device_bench.sh \
 #     --model phase2:small transformer:small --seq 4096 8192 16384 32768 65536 \
@@ -13,6 +14,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$OUT/machine.txt"
 echo "commit ${MUSE_GIT_SHA:-unknown}; command: pytest bench -m gpu $*" | tee -a "$OUT/machine.txt"
 # SIGINT before the call's limit: pytest then still writes the results file, marked incomplete
-timeout -s INT "${MUSE_BENCH_LIMIT:-520}" python3 -m pytest bench -m gpu --results "$OUT/results" -p no:cacheprovider "$@" 2>&1 \
-  | tail -60 | tee "$OUT/bench.txt"
-exit "${PIPESTATUS[0]}"
+timeout -s INT "${MUSE_BENCH_LIMIT:-520}" python3 -m pytest bench -m gpu --results "$OUT/results" -p no:cacheprovider "$@" > "$OUT/bench.log" 2>&1
+status=$?
+tail -60 "$OUT/bench.log" | tee "$OUT/bench.txt"
+exit "$status"

@@ -477,7 +477,13 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     if uses_muse and muse_session_of(item.config).settings.device.type == "cuda":
         from muse.measure.memory import free_device_memory
 
-        free_device_memory()
+        try:
+            free_device_memory()
+        except RuntimeError as error:
+            # A CUDA error is sticky: every later test would error on the same context. Stop
+            # here, name the test that broke it, and keep what was measured (marked incomplete).
+            pytest.exit(f"the CUDA context is unusable after {item.nodeid}, so no later test "
+                        f"can run: {str(error).splitlines()[0]}", returncode=1)
 
 
 def criterion_of(item_or_request) -> str:

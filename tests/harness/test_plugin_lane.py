@@ -81,11 +81,58 @@ def test_a_criterion(muse_settings):
 """
 
 
-def test_device_memory_is_freed_after_muse_tests_only(pytester, monkeypatch):
-    freed = []
-    monkeypatch.setattr("muse.measure.memory.free_device_memory", lambda: freed.append(1))
-    pytester.makeconftest(CUDA_SESSION)
+# Patched inside the inner run: an in-process pytester run re-imports muse's modules, so a
+# patch made out here may not be the module the inner run's hooks see.
+COUNT_FREES = """
+import muse.measure.memory
+
+
+def _count():
+    with open("frees.txt", "a") as f:
+        f.write("1")
+
+
+muse.measure.memory.free_device_memory = _count
+"""
+
+BREAK_CONTEXT = """
+import muse.measure.memory
+
+
+def _broken():
+    raise RuntimeError("CUDA error: an illegal memory access was encountered\\nmore")
+
+
+muse.measure.memory.free_device_memory = _broken
+"""
+
+
+def test_device_memory_is_freed_after_muse_tests_only(pytester):
+    pytester.makeconftest(CUDA_SESSION + COUNT_FREES)
     pytester.makepyfile(test_two=TWO_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider", "--no-results", "-v")
     result.assert_outcomes(passed=2)
-    assert freed == [1]
+    assert (pytester.path / "frees.txt").read_text() == "1"
+
+THREE_TESTS = """
+def test_breaks_the_device(muse_settings):
+    pass
+
+
+def test_would_error_on_a_broken_context(muse_settings):
+    pass
+
+
+def test_also_never_runs(muse_settings):
+    pass
+"""
+
+
+def test_a_broken_cuda_context_stops_the_run_naming_the_test(pytester):
+    pytester.makeconftest(CUDA_SESSION + BREAK_CONTEXT)
+    pytester.makepyfile(test_three=THREE_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--no-results")
+    assert result.ret == 1
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*CUDA context is unusable after test_three.py::test_breaks_the_"
+                                 "device*illegal memory access was encountered*"])

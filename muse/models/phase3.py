@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from muse.layers.complex import (
     ComplexDiagonalRecurrence,
@@ -39,6 +40,7 @@ from muse.layers.complex import (
     complex_linear_reference,
     modrelu_reference,
 )
+from muse.layers.local_attention import SlidingWindowAttention
 from muse.models.common import INITS, StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -58,9 +60,21 @@ class Phase3Config(StrictConfig):
     max_phase: float = math.pi / 10  # ω at init, uniform in [0, max_phase]
     init: str = "gpt2"  # "torch" (complex Glorot) or "gpt2": N(0, 0.02²), residual out / √(2L)
     checkpointing: bool = False
+    # the recurrence's read-out × SiLU(W LN z), a real gain per complex channel (phase kept)
+    gate: bool = False
+    # w > 0: sliding-window softmax attention over the planar stream (d_model reals a token),
+    # local_heads × local_head_dim wide: exact recall inside w tokens, which an LTI state lacks
+    local_window: int = 0
+    local_heads: int = 2
+    local_head_dim: int = 64
 
     def __post_init__(self) -> None:
-        self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk")
+        self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk",
+                                   "local_heads", "local_head_dim")
+        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or (
+                self.local_window < 0):
+            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
+                             f"{self.local_window!r}")
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (d_model/2 complex channels), "
                              f"got {self.d_model!r}")
@@ -88,6 +102,15 @@ class Phase3Block(nn.Module):
                                              max_phase=config.max_phase)
         self.rec_out = ComplexLinear(config.d_state, d)
         self.act_rec = ModReLU(d)
+        self.gate = nn.Linear(config.d_model, d) if config.gate else None
+        window = config.local_window
+        self.ln_local = ComplexLayerNorm(d) if window else None
+        self.local = (
+            SlidingWindowAttention(d_model=config.d_model, n_heads=config.local_heads,
+                                   head_dim=config.local_head_dim, window=window)
+            if window
+            else None
+        )
         if config.d_ff:
             self.ln_ffn = ComplexLayerNorm(d)
             self.up = ComplexLinear(d, config.d_ff)
@@ -98,18 +121,37 @@ class Phase3Block(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         ref = self.rec.nu
-        return {"h": torch.zeros(batch, 2 * self.rec.d_state, device=device or ref.device,
-                                 dtype=dtype or ref.dtype)}
+        state = {"h": torch.zeros(batch, 2 * self.rec.d_state, device=device or ref.device,
+                                  dtype=dtype or ref.dtype)}
+        if self.local is not None:
+            state["local"] = self.local.init_state(batch, device=device, dtype=dtype)
+        return state
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
-        if state is None:
-            h = self.rec(self.ln_rec(x))
+        carried, z = state, self.ln_rec(x)
+        if carried is None:
+            h = self.rec(z)
         else:
-            h, last = self.rec(self.ln_rec(x), state["h"])
-        x = x + self.act_rec(self.rec_out(h))
+            h, last = self.rec(z, carried["h"])
+            state = {"h": last}
+        y = self.act_rec(self.rec_out(h))
+        if self.gate is not None:
+            g = F.silu(self.gate(z))
+            y = y * torch.cat((g, g), dim=-1).to(y.dtype)
+        x = x + y
+        if self.local is not None:
+            if carried is None:
+                x = x + self.local(self.ln_local(x))
+            else:
+                y, state["local"] = self.local(self.ln_local(x), carried["local"])
+                x = x + y
         if self.up is not None:
             x = x + self.down(self.act_ffn(self.up(self.ln_ffn(x))))
-        return x if state is None else (x, {"h": last})
+        return x if state is None else (x, state)
+
+
+def _planar(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat((z.real, z.imag), dim=-1)
 
 
 def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
@@ -119,7 +161,13 @@ def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
     gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(z.dtype)
     u = complex_linear_reference(complex_layer_norm_reference(z, block.ln_rec), block.rec.proj_in)
     h = complex_decayed_cumsum(u * gain, log_mag, angle, block.rec.chunk)
-    z = z + modrelu_reference(complex_linear_reference(h, block.rec_out), block.act_rec)
+    y = modrelu_reference(complex_linear_reference(h, block.rec_out), block.act_rec)
+    if block.gate is not None:
+        y = y * F.silu(block.gate(_planar(complex_layer_norm_reference(z, block.ln_rec))))
+    z = z + y
+    if block.local is not None:
+        read = block.local(_planar(complex_layer_norm_reference(z, block.ln_local)))
+        z = z + torch.complex(*read.chunk(2, dim=-1))
     if block.up is not None:
         up = complex_linear_reference(complex_layer_norm_reference(z, block.ln_ffn), block.up)
         z = z + complex_linear_reference(modrelu_reference(up, block.act_ffn), block.down)
@@ -148,6 +196,15 @@ class Phase3LM(StreamingLM):
                 for layer in (block.rec_out, block.down):
                     if layer is not None:
                         layer.reset_parameters(std / math.sqrt(2 * config.n_layers))
+                # the real layers as the transformer's: N(0, 0.02), the residual write scaled
+                for layer in (block.gate, block.local and block.local.qkv):
+                    if layer is not None:
+                        nn.init.normal_(layer.weight, std=0.02)
+                if block.local is not None:
+                    nn.init.normal_(block.local.out.weight,
+                                    std=0.02 / math.sqrt(2 * config.n_layers))
+                if block.gate is not None:
+                    nn.init.zeros_(block.gate.bias)
 
     def output_table(self) -> torch.Tensor:
         return self.embed.real.weight

@@ -10,13 +10,15 @@ from muse.measure.phases import random_ids
 from muse.models.phase3 import block_memory, block_reference
 
 
-@pytest.mark.parametrize("d_ff", [0, 24])
-def test_planar_block_equals_the_complex128_block(d_ff):
+@pytest.mark.parametrize("extra", [{"d_ff": 0}, {"d_ff": 24}, {"gate": True},
+                                   {"local_window": 4, "local_heads": 2, "local_head_dim": 8}])
+def test_planar_block_equals_the_complex128_block(extra):
     torch.manual_seed(0)
-    m = models.build("phase3", "tiny", vocab_size=97, d_ff=d_ff, chunk=4).double()
+    m = models.build("phase3", "tiny", vocab_size=97, chunk=4, **extra).double()
     with torch.no_grad():  # move the ModReLU thresholds and LN shifts off their zero init
         for block in m.blocks:
-            for mod in (block.act_rec, block.act_ffn, block.ln_rec, block.ln_ffn):
+            for mod in (block.act_rec, block.act_ffn, block.ln_rec, block.ln_ffn, block.ln_local,
+                        block.gate):
                 if mod is not None:
                     mod.bias.normal_(std=0.3)
     a = torch.randn(2, 11, 32, dtype=torch.complex128)

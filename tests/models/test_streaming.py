@@ -37,7 +37,8 @@ def variants():
             out.append(pytest.param(name, {**READOUT, "hebbian_delta": True}, id=f"{name}-delta"))
         elif "local_window" in fields:
             extra = dict(local_window=16, local_heads=2, local_head_dim=8, head="dense",
-                         init="gpt2")
+                         init="gpt2", gate=True)
+            extra = {k: v for k, v in extra.items() if k in fields}
             out.append(pytest.param(name, extra, id=f"{name}-local"))
     return out
 

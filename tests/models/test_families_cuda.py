@@ -61,3 +61,16 @@ def test_cuda_streaming_equals_one_pass(name):
             logits, state = gpu(ids[:, a:b], state)
             parts.append(logits)
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["phase1", "phase7", "phase2"])
+def test_decoding_after_a_long_fp16_prompt_stays_finite(name):
+    """The bench's decode protocol at the small preset: 16,384 prompt tokens in segments of 4096
+    under fp16 autocast, then tokens one at a time (one-position BK-Core calls among them)."""
+    from muse.measure.decode import measure_decode
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = models.build(name, "small")
+    stats = measure_decode(model, 16384, 8, torch.device("cuda"), torch.float16)
+    assert stats.state_bytes > 0 and stats.seconds > 0

@@ -618,3 +618,18 @@ def test_last_output_depends_on_first_input_with_the_exact_derivative():
     assert abs(d_k_re - dense_d_k.real) <= 1e-10 * abs(dense_d_k)
     assert abs(d_k_re - fd_k.real) <= 1e-6 * abs(dense_d_k)
     assert abs(fd_k - dense_d_k) <= 1e-6 * abs(dense_d_k)  # the imaginary part too, by FD
+
+
+def test_one_position_is_the_inverse_of_alpha_with_its_gradient():
+    """A decode step: N = 1, no coupling, g = 1/(a − z) and ∂g/∂a = −g² (float64, exact)."""
+    a, _, _, z = make_inputs(3, 1, 4, seed=5)
+    a.requires_grad_(True)
+    k = torch.zeros(3, 0, 4, dtype=torch.float64)
+    g = bk_core(a, k, z, "causal")
+    want = 1 / (a.detach() - z)
+    torch.testing.assert_close(g, want, rtol=1e-14, atol=0)
+    (grad,) = torch.autograd.grad(g.real.sum() + g.imag.sum(), a)
+    ref_a = a.detach().clone().requires_grad_(True)
+    ref = 1 / (ref_a - z)
+    (want_grad,) = torch.autograd.grad(ref.real.sum() + ref.imag.sum(), ref_a)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=0)

@@ -1,5 +1,5 @@
 """`muse` command line: `muse info`, `muse report`, `muse compare`, `muse train`, `muse eval`,
-`muse generate`, `muse export`, `muse profile`.
+`muse generate`, `muse export`, `muse profile`, `muse memory`.
 
 Exit status: 0 done; 1 a failed check (`compare` found a regression) or a bug in muse (with
 its traceback); 2 a user's mistake (one line on stderr naming the bad value); 3 a training
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -248,6 +249,63 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory(args: argparse.Namespace) -> int:
+    from muse import models
+    from muse.devices import resolve_device
+    from muse.harness.results import environment_facts, git_facts
+    from muse.measure.phases import torch_dtype
+    from muse.measure.train_memory import GIB, check_recipe, measure_train_memory
+
+    device = resolve_device(args.device, option="--device")
+    if device.type != "cuda":
+        raise MuseError(f"--device {args.device}: the peak is read from the CUDA allocator; "
+                        "muse memory needs --device cuda")
+    overrides = {"checkpointing": True} if args.checkpointing else {}
+    try:
+        dtype = torch_dtype(args.dtype)
+        check_recipe(args.weights, dtype)
+        models.config(args.model, **overrides)  # a bad spec or key fails here, before CUDA
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MuseError(one_line(exc)) from None
+    rows = []
+    print(f"{args.model} train step, batch {args.batch}, {args.weights} weights, {args.dtype} "
+          f"compute, {args.optimizer}, checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"loss {'chunked ' + str(args.loss_chunk) if args.loss_chunk else 'full'}, on {device}")
+    print(f"{'seq':>6} {'params':>8} {'weights':>8} {'grads':>8} {'optim':>8} {'peak':>8} "
+          f"{'≤ 8 GiB':>8} {'≤ 10 GiB':>8}")
+    for seq in args.seq:
+        with device:
+            model = models.build(args.model, **overrides)
+        try:
+            m = measure_train_memory(model, seq, batch=args.batch, dtype=dtype,
+                                     weights=args.weights, optimizer=args.optimizer,
+                                     loss_chunk=args.loss_chunk, device=device)
+        except RuntimeError as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise MuseError(f"{args.model} at --seq {seq} does not fit in {device} memory: "
+                            f"{_fit_note(exc)}") from None
+        finally:
+            del model
+        rows.append(m.to_dict())
+        gb = [f"{b / GIB:.2f}" for b in (m.weight_bytes, m.grad_bytes, m.optimizer_bytes,
+                                         m.peak_allocated_bytes)]
+        print(f"{seq:>6} {m.params / 1e9:>7.3f}B {gb[0]:>8} {gb[1]:>8} {gb[2]:>8} {gb[3]:>8} "
+              f"{'yes' if m.fits(8) else 'no':>8} {'yes' if m.fits(10) else 'no':>8}")
+    print("(GiB; peak = the CUDA allocator's peak over one step after the optimizer's first)")
+    if args.json:
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        doc = {"command": shlex.join(["muse", *argv]),
+               "settings": {k: getattr(args, k) for k in ("model", "batch", "dtype", "weights",
+                                                          "optimizer", "checkpointing",
+                                                          "loss_chunk")},
+               "git": git_facts(), "environment": environment_facts(), "rows": rows}
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(args.json)
+    return 0
+
+
 def _out_of_memory(exc: RuntimeError) -> bool:
     import torch
 
@@ -344,7 +402,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--rows", type=positive_int, default=20)
     p.set_defaults(func=profile)
+    p = sub.add_parser("memory", help="peak device memory of a training step, split into "
+                       "weights, gradients and optimizer state")
+    p.add_argument("model", help="registry spec, name[:preset]")
+    p.add_argument("--seq", type=positive_int, nargs="+", required=True)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
+    p.add_argument("--weights", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32 master weights under autocast, or the weights themselves in bf16")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute each block in backward (the family's `checkpointing` key)")
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="> 0: the next-token loss N positions at a time (no full logits)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the rows, the "
+                   "machine and the command here")
+    p.set_defaults(func=memory)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except MuseError as exc:  # a user's mistake: one line, no traceback

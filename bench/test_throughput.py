@@ -16,6 +16,7 @@ import torch
 
 from muse import models
 from muse.harness.summary import describe
+from muse.measure.graphs import GraphCaptureError
 from muse.measure.memory import free_device_memory
 from muse.measure.phases import (
     FIXED_STEP_DTYPE,
@@ -113,13 +114,15 @@ class FixedStep:
         return self.batch * self.seq / self.stats.median_s
 
 
-def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0) -> FixedStep:
-    """`case`'s model under the fixed-tokens protocol, measured once per session and seq: a
-    baseline's figures serve every model matched to it, and its own test."""
-    key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk)
+def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0,
+               graphed: bool = False) -> FixedStep:
+    """`case`'s model under the fixed-tokens protocol (`graphed`: captured in a CUDA graph),
+    measured once per session and seq: a baseline's figures serve every model matched to it,
+    and its own test."""
+    key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk, graphed)
     if key not in cache:
         step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device,
-                                 loss_chunk)
+                                 loss_chunk, graphed)
         stats, peak = time_with_peak(step, case.device, WARMUP, ROUNDS)
         cache[key] = FixedStep(step.ids.shape[0], case.seq, stats, peak, step.last_loss.item())
         del step
@@ -165,3 +168,52 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
         "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
         "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes,
         "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk, "summary": True})
+
+
+def test_train_step_captured_in_a_cuda_graph(case, record, muse_session, pytestconfig):
+    """With --cuda-graphs: the fixed-tokens step replayed from a CUDA graph, its gain over the
+    same step launched op by op, and its ratio to the matched transformer's graphed step."""
+    if not pytestconfig.getoption("cuda_graphs"):
+        pytest.skip("--cuda-graphs not given: the captured step is not measured")
+    if case.device.type != "cuda":
+        pytest.skip(f"a CUDA graph needs CUDA; this run is on {case.device}")
+    tokens, chunk = pytestconfig.getoption("tokens_per_step"), pytestconfig.getoption("loss_chunk")
+    if case.seq > tokens:
+        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
+    cache = muse_session.cache
+    eager = fixed_step(case, tokens, cache, chunk)
+    try:
+        own = fixed_step(case, tokens, cache, chunk, graphed=True)
+    except GraphCaptureError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
+    facts = {"protocol": FIXED_STEP_PROTOCOL + ", captured in a CUDA graph",
+             "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s, "loss": own.loss}
+    rec = record(at, "graphed_step_tokens_per_s", own.tokens_per_s, "tokens/s",
+                 extra={**facts, "summary": True})
+    if own.peak_bytes is not None:
+        record(at, "graphed_step_peak_bytes", own.peak_bytes, "bytes", extra=facts)
+    record(at, "cuda_graph_gain", own.tokens_per_s / eager.tokens_per_s, "1",
+           extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
+    assert math.isfinite(own.loss), f"the training loss is {own.loss}: the step is not training"
+    assert math.isfinite(rec.value) and rec.value > 0, describe(rec)
+
+    base_name, base_preset = models.baseline_for(case.model, case.preset)
+    if (base_name, base_preset) == (case.model, case.preset):
+        return
+    base_spec = f"{base_name}:{base_preset}"
+    metric = f"graphed_step_speedup_vs_{base_name}"
+    try:
+        base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens, cache,
+                          chunk, graphed=True)
+    except (torch.OutOfMemoryError, GraphCaptureError) as exc:  # the baseline's limit
+        message = str(exc).splitlines()[0]
+        traceback.clear_frames(exc.__traceback__)
+        free_device_memory()
+        record(at, metric, None, "1", status="INCONCLUSIVE",
+               extra={"baseline": base_spec, "why": f"{base_spec}: {message}"})
+        return
+    record(at, metric, own.tokens_per_s / base.tokens_per_s, "1", extra={
+        "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
+        "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes, "summary": True})

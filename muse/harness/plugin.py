@@ -91,6 +91,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         " never whole (muse.layers.head), for every model alike; 0 (default): the full logits",
     )
     group.addoption(
+        "--cuda-graphs",
+        action="store_true",
+        help="throughput: also time the fixed-tokens step captured in a CUDA graph "
+        "(muse.measure.graphs), for every model and its matched transformer",
+    )
+    group.addoption(
         "--device",
         choices=("auto", "cuda", "cpu"),
         default="auto",

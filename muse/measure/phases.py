@@ -124,10 +124,15 @@ def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
 
 
 def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
-                      device: torch.device | str, loss_chunk: int = 0) -> TrainStep:
+                      device: torch.device | str, loss_chunk: int = 0, graphed: bool = False):
     """The protocol's training step of `model` on seeded random ids at `seq`; with
-    `loss_chunk` > 0 its loss's logits are made that many positions at a time."""
+    `loss_chunk` > 0 its loss's logits are made that many positions at a time; `graphed`:
+    captured in a CUDA graph (muse.measure.graphs), else a `TrainStep`."""
     batch = fixed_tokens_batch(tokens_per_step, seq)
     ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
-    return TrainStep(model, ids, torch_dtype(FIXED_STEP_DTYPE), fused=True,
-                     loss_chunk=loss_chunk)
+    dtype = torch_dtype(FIXED_STEP_DTYPE)
+    if graphed:
+        from muse.measure.graphs import GraphedTrainStep
+
+        return GraphedTrainStep(model, ids, dtype, loss_chunk=loss_chunk)
+    return TrainStep(model, ids, dtype, fused=True, loss_chunk=loss_chunk)

@@ -369,8 +369,10 @@ def _chunk_outputs(
     # carry-in: the product of every earlier group, then of the earlier totals of this group
     grp = chunk // G
     c0, c1, c2, c3, c4, c5, c6, c7 = _total(grp_ptr, grp - 1, B, b, C, col, grp)
+    # totals before this sub-chunk that exist: a program's last sub-chunks may lie past N
+    before = tl.minimum(chunk, NCH)
     for j in range(G):
-        t0, t1, t2, t3, t4, t5, t6, t7 = _total(tot_ptr, grp * G + j, B, b, C, col, chunk)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _total(tot_ptr, grp * G + j, B, b, C, col, before)
         c0, c1, c2, c3, c4, c5, c6, c7 = _combine(
             c0, c1, c2, c3, c4, c5, c6, c7, t0, t1, t2, t3, t4, t5, t6, t7
         )

@@ -161,8 +161,8 @@ class RealPart(nn.Module):
 
 class ComplexDiagonalRecurrence(nn.Module):
     """Planar x (B, N, 2·d_in) → h (B, N, 2·d_state): h_t = λ ⊙ h_{t−1} + γ ⊙ B x_t per channel,
-    λ = exp(−softplus(ν) + iω), B a ComplexLinear without bias, computed by the chunked complex
-    scan (ops.complex_scan).
+    λ = exp(−softplus(ν) + iω), B a ComplexLinear without bias, computed by the complex scan
+    (ops.complex_scan: the chunked PyTorch form, one Triton scan each way on CUDA).
 
     γ = √(1 − |λ|²) is the LRU's input normalisation (Orvieto et al. 2023): it keeps E|h|²
     near E|Bx|² whatever |λ|, where unnormalised a channel with |λ| = 0.999 would read out ~30×
@@ -192,7 +192,12 @@ class ComplexDiagonalRecurrence(nn.Module):
             carried = complex_mul(state[:, None].to(u.dtype), *(p.to(u.dtype) for p in lam))
             first = u[:, :1] + carried
             u = torch.cat((first, u[:, 1:]), dim=1)
-        h = complex_decayed_cumsum(u, log_mag, angle, self.chunk)
+        if u.is_cuda:  # one Triton launch each way instead of the chunked form's dozens of ops
+            from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
+
+            h = complex_decayed_cumsum_triton(u, log_mag, angle)
+        else:
+            h = complex_decayed_cumsum(u, log_mag, angle, self.chunk)
         if state is None:
             return h
         # carried in float32 at least, whatever precision this segment's path computed in

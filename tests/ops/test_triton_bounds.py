@@ -1,6 +1,7 @@
-"""Every Triton kernel of muse, run by the interpreter with a bounds check (triton_bounds.py):
-no masked-in load or store may touch memory outside the tensors its launch was given, at
-lengths that leave a program's last tiles past the end (N = 1, 2, 5, 9, 33, 100, 257)."""
+"""Every Triton kernel of muse (BK-Core, the decayed and the complex scans), run by the
+interpreter with a bounds check (triton_bounds.py): no masked-in load or store may touch memory
+outside the tensors its launch was given, at lengths that leave a program's last tiles past
+the end (N = 1, 2, 5, 9, 33, 100, 257)."""
 
 import importlib.util
 import json
@@ -20,6 +21,7 @@ SCRIPT = textwrap.dedent(
     triton_bounds.install()
     import torch
     from muse.ops.bk_core.triton import causal_backward_triton, causal_forward_triton
+    from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
 
     found = {}
@@ -38,6 +40,10 @@ SCRIPT = textwrap.dedent(
         linear_scan(u, -torch.rand(2, n), reverse=True)
         found[f"decayed scans {n}"] = list(triton_bounds.violations)
         triton_bounds.violations.clear()
+        planar = torch.randn(2, n, 2 * 40, requires_grad=True)
+        complex_decayed_cumsum_triton(planar, -torch.rand(40), torch.rand(40)).sum().backward()
+        found[f"complex scan {n}"] = list(triton_bounds.violations)
+        triton_bounds.violations.clear()
     print(json.dumps(found))
     """
 )
@@ -53,6 +59,6 @@ def test_no_triton_kernel_reads_or_writes_outside_its_tensors():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(found) == 21
+    assert len(found) == 28
     bad = {case: v for case, v in found.items() if v}
     assert not bad, bad

@@ -17,6 +17,7 @@ from pathlib import Path
 from muse.errors import MuseError, one_line
 from muse.harness.cases import positive_int
 from muse.harness.compare import parse_gate
+from muse.training.quality import nonnegative_int
 
 USAGE, DIVERGED = 2, 3
 
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each block in backward (the family's `checkpointing` key)")
-    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+    p.add_argument("--loss-chunk", type=nonnegative_int, default=0, metavar="N",
                    help="> 0: the next-token loss N positions at a time (no full logits)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the rows, the "

@@ -86,6 +86,8 @@ def test_a_criterion(muse_settings):
 COUNT_FREES = """
 import muse.measure.memory
 
+_original = muse.measure.memory.free_device_memory
+
 
 def _count():
     with open("frees.txt", "a") as f:
@@ -93,10 +95,16 @@ def _count():
 
 
 muse.measure.memory.free_device_memory = _count
+
+
+def pytest_unconfigure(config):  # the module outlives this run: later tests get it back whole
+    muse.measure.memory.free_device_memory = _original
 """
 
 BREAK_CONTEXT = """
 import muse.measure.memory
+
+_original = muse.measure.memory.free_device_memory
 
 
 def _broken():
@@ -104,6 +112,10 @@ def _broken():
 
 
 muse.measure.memory.free_device_memory = _broken
+
+
+def pytest_unconfigure(config):
+    muse.measure.memory.free_device_memory = _original
 """
 
 

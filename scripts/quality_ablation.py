@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 from muse import models
 from muse.fileio import atomic_write_text
-from muse.harness.results import environment_facts
+from muse.harness.results import environment_facts, git_facts
 from muse.training.data import encoded_split, get_tokenizer, load_corpus
 from muse.training.evaluate import load_model
 from muse.training.quality import EvalSplit, QualitySettings, score, scored_bytes
@@ -128,12 +127,13 @@ def main() -> None:
     device = str(resolve_device(args.device))
     settings = QualitySettings(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq,
                                batch_size=args.batch, dtype=args.dtype, device=device)
-    env = environment_facts()
+    env, git = environment_facts(), git_facts()
+    sha = (git["sha"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
     head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "
             f"tokens) per run, lr {args.lr}, {args.dtype}, seeds {args.seeds}, tokenizer "
             f"{args.tokenizer} on {Path(args.corpus).name}; {device} "
             f"({(env.get('gpu_names') or ['CPU'])[0]}), torch {env['torch']}, triton "
-            f"{env['triton']}, commit {os.environ.get('MUSE_GIT_SHA', '?')[:7]}. ΔPPL against "
+            f"{env['triton']}, commit {sha}. ΔPPL against "
             f"the first row (per seed, then the mean).\n\n`{' '.join(sys.argv)}`")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def main() -> None:
             flush=True)
         # rewritten after every variant: a run stopped at its time limit keeps what it finished
         text = table(rows, list(splits), head)
-        doc = dict(command=" ".join(sys.argv), git_sha=os.environ.get("MUSE_GIT_SHA"),
+        doc = dict(command=" ".join(sys.argv), git_sha=git["sha"], git_dirty=git["dirty"],
                    environment=env, steps=steps, settings=vars(args), rows=rows,
                    complete=len(rows) == len(args.variants))
         atomic_write_text(out.with_suffix(".json"),

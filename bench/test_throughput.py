@@ -130,44 +130,59 @@ def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0,
     return cache[key]
 
 
-def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestconfig):
-    tokens = pytestconfig.getoption("tokens_per_step")
-    if case.seq > tokens:
-        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}: no whole "
-                    "sequence fits a step")
-    chunk = pytestconfig.getoption("loss_chunk")
-    own = fixed_step(case, tokens, muse_session.cache, chunk)
-    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
-    facts = {"protocol": FIXED_STEP_PROTOCOL, "tokens_per_step": own.batch * own.seq,
-             "loss_chunk": chunk,
-             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
-             "rounds": own.stats.rounds, "loss": own.loss}
-    rec = record(at, "fixed_step_tokens_per_s", own.tokens_per_s, "tokens/s",
+def record_step(at, prefix: str, own: FixedStep, facts: dict, record):
+    """`<prefix>_tokens_per_s` and `<prefix>_peak_bytes` of a measured step; fails the test
+    when the step did not train or measured nothing."""
+    rec = record(at, f"{prefix}_tokens_per_s", own.tokens_per_s, "tokens/s",
                  extra={**facts, "summary": True})
     if own.peak_bytes is not None:
-        record(at, "fixed_step_peak_bytes", own.peak_bytes, "bytes", extra=facts)
+        record(at, f"{prefix}_peak_bytes", own.peak_bytes, "bytes", extra=facts)
     assert math.isfinite(own.loss), f"the training loss is {own.loss}: the step is not training"
     assert math.isfinite(rec.value) and rec.value > 0, describe(rec)
 
+
+def record_ratio_to_baseline(case, at, prefix: str, own: FixedStep, tokens: int, cache: dict,
+                             chunk: int, record, graphed: bool = False) -> None:
+    """`<prefix>_speedup_vs_transformer`: against the matched transformer measured the same way.
+    The baseline's own limit (out of memory, or a step a graph cannot hold) leaves the ratio
+    INCONCLUSIVE; it never fails the model."""
     base_name, base_preset = models.baseline_for(case.model, case.preset)
     if (base_name, base_preset) == (case.model, case.preset):
         return  # the baseline itself: its ratio is 1 by definition
-    metric = f"fixed_step_speedup_vs_{base_name}"
+    metric = f"{prefix}_speedup_vs_{base_name}"
     base_spec = f"{base_name}:{base_preset}"
     try:
-        base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens,
-                          muse_session.cache, chunk)
-    except torch.OutOfMemoryError as exc:  # the baseline's limit, not the model's
+        base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens, cache,
+                          chunk, **({"graphed": True} if graphed else {}))
+    except (torch.OutOfMemoryError, GraphCaptureError) as exc:
         message = str(exc).splitlines()[0]
+        why = (f"{base_spec} ran out of memory: {message}"
+               if isinstance(exc, torch.OutOfMemoryError) else f"{base_spec}: {message}")
         traceback.clear_frames(exc.__traceback__)
         free_device_memory()
-        record(at, metric, None, "1", status="INCONCLUSIVE", extra={
-            "baseline": base_spec, "why": f"{base_spec} ran out of memory: {message}"})
+        record(at, metric, None, "1", status="INCONCLUSIVE",
+               extra={"baseline": base_spec, "why": why})
         return
     record(at, metric, own.tokens_per_s / base.tokens_per_s, "1", extra={
         "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
         "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes,
         "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk, "summary": True})
+
+
+def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestconfig):
+    tokens = pytestconfig.getoption("tokens_per_step")
+    if case.seq > tokens:
+        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}: no whole "
+                    "sequence fits a step")
+    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
+    own = fixed_step(case, tokens, cache, chunk)
+    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
+    facts = {"protocol": FIXED_STEP_PROTOCOL, "tokens_per_step": own.batch * own.seq,
+             "loss_chunk": chunk,
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
+             "rounds": own.stats.rounds, "loss": own.loss}
+    record_step(at, "fixed_step", own, facts, record)
+    record_ratio_to_baseline(case, at, "fixed_step", own, tokens, cache, chunk, record)
 
 
 def test_train_step_captured_in_a_cuda_graph(case, record, muse_session, pytestconfig):
@@ -177,10 +192,10 @@ def test_train_step_captured_in_a_cuda_graph(case, record, muse_session, pytestc
         pytest.skip("--cuda-graphs not given: the captured step is not measured")
     if case.device.type != "cuda":
         pytest.skip(f"a CUDA graph needs CUDA; this run is on {case.device}")
-    tokens, chunk = pytestconfig.getoption("tokens_per_step"), pytestconfig.getoption("loss_chunk")
+    tokens = pytestconfig.getoption("tokens_per_step")
     if case.seq > tokens:
         pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
-    cache = muse_session.cache
+    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
     eager = fixed_step(case, tokens, cache, chunk)
     try:
         own = fixed_step(case, tokens, cache, chunk, graphed=True)
@@ -189,31 +204,10 @@ def test_train_step_captured_in_a_cuda_graph(case, record, muse_session, pytestc
     at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
     facts = {"protocol": FIXED_STEP_PROTOCOL + ", captured in a CUDA graph",
              "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
-             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s, "loss": own.loss}
-    rec = record(at, "graphed_step_tokens_per_s", own.tokens_per_s, "tokens/s",
-                 extra={**facts, "summary": True})
-    if own.peak_bytes is not None:
-        record(at, "graphed_step_peak_bytes", own.peak_bytes, "bytes", extra=facts)
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
+             "rounds": own.stats.rounds, "loss": own.loss}
+    record_step(at, "graphed_step", own, facts, record)
     record(at, "cuda_graph_gain", own.tokens_per_s / eager.tokens_per_s, "1",
            extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
-    assert math.isfinite(own.loss), f"the training loss is {own.loss}: the step is not training"
-    assert math.isfinite(rec.value) and rec.value > 0, describe(rec)
-
-    base_name, base_preset = models.baseline_for(case.model, case.preset)
-    if (base_name, base_preset) == (case.model, case.preset):
-        return
-    base_spec = f"{base_name}:{base_preset}"
-    metric = f"graphed_step_speedup_vs_{base_name}"
-    try:
-        base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens, cache,
-                          chunk, graphed=True)
-    except (torch.OutOfMemoryError, GraphCaptureError) as exc:  # the baseline's limit
-        message = str(exc).splitlines()[0]
-        traceback.clear_frames(exc.__traceback__)
-        free_device_memory()
-        record(at, metric, None, "1", status="INCONCLUSIVE",
-               extra={"baseline": base_spec, "why": f"{base_spec}: {message}"})
-        return
-    record(at, metric, own.tokens_per_s / base.tokens_per_s, "1", extra={
-        "baseline": base_spec, "baseline_tokens_per_s": base.tokens_per_s,
-        "peak_bytes": own.peak_bytes, "baseline_peak_bytes": base.peak_bytes, "summary": True})
+    record_ratio_to_baseline(case, at, "graphed_step", own, tokens, cache, chunk, record,
+                             graphed=True)

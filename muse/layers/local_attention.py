@@ -85,6 +85,15 @@ def rotary_local_attention(q, k, v, window: int, base: float, past=None):
     return y, (k_all[:, :, start:], v_all[:, :, start:])
 
 
+def empty_kv(batch: int, n_heads: int, head_dim: int, ref: torch.Tensor, device=None,
+             dtype=None) -> dict:
+    """The key/value cache before any token: {"k", "v"}, each (B, H, 0, D_h), on `ref`'s device
+    and dtype unless told otherwise."""
+    empty = torch.zeros(batch, n_heads, 0, head_dim, device=device or ref.device,
+                        dtype=dtype or ref.dtype)
+    return {"k": empty, "v": empty.clone()}
+
+
 class SlidingWindowAttention(nn.Module):
     """(B, N, D) → (B, N, D): its own q, k, v and output projections, rotary positions,
     `rotary_local_attention` per head. Streams with the window's keys and values."""
@@ -100,10 +109,7 @@ class SlidingWindowAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        ref = self.qkv.weight
-        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device or ref.device,
-                            dtype=dtype or ref.dtype)
-        return {"k": empty, "v": empty.clone()}
+        return empty_kv(batch, self.n_heads, self.head_dim, self.qkv.weight, device, dtype)
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         bsz, n, _ = x.shape

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.local_attention import empty_kv
 from muse.layers.mlp import MLP, SwiGLU
 from muse.layers.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
 from muse.models.common import StreamingLM
@@ -77,10 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        ref = self.qkv.weight
-        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device or ref.device,
-                            dtype=dtype or ref.dtype)
-        return {"k": empty, "v": empty.clone()}
+        return empty_kv(batch, self.n_heads, self.head_dim, self.qkv.weight, device, dtype)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None):
         """x (B, n, D) → (B, n, D); with `cache` (the keys and values before x), also the cache

@@ -128,26 +128,26 @@ class Phase3Block(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
-        carried, z = state, self.ln_rec(x)
-        if carried is None:
+        z = self.ln_rec(x)
+        if state is None:
             h = self.rec(z)
         else:
-            h, last = self.rec(z, carried["h"])
-            state = {"h": last}
+            h, last = self.rec(z, state["h"])
+            new = {"h": last}
         y = self.act_rec(self.rec_out(h))
         if self.gate is not None:
             g = F.silu(self.gate(z))
             y = y * torch.cat((g, g), dim=-1).to(y.dtype)
         x = x + y
         if self.local is not None:
-            if carried is None:
+            if state is None:
                 x = x + self.local(self.ln_local(x))
             else:
-                y, state["local"] = self.local(self.ln_local(x), carried["local"])
+                y, new["local"] = self.local(self.ln_local(x), state["local"])
                 x = x + y
         if self.up is not None:
             x = x + self.down(self.act_ffn(self.up(self.ln_ffn(x))))
-        return x if state is None else (x, state)
+        return x if state is None else (x, new)
 
 
 def _planar(z: torch.Tensor) -> torch.Tensor:
@@ -197,14 +197,13 @@ class Phase3LM(StreamingLM):
                     if layer is not None:
                         layer.reset_parameters(std / math.sqrt(2 * config.n_layers))
                 # the real layers as the transformer's: N(0, 0.02), the residual write scaled
-                for layer in (block.gate, block.local and block.local.qkv):
-                    if layer is not None:
-                        nn.init.normal_(layer.weight, std=0.02)
+                if block.gate is not None:
+                    nn.init.normal_(block.gate.weight, std=0.02)
+                    nn.init.zeros_(block.gate.bias)
                 if block.local is not None:
+                    nn.init.normal_(block.local.qkv.weight, std=0.02)
                     nn.init.normal_(block.local.out.weight,
                                     std=0.02 / math.sqrt(2 * config.n_layers))
-                if block.gate is not None:
-                    nn.init.zeros_(block.gate.bias)
 
     def output_table(self) -> torch.Tensor:
         return self.embed.real.weight

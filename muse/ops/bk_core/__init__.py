@@ -21,8 +21,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         return True
     if backend != "auto":
         raise ValueError(f"backend must be 'auto', 'scan' or 'triton', got {backend!r}")
-    # one position (a decode step) has no coupling to scan: g = 1/α, one PyTorch op
-    return x.is_cuda and x.dtype == torch.complex64 and x.shape[1] > 1
+    return x.is_cuda and x.dtype == torch.complex64
 
 
 class _CausalBK(torch.autograd.Function):

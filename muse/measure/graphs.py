@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from muse.measure.phases import lm_loss
+from muse.measure.phases import training_loss
 
 WARMUP = 3  # eager steps on a side stream first: lazy init, Triton compiles, optimizer state
 
@@ -59,10 +59,7 @@ class GraphedTrainStep:
         # autocast's cast cache would keep tensors made outside the graph: off under capture
         with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32,
                             cache_enabled=False):
-            if self.loss_chunk:
-                loss = self.model(self.ids, loss_chunk=self.loss_chunk)
-            else:
-                loss = lm_loss(self.model(self.ids), self.ids)
+            loss = training_loss(self.model, self.ids, self.loss_chunk)
         loss.backward()
         self.optimizer.step()
         return loss.detach()

@@ -47,6 +47,14 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(wide(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
 
 
+def training_loss(model: nn.Module, ids: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+    """`lm_loss` of the model on ids; with `loss_chunk` > 0 the model makes it itself, that many
+    positions' logits at a time (layers.head), so the full logits never exist."""
+    if loss_chunk:
+        return model(ids, loss_chunk=loss_chunk)
+    return lm_loss(model(ids), ids)
+
+
 def forward_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
     """Inference forward with the weights themselves in `dtype` (how a model is served)."""
     model.to(dtype=dtype).eval()
@@ -79,10 +87,7 @@ class TrainStep:
 
     def __call__(self) -> None:
         with autocast(self.device, self.dtype):
-            if self.loss_chunk:
-                loss = self.model(self.ids, loss_chunk=self.loss_chunk)
-            else:
-                loss = lm_loss(self.model(self.ids), self.ids)
+            loss = training_loss(self.model, self.ids, self.loss_chunk)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()

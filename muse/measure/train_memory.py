@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from muse.measure.memory import peak_memory
-from muse.measure.phases import autocast, lm_loss, random_ids
+from muse.measure.phases import autocast, random_ids, training_loss
 
 OPTIMIZERS = ("adamw", "adafactor")
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -77,10 +77,7 @@ def train_step_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype,
                   optimizer: torch.optim.Optimizer, loss_chunk: int = 0):
     def step() -> torch.Tensor:
         with autocast(ids.device, dtype):
-            if loss_chunk:
-                loss = model(ids, loss_chunk=loss_chunk)
-            else:
-                loss = lm_loss(model(ids), ids)
+            loss = training_loss(model, ids, loss_chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 BLOCK_N = 64  # positions per tile
 BLOCK_R = 32  # complex channels per program; 8 when there are few, for more programs
-TWO_PI: tl.constexpr = 6.283185307179586
+TWO_PI = tl.constexpr(6.283185307179586)  # a jit function reads only constexpr globals
 
 
 @triton.jit

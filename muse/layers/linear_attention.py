@@ -59,9 +59,16 @@ def linear_attention_naive(q, k, v, state=None, eps: float = EPS):
 def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = EPS):
     """Same contract as `linear_attention_naive`. The carried state and the normaliser are
     kept in float32 at least: without a decay they grow with every token, and in bf16 a sum
-    over thousands of tokens stops changing."""
+    over thousands of tokens stops changing. fp16 inputs are computed in float32 throughout."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+    if q.dtype == torch.float16:
+        # the unnormalised sums φ(q)·φ(k) over a chunk pass fp16's 65,504 at a few thousand
+        # tokens (bf16 has float32's range): fp16 inputs are worked in float32, autocast or not
+        with torch.autocast(q.device.type, enabled=False):
+            out, state = linear_attention_chunked(q.float(), k.float(), v.float(), state,
+                                                  chunk, eps)
+        return out.to(v.dtype), state
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
     acc = torch.promote_types(q.dtype, torch.float32)

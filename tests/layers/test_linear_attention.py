@@ -76,6 +76,23 @@ def test_bf16_inputs_keep_a_float32_state():
     torch.testing.assert_close(y.double(), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16", "fp16-autocast"])
+def test_fp16_inputs_whose_sums_pass_fp16s_range_stay_finite(autocast):
+    # φ(q)·φ(k) ≈ 64·16² per pair: a chunk of 64 of them is ~1e6, past fp16's 65,504
+    g = torch.Generator().manual_seed(0)
+    q, k = (elu_feature(15 + torch.randn(1, 2, 256, 64, generator=g, dtype=torch.float64))
+            for _ in range(2))
+    v = torch.randn(1, 2, 256, 8, generator=g, dtype=torch.float64)
+    half = [t.half().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        y, (s, z) = linear_attention_chunked(*half, chunk=64)
+    assert y.dtype == torch.float16 and s.dtype == z.dtype == torch.float32
+    want, _ = linear_attention_naive(*(t.detach().double() for t in half))
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-3)  # fp16's step near |v| ≈ 3
+    y.float().square().sum().backward()
+    assert all(t.grad.isfinite().all() for t in half)
+
+
 def test_module_streams_exactly_with_conv_and_gate():
     torch.manual_seed(0)
     layer = CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, chunk=8).double()

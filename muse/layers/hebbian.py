@@ -158,7 +158,7 @@ class DissipativeHebbian(nn.Module):
     The read-out options close the gap to attention the way gated linear-attention models do
     (QUALITY.md): `conv` a short causal conv + SiLU on q, k, v; `qk_norm="l2"` unit q and k
     (default "k": unit keys only); `decay="mamba2"` Γ_t = A·softplus(w·x_t + b) with A spread
-    over [1, 16] and softplus(b) log-uniform in [1e-3, 0.1] (default "softplus": Γ_t =
+    over [1, 16] and softplus(b) log-uniform in `dt_range` (default [1e-3, 0.1]; "softplus": Γ_t =
     softplus(w·x_t + b), b spread by `gamma_init`); `out_gate` a per-head RMSNorm with a gain,
     times SiLU(W_g x); `local_window` w > 0 adds exact softmax attention over the last w tokens
     on the same q, k, v (rotary positions), mixed per head and token with the fast-weight
@@ -170,7 +170,8 @@ class DissipativeHebbian(nn.Module):
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
                  gamma_init: tuple[float, float] = (-9.0, -3.0), conv: int = 0,
                  qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
-                 local_window: int = 0, rope_base: float = 10000.0, delta: bool = False):
+                 local_window: int = 0, rope_base: float = 10000.0, delta: bool = False,
+                 dt_range: tuple[float, float] = (1e-3, 0.1)):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
@@ -202,7 +203,10 @@ class DissipativeHebbian(nn.Module):
                 self.gamma.bias.copy_(torch.linspace(*map(float, gamma_init), n_heads))
             else:
                 # Mamba2's start: per-step decays e^{−A·dt} from ≈ 0.2 to ≈ 1 across heads
-                step = torch.exp(torch.linspace(math.log(1e-3), math.log(0.1), n_heads))
+                lo, hi = map(float, dt_range)
+                if not 0 < lo <= hi:
+                    raise ValueError(f"hebbian dt_range must be 0 < low ≤ high, got {dt_range}")
+                step = torch.exp(torch.linspace(math.log(lo), math.log(hi), n_heads))
                 self.gamma.bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus⁻¹
         if decay == "mamba2":
             self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, n_heads)))

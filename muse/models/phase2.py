@@ -61,6 +61,8 @@ class Phase2Config(FFNConfig):
     hebbian_conv: int = 4  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
     hebbian_qk_norm: str = "l2"  # "k": unit keys; "l2": unit queries and keys
     hebbian_decay: str = "mamba2"  # "softplus" (Γ spread by gamma_init) or "mamba2"
+    # mamba2: softplus(b) log-uniform over the heads at init (per-step rates; 1/rate tokens)
+    hebbian_dt_range: tuple[float, float] = (1e-3, 0.1)
     hebbian_out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x)
     hebbian_delta: bool = True  # erase before write: the gated delta rule (ops.delta_rule)
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
@@ -153,6 +155,7 @@ class Phase2Block(nn.Module):
             out_gate=config.hebbian_out_gate,
             local_window=config.local_window,
             delta=config.hebbian_delta,
+            dt_range=tuple(config.hebbian_dt_range),
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

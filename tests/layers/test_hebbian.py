@@ -131,12 +131,16 @@ def test_layer_is_causal_and_every_parameter_learns(options):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
-def test_mamba2_decay_starts_spread_from_slow_to_fast():
-    m = DissipativeHebbian(d_model=16, n_heads=4, head_dim=8, decay="mamba2")
+@pytest.mark.parametrize("dt_range", [None, (1e-5, 0.1)])
+def test_mamba2_decay_starts_spread_from_slow_to_fast(dt_range):
+    extra = {} if dt_range is None else {"dt_range": dt_range}
+    m = DissipativeHebbian(d_model=16, n_heads=4, head_dim=8, decay="mamba2", **extra)
     with torch.no_grad():
         per_step = torch.exp(m.log_decay(torch.zeros(1, 1, 16)))[0, 0]
-    # A·softplus(b): 1·1e-3 on the first head, 16·0.1 on the last
-    assert torch.allclose(per_step[[0, -1]], torch.exp(-torch.tensor([1e-3, 1.6])), rtol=1e-5)
+    # A·softplus(b): 1·low on the first head, 16·high on the last
+    low, high = dt_range or (1e-3, 0.1)
+    want = torch.exp(-torch.tensor([low, 16 * high]))
+    assert torch.allclose(per_step[[0, -1]], want, rtol=1e-5)
     assert (per_step.diff() < 0).all()
 
 
@@ -144,6 +148,7 @@ def test_mamba2_decay_starts_spread_from_slow_to_fast():
     (dict(decay="exp"), "decay must be one of"),
     (dict(qk_norm="q"), "qk_norm must be one of"),
     (dict(conv=-1), "conv and local_window must be ≥ 0"),
+    (dict(decay="mamba2", dt_range=(0.1, 1e-3)), "dt_range must be 0 < low ≤ high"),
 ])
 def test_bad_read_out_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

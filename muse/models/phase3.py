@@ -7,7 +7,8 @@ the same d_model and, in bf16, half the bytes of complex64.
 Block: z → complex LN → causal complex diagonal recurrence h_t = λ ⊙ h_{t−1} + γ ⊙ B z_t,
 λ = exp(−softplus(ν) + iω) per state channel (d_state of them, chunked scan, ops.complex_scan)
 → ComplexLinear(d_state → D) → ModReLU → +; then z → complex LN → ComplexLinear(D → d_ff) →
-ModReLU → ComplexLinear(d_ff → D) → + (the FFN; d_ff = 0 leaves it out). Output: complex LN,
+ModReLU → ComplexLinear(d_ff → D) → + (the FFN; d_ff = 0 leaves it out; `real_ffn` makes it a
+real GELU MLP on the planar stream). Output: complex LN,
 real part, → Linear(D → V) tied to the real embedding table. ComplexEmbedding: two tables.
 
 A complex linear map holds half the real parameters of a real one of the same real width, so
@@ -41,6 +42,7 @@ from muse.layers.complex import (
     modrelu_reference,
 )
 from muse.layers.local_attention import SlidingWindowAttention
+from muse.layers.mlp import MLP
 from muse.models.common import INITS, StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
@@ -67,6 +69,9 @@ class Phase3Config(StrictConfig):
     local_window: int = 0
     local_heads: int = 2
     local_head_dim: int = 64
+    # the FFN a real GELU MLP on the planar stream (LayerNorm → D → d_ff → D), the same real
+    # parameters as the complex FFN: what a ModReLU FFN costs the model
+    real_ffn: bool = False
 
     def __post_init__(self) -> None:
         self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk",
@@ -82,6 +87,8 @@ class Phase3Config(StrictConfig):
             raise ValueError(f"d_ff must be an integer ≥ 0 (0: no FFN), got {self.d_ff!r}")
         if self.chunk < 2:
             raise ValueError(f"chunk must be ≥ 2, got {self.chunk!r}")
+        if not isinstance(self.real_ffn, bool):
+            raise ValueError(f"real_ffn must be true or false, got {self.real_ffn!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         low, high = self.decay_range
@@ -111,13 +118,15 @@ class Phase3Block(nn.Module):
             if window
             else None
         )
-        if config.d_ff:
+        self.ln_ffn = self.up = self.act_ffn = self.down = self.ffn = None
+        if config.d_ff and config.real_ffn:
+            self.ln_ffn = nn.LayerNorm(config.d_model)
+            self.ffn = MLP(d_model=config.d_model, d_ff=config.d_ff)
+        elif config.d_ff:
             self.ln_ffn = ComplexLayerNorm(d)
             self.up = ComplexLinear(d, config.d_ff)
             self.act_ffn = ModReLU(config.d_ff)
             self.down = ComplexLinear(config.d_ff, d)
-        else:
-            self.ln_ffn = self.up = self.act_ffn = self.down = None
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
         ref = self.rec.nu
@@ -147,6 +156,8 @@ class Phase3Block(nn.Module):
                 x = x + y
         if self.up is not None:
             x = x + self.down(self.act_ffn(self.up(self.ln_ffn(x))))
+        if self.ffn is not None:
+            x = x + self.ffn(self.ln_ffn(x))
         return x if state is None else (x, new)
 
 
@@ -171,6 +182,8 @@ def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
     if block.up is not None:
         up = complex_linear_reference(complex_layer_norm_reference(z, block.ln_ffn), block.up)
         z = z + complex_linear_reference(modrelu_reference(up, block.act_ffn), block.down)
+    if block.ffn is not None:
+        z = z + torch.complex(*block.ffn(block.ln_ffn(_planar(z))).chunk(2, dim=-1))
     return z
 
 
@@ -200,6 +213,12 @@ class Phase3LM(StreamingLM):
                 if block.gate is not None:
                     nn.init.normal_(block.gate.weight, std=0.02)
                     nn.init.zeros_(block.gate.bias)
+                if block.ffn is not None:
+                    nn.init.normal_(block.ffn.up.weight, std=0.02)
+                    nn.init.normal_(block.ffn.down.weight,
+                                    std=0.02 / math.sqrt(2 * config.n_layers))
+                    nn.init.zeros_(block.ffn.up.bias)
+                    nn.init.zeros_(block.ffn.down.bias)
                 if block.local is not None:
                     nn.init.normal_(block.local.qkv.weight, std=0.02)
                     nn.init.normal_(block.local.out.weight,

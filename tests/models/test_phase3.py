@@ -11,7 +11,8 @@ from muse.models.phase3 import block_memory, block_reference
 
 
 @pytest.mark.parametrize("extra", [{"d_ff": 0}, {"d_ff": 24}, {"gate": True},
-                                   {"local_window": 4, "local_heads": 2, "local_head_dim": 8}])
+                                   {"local_window": 4, "local_heads": 2, "local_head_dim": 8},
+                                   {"real_ffn": True, "gate": True}])
 def test_planar_block_equals_the_complex128_block(extra):
     torch.manual_seed(0)
     m = models.build("phase3", "tiny", vocab_size=97, chunk=4, **extra).double()
@@ -44,6 +45,7 @@ def test_planar_bf16_saves_at_most_about_half_of_complex64():
     ({"chunk": 1}, "chunk must be ≥ 2, got 1"),
     ({"decay_range": (0.1, 0.01)}, "decay_range"),
     ({"init": "xavier"}, "init must be one of"),
+    ({"real_ffn": 1}, "real_ffn must be true or false, got 1"),
 ])
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):

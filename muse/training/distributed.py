@@ -120,8 +120,12 @@ def join(device: torch.device, parallel: str) -> tuple[Ranks, torch.device]:
     return Ranks(rank, world, parallel, dist.get_backend(), owns), device
 
 
-def leave(ranks: Ranks) -> None:
+def leave(ranks: Ranks, finished: bool) -> None:
     if ranks.owns_group and dist.is_initialized():
+        if finished:
+            # no rank tears the group down while another still works in it: gloo aborts a
+            # process whose peer closes the connections under it (a failed rank cannot wait)
+            dist.barrier()
         dist.destroy_process_group()
 
 

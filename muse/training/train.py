@@ -510,13 +510,16 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     """
     checked = check(cfg, resume, overwrite)
     ranks, checked.device = distributed.join(checked.device, cfg.parallel)
+    finished = False
     try:
         held = (RunDir(checked.out, resume=resume is not None, overwrite=overwrite)
                 if ranks.main else contextlib.nullcontext())
         with held, Signals() as signals:
-            return Trainer(cfg, checked, ranks, signals, resume).fit()
+            result = Trainer(cfg, checked, ranks, signals, resume).fit()
+        finished = True
+        return result
     finally:
-        distributed.leave(ranks)
+        distributed.leave(ranks, finished)
 
 
 def _wandb_run(cfg: TrainConfig, out: Path):

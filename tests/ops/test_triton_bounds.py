@@ -1,7 +1,7 @@
 """Every Triton kernel of muse (BK-Core, the decayed and the complex scans), run by the
 interpreter with a bounds check (triton_bounds.py): no masked-in load or store may touch memory
 outside the tensors its launch was given, at lengths that leave a program's last tiles past
-the end (N = 1, 2, 5, 9, 33, 100, 257)."""
+the end (triton_workload.py's launches, N = 1 … 257)."""
 
 import importlib.util
 import json
@@ -17,33 +17,16 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    import triton_bounds
+    import triton_bounds, triton_workload
     triton_bounds.install()
-    import torch
-    from muse.ops.bk_core.triton import causal_backward_triton, causal_forward_triton
-    from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
-    from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
 
     found = {}
-    for n in (1, 2, 5, 9, 33, 100, 257):
-        torch.manual_seed(n)
-        a = torch.complex(torch.randn(2, n, 3), -torch.rand(2, n, 3) - 0.5)
-        k = torch.rand(2, max(n - 1, 0), 3) + 0.25
-        g = causal_forward_triton(a, k)
-        found[f"bk_core forward {n}"] = list(triton_bounds.violations)
+
+    def take(case):
+        found[case] = list(triton_bounds.violations)
         triton_bounds.violations.clear()
-        causal_backward_triton(g, k, torch.randn_like(g))
-        found[f"bk_core backward {n}"] = list(triton_bounds.violations)
-        triton_bounds.violations.clear()
-        u, log_decay = torch.randn(2, n, 5), -torch.rand(5)
-        decayed_cumsum_triton(u, log_decay)
-        linear_scan(u, -torch.rand(2, n), reverse=True)
-        found[f"decayed scans {n}"] = list(triton_bounds.violations)
-        triton_bounds.violations.clear()
-        planar = torch.randn(2, n, 2 * 40, requires_grad=True)
-        complex_decayed_cumsum_triton(planar, -torch.rand(40), torch.rand(40)).sum().backward()
-        found[f"complex scan {n}"] = list(triton_bounds.violations)
-        triton_bounds.violations.clear()
+
+    triton_workload.exercise(take)
     print(json.dumps(found))
     """
 )

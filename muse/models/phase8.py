@@ -6,7 +6,8 @@ Block: x → LN → causal linear attention φ(q)ᵀ(Σ φ(k) vᵀ) / φ(q)·Σ 
 The mixer keeps the specified feature map and normaliser; around it sit the read-out pieces
 that made the MUSE mixers learn (reports/quality): a short causal conv on q, k, v (`conv`), a
 per-head RMSNorm with a gain times SiLU(W_g x) on the output (`out_gate`), GPT-2 init (`init`).
-Neither changes what is mixed across tokens: that stays causal linear attention.
+Neither changes what is mixed across tokens: that stays causal linear attention. `local_window`
+adds exact softmax attention over the last w tokens as a sublayer of its own (off by default).
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's S (Dk × Dv), z (Dk) and
 conv tail across segments, exactly. `backend` picks the kernel: "torch" (chunked, anywhere),
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from muse.layers.embedding import dense_embedding
 from muse.layers.linear_attention import BACKENDS, CausalLinearAttention
+from muse.layers.local_attention import SlidingWindowAttention
 from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
 from muse.models.config import FFNConfig
@@ -44,6 +46,11 @@ class Phase8Config(FFNConfig):
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
+    # w > 0: a sliding-window softmax attention sublayer after the mixer (Based's pairing of
+    # linear attention with exact local attention), local_heads × local_head_dim wide
+    local_window: int = 0
+    local_heads: int = 2
+    local_head_dim: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +62,11 @@ class Phase8Config(FFNConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.conv, int) or isinstance(self.conv, bool) or self.conv < 0:
             raise ValueError(f"conv must be an integer ≥ 0 (0: none), got {self.conv!r}")
+        if (not isinstance(self.local_window, int) or isinstance(self.local_window, bool)
+                or self.local_window < 0):
+            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
+                             f"{self.local_window!r}")
+        self.require_positive_ints("local_heads", "local_head_dim")
 
 
 class Phase8Block(nn.Module):
@@ -66,20 +78,33 @@ class Phase8Block(nn.Module):
             d_model=d, n_heads=config.n_heads, head_dim=config.head_dim, chunk=config.chunk,
             backend=config.backend, conv=config.conv, out_gate=config.out_gate,
         )
+        window = config.local_window
+        self.ln_local = nn.LayerNorm(d) if window else None
+        self.local = (SlidingWindowAttention(d_model=d, n_heads=config.local_heads,
+                                             head_dim=config.local_head_dim, window=window)
+                      if window else None)
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(config.ffn, d_model=d, d_ff=config.d_ff,
                             n_experts=config.moe_experts, top_k=config.moe_top_k)
 
     def init_state(self, batch: int, device=None, dtype=None) -> dict:
-        return self.attn.init_state(batch, device, dtype)
+        state = self.attn.init_state(batch, device, dtype)
+        if self.local is not None:
+            state["local"] = self.local.init_state(batch, device, dtype)
+        return state
 
     def forward(self, x, state: dict | None = None):
         if state is None:
             x = x + self.attn(self.ln_attn(x))
+            if self.local is not None:
+                x = x + self.local(self.ln_local(x))
             return x + self.ffn(self.ln_ffn(x))
-        h, state = self.attn(self.ln_attn(x), state)
+        h, new = self.attn(self.ln_attn(x), state)
         x = x + h
-        return x + self.ffn(self.ln_ffn(x)), state
+        if self.local is not None:
+            h, new["local"] = self.local(self.ln_local(x), state["local"])
+            x = x + h
+        return x + self.ffn(self.ln_ffn(x)), new
 
 
 class Phase8LM(StreamingLM):

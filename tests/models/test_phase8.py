@@ -19,6 +19,8 @@ def test_plain_linear_attention_has_no_conv_and_no_gate():
     ({"conv": -1}, "conv must be an integer"),
     ({"init": "xavier"}, "init must be one of"),
     ({"chunk": 0}, "chunk must be a positive integer"),
+    ({"local_window": -1}, "local_window must be an integer ≥ 0"),
+    ({"local_window": 8, "local_heads": 0}, "local_heads must be a positive integer"),
 ])
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.ops.complex_scan import complex_decayed_cumsum
+from muse.ops.complex_scan.selective import complex_selective_scan
 
 
 def to_planar(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -170,20 +171,35 @@ class ComplexDiagonalRecurrence(nn.Module):
     ω uniform in [0, max_phase] (the LRU's ring initialisation, max phase π/10)."""
 
     def __init__(self, d_in: int, d_state: int, chunk: int = 64,
-                 decay_range: tuple[float, float] = (1e-3, 0.1), max_phase: float = math.pi / 10):
+                 decay_range: tuple[float, float] = (1e-3, 0.1), max_phase: float = math.pi / 10,
+                 selective_rank: int = 0):
         super().__init__()
         self.d_state, self.chunk = d_state, chunk
         self.proj_in = ComplexLinear(d_in, d_state, bias=False)
         rate = torch.exp(torch.empty(d_state).uniform_(*map(math.log, decay_range)))
         self.nu = nn.Parameter(rate + torch.log(-torch.expm1(-rate)))  # softplus⁻¹(rate)
         self.omega = nn.Parameter(torch.empty(d_state).uniform_(0.0, max_phase))
+        # selective_rank > 0: |λ_t| = exp(−softplus(ν + W₂W₁ x_t)), chosen by the input through
+        # a rank-r map (Mamba's Δ); W₂ = 0 at init, so the layer starts time-invariant
+        self.select = (nn.Sequential(nn.Linear(2 * d_in, selective_rank, bias=False),
+                                     nn.Linear(selective_rank, d_state, bias=False))
+                       if selective_rank else None)
+        if self.select is not None:
+            nn.init.zeros_(self.select[1].weight)
 
-    def log_decay(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log|λ|, arg λ), each (d_state,)."""
-        return -F.softplus(self.nu), self.omega
+    def log_decay(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log|λ|, arg λ): each (d_state,), or log|λ| (B, N, d_state) for planar x (B, N,
+        2·d_in) when the layer is selective."""
+        if self.select is None or x is None:
+            return -F.softplus(self.nu), self.omega
+        shift = self.select(x)
+        return -F.softplus(self.nu + shift.to(torch.promote_types(shift.dtype, torch.float32))), \
+            self.omega
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         """With `state` (h before x, planar (B, 2·d_state)) also returns h after the last token."""
+        if self.select is not None:
+            return self._selective(x, state)
         log_mag, angle = self.log_decay()
         gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(x.dtype)
         u = self.proj_in(x) * torch.cat((gain, gain))
@@ -203,5 +219,20 @@ class ComplexDiagonalRecurrence(nn.Module):
         # carried in float32 at least, whatever precision this segment's path computed in
         return h, h[:, -1].to(torch.promote_types(h.dtype, torch.float32))
 
+    def _selective(self, x: torch.Tensor, state: torch.Tensor | None):
+        log_mag, angle = self.log_decay(x)
+        gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(x.dtype)
+        u = self.proj_in(x) * torch.cat((gain, gain), dim=-1)
+        if state is not None:  # h_0 = λ_0 h_{−1} + u_0, as in the time-invariant path
+            mag = torch.exp(log_mag[:, 0])
+            l_re, l_im = mag * torch.cos(angle), mag * torch.sin(angle)
+            s_re, s_im = state[:, : self.d_state], state[:, self.d_state :]
+            carried = torch.cat((s_re * l_re - s_im * l_im, s_re * l_im + s_im * l_re), dim=-1)
+            u = torch.cat((u[:, :1] + carried[:, None].to(u.dtype), u[:, 1:]), dim=1)
+        h = complex_selective_scan(u, log_mag, angle)
+        if state is None:
+            return h.to(u.dtype)
+        return h.to(u.dtype), h[:, -1]
+
     def extra_repr(self) -> str:
-        return f"d_state={self.d_state}, chunk={self.chunk}"
+        return f"d_state={self.d_state}, chunk={self.chunk}, selective={self.select is not None}"

@@ -46,7 +46,7 @@ from muse.layers.mlp import MLP
 from muse.models.common import INITS, StreamingLM
 from muse.models.config import StrictConfig
 from muse.models.registry import Family, register
-from muse.ops.complex_scan import complex_decayed_cumsum
+from muse.ops.complex_scan import complex_decayed_cumsum, complex_recurrence_naive
 
 
 @dataclass
@@ -72,6 +72,9 @@ class Phase3Config(StrictConfig):
     # the FFN a real GELU MLP on the planar stream (LayerNorm → D → d_ff → D), the same real
     # parameters as the complex FFN: what a ModReLU FFN costs the model
     real_ffn: bool = False
+    # r > 0: |λ| chosen per token by the input through a rank-r map (layers.complex), the
+    # time-invariant recurrence at init
+    selective_rank: int = 0
 
     def __post_init__(self) -> None:
         self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk",
@@ -87,6 +90,10 @@ class Phase3Config(StrictConfig):
             raise ValueError(f"d_ff must be an integer ≥ 0 (0: no FFN), got {self.d_ff!r}")
         if self.chunk < 2:
             raise ValueError(f"chunk must be ≥ 2, got {self.chunk!r}")
+        if (not isinstance(self.selective_rank, int) or isinstance(self.selective_rank, bool)
+                or self.selective_rank < 0):
+            raise ValueError(f"selective_rank must be an integer ≥ 0 (0: time-invariant), got "
+                             f"{self.selective_rank!r}")
         if not isinstance(self.real_ffn, bool):
             raise ValueError(f"real_ffn must be true or false, got {self.real_ffn!r}")
         if self.init not in INITS:
@@ -106,7 +113,8 @@ class Phase3Block(nn.Module):
         self.ln_rec = ComplexLayerNorm(d)
         self.rec = ComplexDiagonalRecurrence(d, config.d_state, chunk=config.chunk,
                                              decay_range=tuple(config.decay_range),
-                                             max_phase=config.max_phase)
+                                             max_phase=config.max_phase,
+                                             selective_rank=config.selective_rank)
         self.rec_out = ComplexLinear(config.d_state, d)
         self.act_rec = ModReLU(d)
         self.gate = nn.Linear(config.d_model, d) if config.gate else None
@@ -168,10 +176,14 @@ def _planar(z: torch.Tensor) -> torch.Tensor:
 def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
     """The same block on torch complex tensors (complex64 or complex128), from its weights: the
     oracle of the planar block in the tests, and the complex64 side of the memory comparison."""
-    log_mag, angle = block.rec.log_decay()
+    normed = complex_layer_norm_reference(z, block.ln_rec)
+    log_mag, angle = block.rec.log_decay(_planar(normed))
     gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(z.dtype)
-    u = complex_linear_reference(complex_layer_norm_reference(z, block.ln_rec), block.rec.proj_in)
-    h = complex_decayed_cumsum(u * gain, log_mag, angle, block.rec.chunk)
+    u = complex_linear_reference(normed, block.rec.proj_in)
+    if log_mag.dim() == 1:
+        h = complex_decayed_cumsum(u * gain, log_mag, angle, block.rec.chunk)
+    else:  # the per-token definition of the selective recurrence
+        h = complex_recurrence_naive(u * gain, torch.exp(torch.complex(log_mag, angle)).to(z.dtype))
     y = modrelu_reference(complex_linear_reference(h, block.rec_out), block.act_rec)
     if block.gate is not None:
         y = y * F.silu(block.gate(_planar(complex_layer_norm_reference(z, block.ln_rec))))

@@ -12,7 +12,7 @@ from muse.models.phase3 import block_memory, block_reference
 
 @pytest.mark.parametrize("extra", [{"d_ff": 0}, {"d_ff": 24}, {"gate": True},
                                    {"local_window": 4, "local_heads": 2, "local_head_dim": 8},
-                                   {"real_ffn": True, "gate": True}])
+                                   {"real_ffn": True, "gate": True}, {"selective_rank": 4}])
 def test_planar_block_equals_the_complex128_block(extra):
     torch.manual_seed(0)
     m = models.build("phase3", "tiny", vocab_size=97, chunk=4, **extra).double()
@@ -22,6 +22,8 @@ def test_planar_block_equals_the_complex128_block(extra):
                         block.gate):
                 if mod is not None:
                     mod.bias.normal_(std=0.3)
+            if block.rec.select is not None:  # off its zero init: the decays depend on z
+                block.rec.select[1].weight.normal_(std=0.3)
     a = torch.randn(2, 11, 32, dtype=torch.complex128)
     for block in m.blocks:
         torch.testing.assert_close(from_planar(block(to_planar(a))), block_reference(block, a),
@@ -46,6 +48,7 @@ def test_planar_bf16_saves_at_most_about_half_of_complex64():
     ({"decay_range": (0.1, 0.01)}, "decay_range"),
     ({"init": "xavier"}, "init must be one of"),
     ({"real_ffn": 1}, "real_ffn must be true or false, got 1"),
+    ({"selective_rank": -1}, "selective_rank must be an integer ≥ 0"),
 ])
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -73,3 +76,17 @@ def test_the_carried_state_is_float32_under_half_precision_autocast(n):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, state = model(torch.randint(0, 100, (1, n)), model.init_state(1))
     assert {b["h"].dtype for b in state.blocks} == {torch.float32}
+
+
+def test_selective_recurrence_streams_exactly():
+    from .test_streaming import streamed
+
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97, chunk=4, selective_rank=4).double().eval()
+    with torch.no_grad():  # off the zero init: the decays depend on the tokens
+        for block in m.blocks:
+            block.rec.select[1].weight.normal_(std=0.5)
+    ids = random_ids(97, 2, 37, "cpu", seed=1)
+    whole = m(ids)
+    parts, _ = streamed(m, ids, [1, 20, 21])
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-10)

@@ -54,6 +54,22 @@ _SCRIPT = textwrap.dedent(
     out["per-step 3x200x20"] = dict(
         s=nerr(got.detach(), ref.detach()), grad_u=nerr(leaves[0].grad, leaves64[0].grad),
         grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
+    # one decay per (sequence, step, channel): phase3's selective recurrence
+    log_a = -torch.rand(2, 150, 6, generator=g, dtype=torch.float64) * 0.3
+    u, up = (torch.randn(2, 150, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    leaves64 = [t.clone().requires_grad_() for t in (u, log_a)]
+    s, rows = torch.zeros(2, 6, dtype=torch.float64), []
+    for t in range(150):
+        s = torch.exp(leaves64[1][:, t]) * s + leaves64[0][:, t]
+        rows.append(s)
+    ref = torch.stack(rows, dim=1)
+    (ref * up).sum().backward()
+    leaves = [t.float().requires_grad_() for t in (u, log_a)]
+    got = decayed_cumsum_triton(*leaves)
+    (got * up.float()).sum().backward()
+    out["per-step-channel 2x150x6"] = dict(
+        s=nerr(got.detach(), ref.detach()), grad_u=nerr(leaves[0].grad, leaves64[0].grad),
+        grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
     print(json.dumps(out))
     """
 )
@@ -74,7 +90,7 @@ def test_scan_matches_float64_chunked_form_under_interpreter():
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 5
+    assert len(errors) == 6
     for shape, errs in errors.items():
         for name, err in errs.items():
             assert err <= 5e-5, (shape, name, err)

@@ -50,6 +50,32 @@ def decayed_cumsum(u: torch.Tensor, log_decay: torch.Tensor, chunk: int = 64) ->
     return s.reshape(bsz, m * chunk, r)[:, :n]
 
 
+def selective_cumsum(u: torch.Tensor, log_decay: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """u (B, N, R), log_decay (B, N, R) ≤ 0, one decay per step and channel → s (B, N, R) with
+    s_t = a_t s_{t−1} + u_t. Within a chunk of T steps, the weights exp(L_t − L_j) of the
+    cumulative log-decays L (t ≥ j, so ≤ 1); the chunk ends by the same function one level up.
+    Its (T × T) weights per channel take T times the memory of u: T is small."""
+    if u.dim() != 3 or log_decay.shape != u.shape:
+        raise ValueError(f"u and log_decay must both be (B, N, R), got {tuple(u.shape)} and "
+                         f"{tuple(log_decay.shape)}")
+    if chunk < 2:
+        raise ValueError(f"chunk must be ≥ 2, got {chunk}")
+    bsz, n, r = u.shape
+    m = -(-n // chunk)
+    pad = m * chunk - n  # padded steps: no input and log-decay 0, after every real step
+    uc = pad_time(u, pad, 1).view(bsz, m, chunk, r)
+    cum = pad_time(log_decay, pad, 1).view(bsz, m, chunk, r).cumsum(dim=2)
+    lag = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # L_t − L_j: (B, M, T, T, R)
+    below = ~above_diagonal(chunk, u.device)[:, :, None]
+    weight = torch.exp(torch.where(below, lag, float("-inf")))
+    local = torch.einsum("bmtjr,bmjr->bmtr", weight.to(u.dtype), uc)
+    if m > 1:
+        ends = selective_cumsum(local[:, :, -1], cum[:, :, -1], chunk)
+        before = torch.cat((ends.new_zeros(bsz, 1, r), ends[:, :-1]), dim=1)
+        local = local + before[:, :, None, :] * torch.exp(cum).to(u.dtype)
+    return local.reshape(bsz, m * chunk, r)[:, :n]
+
+
 @functools.lru_cache(maxsize=16)
 def above_diagonal(chunk: int, device: torch.device) -> torch.Tensor:
     """(chunk × chunk) True above the diagonal, the causal mask of a chunk: built once per size

@@ -57,17 +57,21 @@ def _scan_kernel(u_ptr, s_ptr, log_a_ptr, n, tiles, r, stride_b, stride_n, a_sb,
         carry = tl.sum(tl.where((rows == edge)[:, None], s, 0.0), axis=0)
 
 
-def _strides(decay: torch.Tensor, bsz: int, n: int) -> tuple[int, int, int]:
-    """(batch, step, channel) strides of the decays: (R,) per channel or (B, N) per step."""
+def _strides(decay: torch.Tensor, bsz: int, n: int, r: int) -> tuple[int, int, int]:
+    """(batch, step, channel) strides of the decays: (R,) per channel, (B, N) per step or
+    (B, N, R) per step and channel."""
     if decay.dim() == 1:
         return 0, 0, 1
-    if decay.shape != (bsz, n):
-        raise ValueError(f"decays must be (R,) or (B, N) = ({bsz}, {n}), got {tuple(decay.shape)}")
-    return decay.stride(0), decay.stride(1), 0
+    if decay.shape == (bsz, n):
+        return decay.stride(0), decay.stride(1), 0
+    if decay.shape == (bsz, n, r):
+        return decay.stride(0), decay.stride(1), decay.stride(2)
+    raise ValueError(f"decays must be (R,), (B, N) or (B, N, R) with (B, N, R) = ({bsz}, {n}, "
+                     f"{r}), got {tuple(decay.shape)}")
 
 
 def linear_scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """u (B, N, R), log a (R,) or (B, N) → s (B, N, R) with s_t = a_t s_{t−1} + u_t
+    """u (B, N, R), log a (R,), (B, N) or (B, N, R) → s (B, N, R) with s_t = a_t s_{t−1} + u_t
     (reverse: s_t = a_t s_{t+1} + u_t)."""
     u = u.contiguous()
     bsz, n, r = u.shape
@@ -78,7 +82,7 @@ def linear_scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False)
     # the tile count comes from the host: Triton 3.6's interpreter cannot loop to a traced bound
     tiles = triton.cdiv(n, BLOCK_N)
     _scan_kernel[grid](u, s, log_a, n, tiles, r, u.stride(0), u.stride(1),
-                       *_strides(log_a, bsz, n), REVERSE=reverse, BLOCK_N=BLOCK_N, BLOCK_R=block_r)
+                       *_strides(log_a, bsz, n, r), REVERSE=reverse, BLOCK_N=BLOCK_N, BLOCK_R=block_r)
     return s
 
 
@@ -98,8 +102,7 @@ class LinearScan(torch.autograd.Function):
         if log_decay.dim() == 1:
             shifted = log_decay
         else:  # ∂L/∂u_t carries back through a_{t+1}
-            shifted = torch.cat((log_decay[:, 1:], log_decay.new_zeros(log_decay.shape[0], 1)),
-                                dim=1)
+            shifted = torch.cat((log_decay[:, 1:], torch.zeros_like(log_decay[:, :1])), dim=1)
         grad_u = linear_scan(grad_s.to(s.dtype), shifted, reverse=True)
         grad_log_decay = None
         if ctx.needs_input_grad[1]:
@@ -108,13 +111,15 @@ class LinearScan(torch.autograd.Function):
             prod = grad_u[:, 1:].double() * s[:, :-1].double()
             if log_decay.dim() == 1:
                 dot = prod.sum(dim=(0, 1))
-            else:
+            elif log_decay.dim() == 2:
                 dot = torch.nn.functional.pad(prod.sum(dim=2), (1, 0))
+            else:
+                dot = torch.nn.functional.pad(prod, (0, 0, 1, 0))
             grad_log_decay = (dot * torch.exp(log_decay.double())).to(ctx.log_decay_dtype)
         return grad_u, grad_log_decay
 
 
 def decayed_cumsum_triton(u: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """u (B, N, R), log a: (R,) as in `muse.ops.decayed_scan.chunk.decayed_cumsum`, or (B, N)
-    one decay per step shared by the R channels."""
+    """u (B, N, R), log a: (R,) as in `muse.ops.decayed_scan.chunk.decayed_cumsum`, (B, N) one
+    decay per step shared by the R channels, or (B, N, R) one per step and channel."""
     return LinearScan.apply(u, log_decay)

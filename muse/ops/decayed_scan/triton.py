@@ -82,7 +82,8 @@ def linear_scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False)
     # the tile count comes from the host: Triton 3.6's interpreter cannot loop to a traced bound
     tiles = triton.cdiv(n, BLOCK_N)
     _scan_kernel[grid](u, s, log_a, n, tiles, r, u.stride(0), u.stride(1),
-                       *_strides(log_a, bsz, n, r), REVERSE=reverse, BLOCK_N=BLOCK_N, BLOCK_R=block_r)
+                       *_strides(log_a, bsz, n, r), REVERSE=reverse, BLOCK_N=BLOCK_N,
+                       BLOCK_R=block_r)
     return s
 
 
@@ -107,15 +108,17 @@ class LinearScan(torch.autograd.Function):
         grad_log_decay = None
         if ctx.needs_input_grad[1]:
             # Σ ∂L/∂u_t · s_{t−1}, s_{−1} = 0, summed in float64: per channel it runs over
-            # B·N terms, too many for a float32 sum to stay accurate
-            prod = grad_u[:, 1:].double() * s[:, :-1].double()
+            # B·N terms, too many for a float32 sum to stay accurate (a decay per step and
+            # channel sums nothing: float32 is exact enough)
+            wide = torch.float32 if log_decay.dim() == 3 else torch.float64
+            prod = grad_u[:, 1:].to(wide) * s[:, :-1].to(wide)
             if log_decay.dim() == 1:
                 dot = prod.sum(dim=(0, 1))
             elif log_decay.dim() == 2:
                 dot = torch.nn.functional.pad(prod.sum(dim=2), (1, 0))
             else:
                 dot = torch.nn.functional.pad(prod, (0, 0, 1, 0))
-            grad_log_decay = (dot * torch.exp(log_decay.double())).to(ctx.log_decay_dtype)
+            grad_log_decay = (dot * torch.exp(log_decay.to(wide))).to(ctx.log_decay_dtype)
         return grad_u, grad_log_decay
 
 

@@ -36,40 +36,34 @@ _SCRIPT = textwrap.dedent(
             res.append([s.detach(), leaves[0].grad, leaves[1].grad])
         out[f"{bsz}x{n}x{r}"] = dict(zip(("s", "grad_u", "grad_log_decay"),
                                          (nerr(a, b) for a, b in zip(res[1], res[0]))))
+
+    # the Triton scan in float32 against the float64 loop over steps, for decays (B, N)
+    # shared by the channels or (B, N, R) one per channel
+    def against_loop(u, log_a, up):
+        leaves64 = [t.clone().requires_grad_() for t in (u, log_a)]
+        a = leaves64[1] if log_a.dim() == 3 else leaves64[1][..., None]
+        s, rows = torch.zeros_like(u[:, 0]), []
+        for t in range(u.shape[1]):
+            s = torch.exp(a[:, t]) * s + leaves64[0][:, t]
+            rows.append(s)
+        ref = torch.stack(rows, dim=1)
+        (ref * up).sum().backward()
+        leaves = [t.float().requires_grad_() for t in (u, log_a)]
+        got = decayed_cumsum_triton(*leaves)
+        (got * up.float()).sum().backward()
+        return dict(s=nerr(got.detach(), ref.detach()),
+                    grad_u=nerr(leaves[0].grad, leaves64[0].grad),
+                    grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
+
     # one decay per (sequence, step), shared by the channels: the Hebbian chunk states
     g = torch.Generator().manual_seed(7)
-    u = torch.randn(3, 200, 20, generator=g, dtype=torch.float64)
+    u, up = (torch.randn(3, 200, 20, generator=g, dtype=torch.float64) for _ in range(2))
     log_a = -torch.rand(3, 200, generator=g, dtype=torch.float64) * 0.3
-    up = torch.randn(3, 200, 20, generator=g, dtype=torch.float64)
-    leaves64 = [t.clone().requires_grad_() for t in (u, log_a)]
-    s, rows = torch.zeros(3, 20, dtype=torch.float64), []
-    for t in range(200):
-        s = torch.exp(leaves64[1][:, t, None]) * s + leaves64[0][:, t]
-        rows.append(s)
-    ref = torch.stack(rows, dim=1)
-    (ref * up).sum().backward()
-    leaves = [t.float().requires_grad_() for t in (u, log_a)]
-    got = decayed_cumsum_triton(*leaves)
-    (got * up.float()).sum().backward()
-    out["per-step 3x200x20"] = dict(
-        s=nerr(got.detach(), ref.detach()), grad_u=nerr(leaves[0].grad, leaves64[0].grad),
-        grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
+    out["per-step 3x200x20"] = against_loop(u, log_a, up)
     # one decay per (sequence, step, channel): phase3's selective recurrence
-    log_a = -torch.rand(2, 150, 6, generator=g, dtype=torch.float64) * 0.3
     u, up = (torch.randn(2, 150, 6, generator=g, dtype=torch.float64) for _ in range(2))
-    leaves64 = [t.clone().requires_grad_() for t in (u, log_a)]
-    s, rows = torch.zeros(2, 6, dtype=torch.float64), []
-    for t in range(150):
-        s = torch.exp(leaves64[1][:, t]) * s + leaves64[0][:, t]
-        rows.append(s)
-    ref = torch.stack(rows, dim=1)
-    (ref * up).sum().backward()
-    leaves = [t.float().requires_grad_() for t in (u, log_a)]
-    got = decayed_cumsum_triton(*leaves)
-    (got * up.float()).sum().backward()
-    out["per-step-channel 2x150x6"] = dict(
-        s=nerr(got.detach(), ref.detach()), grad_u=nerr(leaves[0].grad, leaves64[0].grad),
-        grad_log_decay=nerr(leaves[1].grad, leaves64[1].grad))
+    log_a = -torch.rand(2, 150, 6, generator=g, dtype=torch.float64) * 0.3
+    out["per-step-channel 2x150x6"] = against_loop(u, log_a, up)
     print(json.dumps(out))
     """
 )

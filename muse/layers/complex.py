@@ -193,8 +193,8 @@ class ComplexDiagonalRecurrence(nn.Module):
         if self.select is None or x is None:
             return -F.softplus(self.nu), self.omega
         shift = self.select(x)
-        return -F.softplus(self.nu + shift.to(torch.promote_types(shift.dtype, torch.float32))), \
-            self.omega
+        shift = shift.to(torch.promote_types(shift.dtype, torch.float32))
+        return -F.softplus(self.nu + shift), self.omega
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         """With `state` (h before x, planar (B, 2·d_state)) also returns h after the last token."""
@@ -225,9 +225,7 @@ class ComplexDiagonalRecurrence(nn.Module):
         u = self.proj_in(x) * torch.cat((gain, gain), dim=-1)
         if state is not None:  # h_0 = λ_0 h_{−1} + u_0, as in the time-invariant path
             mag = torch.exp(log_mag[:, 0])
-            l_re, l_im = mag * torch.cos(angle), mag * torch.sin(angle)
-            s_re, s_im = state[:, : self.d_state], state[:, self.d_state :]
-            carried = torch.cat((s_re * l_re - s_im * l_im, s_re * l_im + s_im * l_re), dim=-1)
+            carried = complex_mul(state, mag * torch.cos(angle), mag * torch.sin(angle))
             u = torch.cat((u[:, :1] + carried[:, None].to(u.dtype), u[:, 1:]), dim=1)
         h = complex_selective_scan(u, log_mag, angle)
         if state is None:

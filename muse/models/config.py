@@ -37,6 +37,13 @@ class StrictConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
+    def require_nonnegative_ints(self, *keys: str) -> None:
+        """Sizes where 0 switches the part off (a window, a rank, a conv, an FFN)."""
+        for key in keys:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an integer ≥ 0 (0: off), got {value!r}")
+
     def reject_unused(self, switch: str, *keys: str) -> None:
         """With the option `switch` off, the keys that only act when it is on must keep their
         defaults: a value set there would be silently ignored, so it is an error."""

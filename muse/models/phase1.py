@@ -71,12 +71,8 @@ class Phase1Config(FFNConfig):
         self.require_positive_ints(
             "vocab_size", "d_model", "n_layers", "bk_channels", "d_ff", "htt_rank"
         )
-        if not isinstance(self.ar_ssm_rank, int) or self.ar_ssm_rank < 0:
-            raise ValueError(f"ar_ssm_rank must be an integer ≥ 0, got {self.ar_ssm_rank!r}")
+        self.require_nonnegative_ints("ar_ssm_rank", "local_window")
         self.require_positive_ints("local_heads", "local_head_dim")
-        if not isinstance(self.local_window, int) or self.local_window < 0:
-            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
-                             f"{self.local_window!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.init not in INITS:

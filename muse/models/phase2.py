@@ -100,10 +100,7 @@ class Phase2Config(FFNConfig):
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        for key in ("hebbian_conv", "local_window"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} must be an integer ≥ 0 (0: off), got {value!r}")
+        self.require_nonnegative_ints("hebbian_conv", "local_window")
         self.reject_unused("bk_mixer", "bk_zero_out", "bk_channels", "bk_z_imag_init")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")

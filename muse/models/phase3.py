@@ -8,8 +8,8 @@ Block: z → complex LN → causal complex diagonal recurrence h_t = λ ⊙ h_{t
 λ = exp(−softplus(ν) + iω) per state channel (d_state of them, chunked scan, ops.complex_scan)
 → ComplexLinear(d_state → D) → ModReLU → +; then z → complex LN → ComplexLinear(D → d_ff) →
 ModReLU → ComplexLinear(d_ff → D) → + (the FFN; d_ff = 0 leaves it out; `real_ffn` makes it a
-real GELU MLP on the planar stream). Output: complex LN,
-real part, → Linear(D → V) tied to the real embedding table. ComplexEmbedding: two tables.
+real GELU MLP on the planar stream). Output: complex LN, real part, → Linear(D → V) tied to the
+real embedding table. ComplexEmbedding: two tables.
 
 A complex linear map holds half the real parameters of a real one of the same real width, so
 the state and the FFN are wider than a transformer's (d_state = 2·d_model, d_ff = 4·d_model
@@ -79,21 +79,12 @@ class Phase3Config(StrictConfig):
     def __post_init__(self) -> None:
         self.require_positive_ints("vocab_size", "d_model", "n_layers", "d_state", "chunk",
                                    "local_heads", "local_head_dim")
-        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or (
-                self.local_window < 0):
-            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
-                             f"{self.local_window!r}")
+        self.require_nonnegative_ints("local_window", "d_ff", "selective_rank")
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (d_model/2 complex channels), "
                              f"got {self.d_model!r}")
-        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 0:
-            raise ValueError(f"d_ff must be an integer ≥ 0 (0: no FFN), got {self.d_ff!r}")
         if self.chunk < 2:
             raise ValueError(f"chunk must be ≥ 2, got {self.chunk!r}")
-        if (not isinstance(self.selective_rank, int) or isinstance(self.selective_rank, bool)
-                or self.selective_rank < 0):
-            raise ValueError(f"selective_rank must be an integer ≥ 0 (0: time-invariant), got "
-                             f"{self.selective_rank!r}")
         if not isinstance(self.real_ffn, bool):
             raise ValueError(f"real_ffn must be true or false, got {self.real_ffn!r}")
         if self.init not in INITS:
@@ -186,7 +177,7 @@ def block_reference(block: Phase3Block, z: torch.Tensor) -> torch.Tensor:
         h = complex_recurrence_naive(u * gain, torch.exp(torch.complex(log_mag, angle)).to(z.dtype))
     y = modrelu_reference(complex_linear_reference(h, block.rec_out), block.act_rec)
     if block.gate is not None:
-        y = y * F.silu(block.gate(_planar(complex_layer_norm_reference(z, block.ln_rec))))
+        y = y * F.silu(block.gate(_planar(normed)))
     z = z + y
     if block.local is not None:
         read = block.local(_planar(complex_layer_norm_reference(z, block.ln_local)))

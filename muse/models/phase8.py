@@ -60,12 +60,7 @@ class Phase8Config(FFNConfig):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.conv, int) or isinstance(self.conv, bool) or self.conv < 0:
-            raise ValueError(f"conv must be an integer ≥ 0 (0: none), got {self.conv!r}")
-        if (not isinstance(self.local_window, int) or isinstance(self.local_window, bool)
-                or self.local_window < 0):
-            raise ValueError(f"local_window must be an integer ≥ 0 (0: off), got "
-                             f"{self.local_window!r}")
+        self.require_nonnegative_ints("conv", "local_window")
         self.require_positive_ints("local_heads", "local_head_dim")
 
 

@@ -4,6 +4,8 @@
 #   scripts/device_quality.sh screen 'transformer:small' 'phase2:small {"hebbian_conv": 4}' …
 #   scripts/device_quality.sh gate --model phase2:small fla-retnet --seeds 0 1 …
 #   scripts/device_quality.sh mqar 'transformer:tiny' 'phase2:tiny {"hebbian_delta": true}' …
+#   scripts/device_quality.sh screens FILE: one screen a line of FILE (quality_ablation's
+#     arguments, shell-quoted), all at once on the one GPU (tokens/s then shares it)
 # Everything lands under $OUT: machine.txt, cuda-tests.txt, then screen.{json,md,txt},
 # results/ (the gate's results file) or mqar.{json,md}.
 set -uo pipefail
@@ -28,6 +30,17 @@ data=.data/unpacked
 case $mode in
   screen) python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
             --out "$OUT/screen" "$@" 2>&1 | tee "$OUT/screen.txt" ;;
+  screens) [[ -f ${1:-} ]] || { echo "screens needs a file of screens, got '${1:-}'" >&2; exit 2; }
+    n=0; pids=()
+    while IFS= read -r line; do
+      [[ -z $line || $line == \#* ]] && continue
+      n=$((n + 1)); eval "screen_args=($line)"
+      python3 scripts/quality_ablation.py --corpus $data/en-prose --also $data/wiki-mini \
+        --out "$OUT/screen-$n" "${screen_args[@]}" >"$OUT/screen-$n.txt" 2>&1 &
+      pids+=($!)
+    done <"$1"
+    rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    tail -n 3 "$OUT"/screen-*.txt; exit $rc ;;
   gate) python3 -m pytest -m gpu bench/test_perplexity.py --device cuda --dtype bf16 \
           --corpus $data/en-prose --also-corpus $data/wiki-mini --tokenizer bpe:8192 \
           --results "$OUT/results" \
@@ -36,5 +49,5 @@ case $mode in
   fla) python3 -m pytest -m gpu tests/layers/test_hebbian_cuda.py tests/models/test_fla_peers.py \
          -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/fla-tests.txt"
        python3 scripts/fla_smoke.py 2>&1 | tee "$OUT/fla.txt" ;;
-  *) echo "mode must be screen, gate, mqar or fla, got '$mode'" >&2; exit 2 ;;
+  *) echo "mode must be screen, screens, gate, mqar or fla, got '$mode'" >&2; exit 2 ;;
 esac

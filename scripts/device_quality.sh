@@ -40,7 +40,9 @@ case $mode in
       pids+=($!)
     done <"$1"
     rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-    tail -n 3 "$OUT"/screen-*.txt; exit $rc ;;
+    tail -n 3 "$OUT"/screen-*.txt
+    # the device returns at most 8 files: the screens come back as one archive
+    (cd "$OUT" && tar czf screens.tgz screen-* && rm -f screen-*); exit $rc ;;
   gate) python3 -m pytest -m gpu bench/test_perplexity.py --device cuda --dtype bf16 \
           --corpus $data/en-prose --also-corpus $data/wiki-mini --tokenizer bpe:8192 \
           --results "$OUT/results" \

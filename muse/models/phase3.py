@@ -277,10 +277,15 @@ PRESETS = {
 # the gated read-out, a candidate for `small` (reports/quality/cpu-screen-8: −19.5% PPL against
 # `small` early in training) that the GPU gate judges against the same transformer
 PRESETS["small-gated"] = {**PRESETS["small"], "gate": True}
+# the gated read-out with a GELU FFN, input-chosen |λ| and a 64-token softmax window (Griffin's
+# pairing of a diagonal recurrence with local attention), d_ff cut to pay for the window: the
+# best parts of reports/quality/gpu-screen-6, for the gate to judge together
+PRESETS["small-local"] = {**PRESETS["small"], "gate": True, "real_ffn": True,
+                          "selective_rank": 16, "local_window": 64, "d_ff": 768}
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:
-    return preset.removesuffix("-gated")
+    return preset.removesuffix("-gated").removesuffix("-local")
 
 
 register(Family("phase3", Phase3Config, Phase3LM, PRESETS, "small", _same_preset))

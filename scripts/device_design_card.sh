@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The design-card run timed as a new user runs it on a fresh machine (issue 11): no tokenizer
-# cache, every default family, the gate's default corpus (wiki-mini, carried in .data/carry.tgz
-# because ../shared does not travel) and budget. Writes machine.txt, bench.log and results/.
+# cache, every default family, the gate's default corpus (wiki-mini, carried
+# in .data/wiki-mini.tgz because ../shared does not travel) and budget. Writes machine.txt, bench.log and results/.
 set -uo pipefail
-mkdir -p .data/unpacked && tar xzf .data/carry.tgz -C .data/unpacked
+mkdir -p .data/unpacked && tar xzf .data/wiki-mini.tgz -C .data/unpacked
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device run of the quality work (issue 10). Carry .data/carry.tgz (en-prose, wiki-mini and
+# One device run of the quality work (issue 10). Carry .data/carry.txz (en-prose, wiki-mini and
 # the bpe:8192 token cache; made by scripts/pack_quality_data.sh) and .whl (the fla wheels).
 #   scripts/device_quality.sh screen 'transformer:small' 'phase2:small {"hebbian_conv": 4}' …
 #   scripts/device_quality.sh gate --model phase2:small fla-retnet --seeds 0 1 …
@@ -12,7 +12,7 @@ set -uo pipefail
 mode=$1
 shift
 mkdir -p .data/unpacked ~/.cache/muse/tokenizers
-tar xzf .data/carry.tgz -C .data/unpacked && cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
+tar xJf .data/carry.txz -C .data/unpacked && cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \

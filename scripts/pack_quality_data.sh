@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pack en-prose and wiki-mini from ../shared/data with the bpe:8192 tokenizer and its encoded
-# splits into .data/carry.tgz (git-ignored), for scripts/device_quality.sh on a GPU machine.
+# splits into .data/carry.txz (git-ignored; xz keeps it and the checkout under the device's 64 MiB), for scripts/device_quality.sh on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=.data/stage
@@ -20,5 +20,5 @@ for corpus in (prose, load_corpus(f"{stage}/wiki-mini")):
         if corpus is prose or split == "test":
             encoded_split(tok, corpus, split, cache_dir=f"{stage}/cache")
 PY
-tar czf .data/carry.tgz -C "$stage" .
-ls -l .data/carry.tgz
+tar cJf .data/carry.txz -C "$stage" .
+ls -l .data/carry.txz

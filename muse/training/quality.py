@@ -656,11 +656,14 @@ class GateProgress:
     """What the gate says while it trains, through `say` (the plugin writes it to the terminal):
     a line as each training run starts (model, seed, side, tokens, steps) and one as it ends,
     with its time and speed, the tokens trained so far and, once the runs planned are known
-    (`planned`), the training time left: the runs left × the mean time of a run so far."""
+    (`planned`), the training time left: the runs left × the mean time of a run so far, shared
+    by the runs that train at once (`parallel`)."""
 
-    def __init__(self, say: Callable[[str], None], planned: int | None = None):
+    def __init__(self, say: Callable[[str], None], planned: int | None = None,
+                 parallel: int = 1):
         self.say = say
         self.planned = planned
+        self.parallel = parallel
         self.seconds: list[float] = []
         self.tokens = 0
 
@@ -683,7 +686,7 @@ class GateProgress:
                 f"{valid_loss:.4f}; {self.tokens:,} tokens trained so far")
         left = self.planned - len(self.seconds) if self.planned else None
         if left is not None and left > 0:
-            eta = left * statistics.fmean(self.seconds)
+            eta = left * statistics.fmean(self.seconds) / min(self.parallel, left)
             line += f"; {left} run{'s' * (left > 1)} left, training ETA ≈ {duration(eta)}"
         self.say(line)
 
@@ -850,6 +853,7 @@ class GateRuns:
         jobs = min(self.settings.jobs, len(todo))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         if self.progress is not None:
+            self.progress.parallel = jobs
             self.progress.say(f"perplexity gate: training {len(todo)} runs, {jobs} at a time, "
                               f"on {', '.join(sorted(set(devices)))}")
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked

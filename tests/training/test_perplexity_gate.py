@@ -601,6 +601,10 @@ def test_progress_counts_the_runs_and_estimates_the_time_left(tmp_path):
         "perplexity gate: run 3/3 done: c seed 0 (model) in 30 s (341 tokens/s), final valid "
         "loss 3.2500; 30,720 tokens trained so far",
     ]
+    # 8 runs at once: the runs left share the slots, 17 × 35 s / 8
+    parallel = GateProgress(lines.append, planned=18, parallel=8)
+    parallel.finished("t seed 1 (baseline)", 10240, 35.0, 3.25)
+    assert lines[-1].endswith("17 runs left, training ETA ≈ 1 min 14 s")
     assert [duration(s) for s in (0.4, 59.6, 61, 3599, 3660)] == [
         "0 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 01 min"]
 

@@ -4,21 +4,23 @@ Every activation is complex, stored planar (layers.complex): d_model real number
 d_model/2 complex channels, so the residual stream holds as many numbers as a transformer's of
 the same d_model and, in bf16, half the bytes of complex64.
 
-Block: z → complex LN → causal complex diagonal recurrence h_t = λ ⊙ h_{t−1} + γ ⊙ B z_t,
-λ = exp(−softplus(ν) + iω) per state channel (d_state of them, chunked scan, ops.complex_scan)
-→ ComplexLinear(d_state → D) → ModReLU → +; then z → complex LN → ComplexLinear(D → d_ff) →
-ModReLU → ComplexLinear(d_ff → D) → + (the FFN; d_ff = 0 leaves it out; `real_ffn` makes it a
-real GELU MLP on the planar stream). Output: complex LN, real part, → Linear(D → V) tied to the
-real embedding table. ComplexEmbedding: two tables.
+The all-complex block of the design (the `-complex` presets): z → complex LN → causal complex
+diagonal recurrence h_t = λ ⊙ h_{t−1} + γ ⊙ B z_t, λ = exp(−softplus(ν) + iω) per state channel
+(d_state of them, chunked scan, ops.complex_scan) → ComplexLinear(d_state → D) → ModReLU → +;
+then z → complex LN → ComplexLinear(D → d_ff) → ModReLU → ComplexLinear(d_ff → D) → +.
+The default block keeps that recurrence and adds what the en-prose gate rewarded
+(reports/quality): the read-out × SiLU(W LN z) (`gate`), |λ_t| chosen by the input through a
+rank-16 map (`selective_rank`), a 64-token softmax window sublayer (`local_window`) and a real
+GELU FFN on the planar stream (`real_ffn`). Output: complex LN, real part, → Linear(D → V) tied
+to the real embedding table. ComplexEmbedding: two tables.
 
 A complex linear map holds half the real parameters of a real one of the same real width, so
-the state and the FFN are wider than a transformer's (d_state = 2·d_model, d_ff = 4·d_model
-complex channels): then a block holds 12·d_model² as a transformer block does and the embedding
-V·d_model as its table does, and the presets match the transformer of the same name at any
-vocabulary.
+the state and the complex FFN are wider than a transformer's (d_state = 2·d_model, d_ff =
+4·d_model complex channels): the all-complex block holds 12·d_model² as a transformer block
+does; the default block cuts d_ff to pay for the window.
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's h (planar, (B,
-2·d_state)) across segments, exactly.
+2·d_state)) and the window's keys and values across segments, exactly.
 """
 
 from __future__ import annotations

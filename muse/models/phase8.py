@@ -7,10 +7,11 @@ The mixer keeps the specified feature map and normaliser; around it sit the read
 that made the MUSE mixers learn (reports/quality): a short causal conv on q, k, v (`conv`), a
 per-head RMSNorm with a gain times SiLU(W_g x) on the output (`out_gate`), GPT-2 init (`init`).
 Neither changes what is mixed across tokens: that stays causal linear attention. `local_window`
-adds exact softmax attention over the last w tokens as a sublayer of its own (off by default).
+adds exact softmax attention over the last w tokens as a sublayer of its own (64 by default,
+what the en-prose gate rewarded; the `-linear` presets leave it out).
 
-Streaming: `init_state(B)` and `forward(ids, state)` carry each block's S (Dk × Dv), z (Dk) and
-conv tail across segments, exactly. `backend` picks the kernel: "torch" (chunked, anywhere),
+Streaming: `init_state(B)` and `forward(ids, state)` carry each block's S (Dk × Dv), z (Dk), conv
+tail and window keys and values across segments, exactly. `backend` picks the kernel: "torch" (chunked, anywhere),
 "fla" (CUDA with flash-linear-attention), "auto" (fla where it runs, else torch); the backend a
 forward ran shows in each mixer's repr.
 """

@@ -13,14 +13,11 @@ mode=$1
 shift
 mkdir -p .data/unpacked ~/.cache/muse/tokenizers
 tar xJf .data/carry.txz -C .data/unpacked && cp .data/unpacked/cache/* ~/.cache/muse/tokenizers/
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-  | tee -a "$OUT/machine.txt"
-echo "commit ${MUSE_GIT_SHA:-unknown}; command: $0 $mode $*" | tee -a "$OUT/machine.txt"
+source "$(dirname "$0")/device_facts.sh"
+device_facts "$0 $mode $*"
 # before the fla wheels go in: fla's tests autotune for minutes (the fla mode runs them)
-python3 -m pytest -m gpu tests/layers/test_local_attention_cuda.py tests/layers/test_hebbian_cuda.py \
-  tests/models/test_families_cuda.py \
+python3 -m pytest -m gpu tests/layers/test_local_attention_cuda.py \
+  tests/layers/test_hebbian_cuda.py tests/models/test_families_cuda.py \
   -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

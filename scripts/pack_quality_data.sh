@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pack en-prose and wiki-mini from ../shared/data with the bpe:8192 tokenizer and its encoded
-# splits into .data/carry.txz (git-ignored; xz keeps it and the checkout under the device's 64 MiB), for scripts/device_quality.sh on a GPU machine.
+# splits into .data/carry.txz (git-ignored; xz keeps it and the checkout under the
+# device's 64 MiB), for scripts/device_quality.sh on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=.data/stage

@@ -274,7 +274,8 @@ def block_memory(d_model: int = 512, seq: int = 1024, batch: int = 1, seed: int 
 # transformer's shapes: d_ff pays for the window, within 5% of the transformer preset of the same
 # name (tests/models/test_matched.py). "-complex" is the all-complex block of DESIGN §3.4 (ModReLU
 # FFN, time-invariant λ, no window), "-gated" that block with the gated read-out: the blocks the
-# earlier gates judged (reports/README.md).
+# earlier gates judged (reports/README.md). "-longmem" starts its slowest channels at memories
+# of ~10⁵ tokens, for the long-range gradient at 65,536.
 _COMPLEX = dict(gate=False, real_ffn=False, selective_rank=0, local_window=0)
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, d_state=128, d_ff=192, local_head_dim=16),
@@ -284,6 +285,7 @@ PRESETS = {
 for _name, _full in (("tiny", 256), ("small", 1024), ("base", 2048)):
     PRESETS[f"{_name}-complex"] = {**PRESETS[_name], **_COMPLEX, "d_ff": _full}
 PRESETS["small-gated"] = {**PRESETS["small-complex"], "gate": True}
+PRESETS["small-longmem"] = {**PRESETS["small"], "decay_range": (1e-5, 0.1)}
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import numbers
@@ -337,14 +338,18 @@ def check_writable(directory) -> None:
 
 
 def read_json(path, where: str):
-    """A JSON file a user named; MuseError saying `where` it was and what is wrong with it."""
+    """A JSON file a user named (gzipped when its name ends in .gz); MuseError saying `where` it
+    was and what is wrong with it."""
+    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with open(path, encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise MuseError(f"{where} does not exist") from None
     except IsADirectoryError:
         raise MuseError(f"{where} is a directory; pass a .json file") from None
+    except (gzip.BadGzipFile, EOFError) as e:  # BadGzipFile is an OSError: first
+        raise MuseError(f"{where} is not a whole gzip file ({e})") from None
     except OSError as e:
         raise MuseError(f"{where} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

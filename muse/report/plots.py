@@ -4,7 +4,6 @@ left out, never drawn empty."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from collections import defaultdict
@@ -23,7 +22,7 @@ from matplotlib.ticker import (  # noqa: E402
     NullLocator,
 )
 
-from muse.harness.results import Record  # noqa: E402
+from muse.harness.results import Record, read_json  # noqa: E402
 from muse.measure.scaling import fit_scaling  # noqa: E402
 
 PHASES = ("forward", "train_step")
@@ -383,7 +382,7 @@ def training(history, pairs: dict[str, str] | None = None) -> bytes | None:
     if history is None:
         return None
     if isinstance(history, (str, Path)):
-        history = json.loads(Path(history).read_text(encoding="utf-8"))
+        history = read_json(history, f"history {str(history)!r}")
     keys = [k for k in ("loss", "val_loss", "ppl", "val_ppl")
             if any(k in row for rows in history.values() for row in rows)]
     if not keys:

@@ -202,13 +202,17 @@ def latest_results(root: Path = RESULTS) -> list[Path]:
 
 def named_history(docs: list[dict]) -> dict[str, list[dict]] | None:
     """The training histories the results name (the perplexity gate writes them beside its
-    results file, in <run>-perplexity/history.json), merged; None when none is there."""
+    results file, in <run>-perplexity/history.json, or .json.gz), merged; None when none is
+    there."""
     merged = {}
     for doc in docs:
         for folder in doc["history_folders"]:
-            candidate = Path(doc["path"]).parent / Path(folder).name / "history.json"
-            if candidate.is_file():
-                merged.update(read_history(candidate))
+            here = Path(doc["path"]).parent / Path(folder).name
+            # reports/ keeps its histories gzipped: the checkout travels to the GPU whole
+            for candidate in (here / "history.json", here / "history.json.gz"):
+                if candidate.is_file():
+                    merged.update(read_history(candidate))
+                    break
     return merged or None
 
 

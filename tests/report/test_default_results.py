@@ -1,6 +1,7 @@
 """`muse report` with no results file renders every latest.json under reports/results/ (the
 bench's and the perplexity gate's), with the training history the results name."""
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from muse.cli import main
-from muse.report.render import latest_results
+from muse.errors import MuseError
+from muse.report.render import latest_results, load, named_history, read_history
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_h200.json"
 
@@ -52,6 +54,24 @@ def test_the_default_renders_both_files_and_the_named_history(results, capsys):
     assert "archive" not in report
     assert "| transformer:small | 16384 | 123 |" in Path("out/tables/perplexity.md").read_text()
     assert Path("out/plots/training.png").is_file()
+
+
+def test_a_gzipped_history_is_found_and_read(results):
+    plain = results / "perplexity" / "run-perplexity" / "history.json"
+    with gzip.open(plain.with_suffix(".json.gz"), "wt", encoding="utf-8") as f:
+        f.write(plain.read_text(encoding="utf-8"))
+    plain.unlink()
+    _, docs = load(latest_results())
+    history = named_history(docs)
+    assert [r["loss"] for r in history["phase2:small seed0 model"]] == [5.0, 4.0, 3.0, 2.0]
+
+
+def test_a_truncated_gzip_is_one_clear_error(tmp_path):
+    whole = gzip.compress(b'{"a": [{"step": 1, "loss": 2.0}]}')
+    path = tmp_path / "history.json.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MuseError, match="is not a whole gzip file"):
+        read_history(path)
 
 
 @pytest.mark.parametrize("make", ["no folder", "empty folder"])

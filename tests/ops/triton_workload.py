@@ -32,6 +32,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         decayed_cumsum_triton(u, log_decay)
         linear_scan(u, -torch.rand(2, n), reverse=True)
         linear_scan(u, -torch.rand(2, n, 5))  # a decay per step and channel (phase3 selective)
+        linear_scan(u, -torch.rand(2, n, 5), reverse=True)  # and its backward
         after_each(f"decayed scans {n}")
         planar = torch.randn(2, n, 2 * 40, requires_grad=True)
         complex_decayed_cumsum_triton(planar, -torch.rand(40), torch.rand(40)).sum().backward()

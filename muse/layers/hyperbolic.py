@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from muse.layers.local_attention import SlidingWindowAttention, _band
 from muse.layers.rotary import apply_rotary, rotary_tables
@@ -56,15 +57,27 @@ def _acosh1p(z: torch.Tensor) -> torch.Tensor:
     return torch.log1p(z + torch.sqrt(z * (z + 2)))
 
 
+def _distance(dot, nq, nk, dq, dk, c: float) -> torch.Tensor:
+    """d_c from the dot products x_i·y_j (…, n, m) and each side's ‖x‖² and 1 − c‖x‖² (…, n, 1)
+    and (…, m, 1) of `_ball`."""
+    sq = (nq + nk.transpose(-1, -2) - 2 * dot).clamp_min(0)
+    z = 2 * c * sq / (dq * dk.transpose(-1, -2))
+    # z = 0 only when the points coincide; the floor keeps arcosh's gradient (∝ 1/√z) finite
+    return _acosh1p(z.clamp_min(torch.finfo(z.dtype).eps)) / math.sqrt(c)
+
+
 def poincare_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch.Tensor:
     """Tangent vectors q (…, n, d), k (…, m, d) → d_c(expmap0 q_i, expmap0 k_j) (…, n, m),
     from norms and one batched dot product."""
     xq, nq, dq = _ball(q, c)
     xk, nk, dk = _ball(k, c)
-    sq = (nq + nk.transpose(-1, -2) - 2 * (xq @ xk.transpose(-1, -2))).clamp_min(0)
-    z = 2 * c * sq / (dq * dk.transpose(-1, -2))
-    # z = 0 only when the points coincide; the floor keeps arcosh's gradient (∝ 1/√z) finite
-    return _acosh1p(z.clamp_min(torch.finfo(z.dtype).eps)) / math.sqrt(c)
+    return _distance(xq @ xk.transpose(-1, -2), nq, nk, dq, dk, c)
+
+
+def _weights(dot, nq, nk, dq, dk, beta, mask, c: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(−β·d_c) over the allowed keys, cast to the values' dtype."""
+    scores = (-beta[:, None, None, None] * _distance(dot, nq, nk, dq, dk, c))
+    return torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1).to(dtype)
 
 
 def mobius_distance(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> torch.Tensor:
@@ -100,15 +113,27 @@ def poincare_local_attention(q, k, v, window: int, c: float, beta: torch.Tensor,
     m = -(-n // window)
     wide = torch.promote_types(q.dtype, torch.float32)
     front, back = window - past, m * window - n
-    # the softmax window's layout: w slots in front (carried keys at their end, zeros before)
-    kp = F.pad(k.to(wide), (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
-    vp = F.pad(v, (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
-    qp = F.pad(q.to(wide), (0, 0, 0, back)).view(bsz, heads, m, window, d)
-    dist = poincare_distance(qp, kp, c)  # (B, H, M, w, 2w): one batched matmul per block
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # (B, H, M, 2w, ·): block c's 2w keys
+        return t.unfold(2, 2 * window, window).transpose(-1, -2)
+
+    # the softmax window's layout: w slots in front (carried keys at their end, zeros before);
+    # each key is mapped onto the ball once, before the blocks repeat it
+    xk, nk, dk = (blocks(t) for t in _ball(F.pad(k.to(wide), (0, 0, front, back)), c))
+    vp = blocks(F.pad(v, (0, 0, front, back)))
+    xq, nq, dq = (t.view(bsz, heads, m, window, -1)
+                  for t in _ball(F.pad(q.to(wide), (0, 0, 0, back)), c))
+    dot = xq @ xk.transpose(-1, -2)  # (B, H, M, w, 2w): one batched matmul per block
     band = _band(window, past, q.device)
     mask = torch.cat((band[:1], band[1:].expand(m - 1, -1, -1)))  # (M, w, 2w)
-    scores = (-beta.to(wide)[:, None, None, None] * dist).masked_fill(~mask, -torch.inf)
-    y = torch.softmax(scores, dim=-1).to(v.dtype) @ vp
+    args = (dot, nq, nk, dq, dk, beta.to(wide), mask, c, v.dtype)
+    if torch.is_grad_enabled():
+        # the elementwise chain from dot products to weights is formed again in backward:
+        # kept, each of its steps would hold a float32 (w × 2w) tensor per block and head
+        weights = checkpoint(_weights, *args, use_reentrant=False)
+    else:
+        weights = _weights(*args)
+    y = weights @ vp
     return y.reshape(bsz, heads, m * window, d)[:, :, :n]
 
 

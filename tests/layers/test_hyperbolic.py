@@ -53,6 +53,30 @@ def test_blocked_form_equals_the_definition(n, window):
     assert torch.allclose(ours, ref, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("n, window", [(5, 3), (50, 16)])
+def test_gradients_equal_the_definitions(n, window):
+    """The weights are formed again in backward (a checkpoint): ∂q, ∂k, ∂v and ∂β as the
+    N×N definition's."""
+    up = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for fn in (poincare_local_attention, poincare_attention_reference):
+        leaves = [t.requires_grad_() for t in (*qkv(n, seed=n), BETA.clone())]
+        (fn(*leaves[:3], window, 0.8, leaves[3]) * up).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_autograd_keeps_one_weight_tensor_per_block_not_the_score_chain():
+    window = 8
+    q, k, v = (t.float().requires_grad_() for t in qkv(64))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        poincare_local_attention(q, k, v, window, 1.0, BETA.float())
+    blocks = [t for t in kept if t.dim() == 5 and t.shape[-2:] == (window, 2 * window)]
+    assert len(blocks) == 1, [(tuple(t.shape), t.dtype) for t in blocks]
+
+
 def test_each_output_reads_only_its_window():
     q, k, v = qkv(30, seed=3)
     y = poincare_local_attention(q, k, v, 5, 1.0, BETA)

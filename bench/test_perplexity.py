@@ -56,7 +56,7 @@ def test_perplexity_within_budget_of_matched_transformer(
     # the same for both sides: it depends only on the test text and the windows
     put("recall_fraction", model["recall_fraction"])
     for prefix, side in (("", model), ("baseline_", base)):
-        lr_facts = {k: side[k] for k in ("lr_per_seed", "lr_tried", "lr_valid_loss")}
+        lr_facts = {k: side[k] for k in ("lr_per_seed", "lr_tried", "lr_valid_loss", "lr_at_edge")}
         put(f"{prefix}lr", side["lr"], extra=lr_facts)
         put(f"{prefix}train_budget_tokens", side["budget_tokens"], "tokens", extra={
             "rates": len(side["lr_tried"]), "seeds": len(cmp.seeds)})

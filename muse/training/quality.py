@@ -593,6 +593,8 @@ class Comparison:
             "lr_per_seed": {str(r.seed): r.lr for r in runs},
             "lr_tried": list(runs[0].lr_tried),
             "lr_valid_loss": {str(r.seed): list(r.lr_valid_loss) for r in runs},
+            # seeds whose best rate is the lowest or highest swept: the sweep did not bracket it
+            "lr_at_edge": [r.seed for r in runs if at_grid_edge(r.lr, r.lr_tried)],
             "budget_tokens": statistics.fmean(r.budget_tokens for r in runs),
             "runs": [r.facts() for r in runs],
         }
@@ -634,6 +636,11 @@ class SweepRun:
     out: Path
     valid_loss: float
     seconds: float
+
+
+def at_grid_edge(lr: float | None, tried) -> bool:
+    """Whether `lr` is the lowest or highest of two or more swept rates."""
+    return lr is not None and len(tried) > 1 and lr in (min(tried), max(tried))
 
 
 def best_run(runs: list[SweepRun]) -> SweepRun:
@@ -781,6 +788,11 @@ class GateRuns:
             split = self.split()  # first: builds (and caches) the tokenizer the trainer uses
             runs = [self._train_at(spec, seed, role, lr) for lr in self.settings.rates]
             chosen = best_run(runs)
+            if self.progress is not None and at_grid_edge(chosen.lr, self.settings.rates):
+                self.progress.say(f"perplexity gate: {spec} seed {seed} ({role}) trained best at "
+                                  f"lr {chosen.lr:g}, an edge of the swept rates "
+                                  f"{', '.join(f'{r:g}' for r in self.settings.rates)}: the "
+                                  "sweep does not bracket its best rate")
             scored = score_checkpoint(chosen.out / "final.pt", role, split, self.settings,
                                       chosen.seconds, self.also_splits())
             scored = replace(scored, budget_tokens=scored.train_tokens * len(runs),

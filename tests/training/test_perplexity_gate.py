@@ -118,6 +118,7 @@ def test_comparison_means_over_seeds_and_scores_the_control_against_its_own_seed
     assert model["lr"] == pytest.approx(1e-2 / 10**0.5)
     assert model["lr_tried"] == [1e-3, 1e-2]
     assert model["lr_valid_loss"] == {"3": [2.5, 3.0], "7": [3.0, 2.5]}
+    assert model["lr_at_edge"] == [3, 7]  # of the two rates tried, each seed chose an end
     assert model["budget_tokens"] == 200
 
 
@@ -387,7 +388,8 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     settings = tiny_settings(write_corpus(root / "corpus"), seq_len=32, train_tokens=32 * 4 * 10,
                              lr_sweep=(1e-9, 1e-2), train_dir=str(root / "runs"))
-    runs = GateRuns(settings, history_dir=root / "history")
+    said = []
+    runs = GateRuns(settings, history_dir=root / "history", say=said.append)
     calls, tested = [], []
     real_train, real_score = muse.training.train.train, muse.training.quality.score_checkpoint
 
@@ -407,11 +409,11 @@ def swept(tmp_path_factory):
         eager = runs.compare("transformer-eager:tiny")
     finally:
         mp.undo()
-    return settings, own, eager, calls, tested, root
+    return settings, own, eager, calls, tested, root, said
 
 
 def test_the_sweep_scores_only_the_rate_with_the_best_valid_loss(swept):
-    settings, own, eager, _, tested, root = swept
+    settings, own, eager, _, tested, root, said = swept
     history = json.loads((root / "history" / "history.json").read_text())
     tokens = settings.steps * settings.tokens_per_step
     for run in (*own.model_runs, *own.baseline_runs, *eager.model_runs):
@@ -425,6 +427,11 @@ def test_the_sweep_scores_only_the_rate_with_the_best_valid_loss(swept):
             assert history[label][-1]["val_loss"] == loss
         assert run.train_tokens == tokens
         assert run.budget_tokens == 2 * tokens == settings.budget_tokens
+    # every run chose 1e-2, the top of the grid: each (model, seed, side) is named once
+    edge = [line for line in said if "an edge of the swept rates 1e-09, 0.01" in line]
+    assert len(edge) == len({(r.spec, r.seed, r.role)
+                             for r in (*own.model_runs, *own.baseline_runs, *eager.model_runs)})
+    assert "transformer:tiny seed 0 (model) trained best at lr 0.01" in " ".join(edge)
     # one test score per (model, seed, side), each from the run at the chosen rate
     assert sorted(tested) == sorted(
         f"{name}-seed{s}-{role}-lr0.01" for s in (0, 1)
@@ -434,7 +441,7 @@ def test_the_sweep_scores_only_the_rate_with_the_best_valid_loss(swept):
 
 
 def test_the_sweep_shares_baselines_and_keeps_the_checks(swept):
-    settings, own, eager, calls, _, _ = swept
+    settings, own, eager, calls, _, _, _ = swept
     runs = [(spec, s, lr) for s in (0, 1) for lr in (1e-9, 1e-2)
             for spec in ("transformer:tiny", "transformer:tiny", "transformer-eager:tiny")]
     assert sorted(calls) == sorted(runs)  # the baseline trained once per (seed, rate)
@@ -726,6 +733,8 @@ def test_bench_records_a_pass(pytester):
     assert lr["extra"]["lr_per_seed"] == {"0": 1e-3, "1": 2e-3}
     assert lr["extra"]["lr_tried"] == [1e-3, 2e-3, 3e-3]
     assert lr["extra"]["lr_valid_loss"] == {"0": [2.0, 1.5, 1.7], "1": [2.0, 1.5, 1.7]}
+    assert lr["extra"]["lr_at_edge"] == [0]  # seed 0 chose 1e-3, the grid's bottom
+    assert records["baseline_lr"]["extra"]["lr_at_edge"] == [0, 1]  # 3e-3: its top
     assert records["baseline_lr"]["value"] == pytest.approx(3e-3)
     budget = records["train_budget_tokens"]
     assert (budget["value"], budget["unit"], budget["extra"]["rates"]) == (300, "tokens", 3)

@@ -171,7 +171,7 @@ class DissipativeHebbian(nn.Module):
                  gamma_init: tuple[float, float] = (-9.0, -3.0), conv: int = 0,
                  qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
                  local_window: int = 0, rope_base: float = 10000.0, delta: bool = False,
-                 dt_range: tuple[float, float] = (1e-3, 0.1)):
+                 dt_range: tuple[float, float] = (1e-3, 0.1), plain_heads: int = 0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
@@ -184,9 +184,15 @@ class DissipativeHebbian(nn.Module):
         if delta and backend == "fla":
             raise ValueError("hebbian backend 'fla' runs the plain rule; the delta rule runs on "
                              "backend 'torch' or 'auto'")
+        if not 0 <= plain_heads < n_heads or (plain_heads and not delta):
+            raise ValueError(f"hebbian plain_heads must be in [0, n_heads − 1 = {n_heads - 1}] "
+                             f"and needs delta=True, got {plain_heads} (delta={delta})")
         if conv < 0 or local_window < 0:
             raise ValueError(f"conv and local_window must be ≥ 0, got {conv}, {local_window}")
         self.n_heads, self.head_dim = n_heads, head_dim
+        # the first (slowest-decaying) heads write without erasing: a path that keeps what
+        # was written long ago, which the delta rule's erasure overwrites within ~D_h/β writes
+        self.plain_heads = plain_heads
         self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
         self.out_norm = out_norm  # each head's read-out divided by its RMS (see layers.norm)
         self.qk_norm, self.decay, self.local_window, self.rope_base = (
@@ -241,6 +247,23 @@ class DissipativeHebbian(nn.Module):
         log_decay = -F.softplus(gate)
         return log_decay * self.dt if self.dt != 1.0 else log_decay
 
+    def _delta(self, q, k, v, log_decay, beta, state, eta_scale):
+        """The delta rule on heads plain_heads… and the plain rule (η, no erasing) on the first
+        plain_heads: (B, N, H, D_h) in, y (B, N, H, D_h) and W (B, H, D_h, D_h) out."""
+        h = self.plain_heads
+        qh, kh, vh, ld, bh = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
+        y, w = delta_rule_chunked(qh[:, h:], kh[:, h:], vh[:, h:], ld[:, h:], bh[:, h:],
+                                  state=None if state is None else state[:, h:], chunk=self.chunk)
+        if h:
+            keys = kh[:, :h]
+            if eta_scale is not None:  # η per head scales the plain heads' writes, as β's
+                keys = keys * eta_scale[:, :h, None, None].to(keys.dtype)
+            y0, w0 = hebbian_chunked(qh[:, :h], keys, vh[:, :h], ld[:, :h], self.eta,
+                                     None if state is None else state[:, :h], chunk=self.chunk)
+            y = torch.cat((y0.to(y.dtype), y), dim=1)
+            w = torch.cat((w0.to(w.dtype), w), dim=1)
+        return y.transpose(1, 2).to(q.dtype), w
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 return_state: bool = False, gamma_offset: torch.Tensor | None = None,
                 eta_scale: torch.Tensor | None = None, tails: dict | None = None):
@@ -279,9 +302,7 @@ class DissipativeHebbian(nn.Module):
         if gamma_offset is not None:
             log_decay = log_decay - gamma_offset[:, None, :].to(log_decay.dtype) * self.dt
         if beta is not None:
-            heads_first = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
-            y, w = delta_rule_chunked(*heads_first, state=state, chunk=self.chunk)
-            y = y.transpose(1, 2).to(q.dtype)
+            y, w = self._delta(q, k, v, log_decay, beta, state, eta_scale)
         elif resolve_backend(self.backend, x.device) == "fla":
             y, w = hebbian_fla(q, k, v, log_decay, self.eta, state)  # (B, N, H, D_h)
             y = y.to(q.dtype)

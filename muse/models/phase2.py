@@ -65,6 +65,9 @@ class Phase2Config(FFNConfig):
     hebbian_dt_range: tuple[float, float] = (1e-3, 0.1)
     hebbian_out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x)
     hebbian_delta: bool = True  # erase before write: the gated delta rule (ops.delta_rule)
+    # the first h heads (the slowest decays) write without erasing; the long-range gradient
+    # needs such a path: the delta rule overwrites what it wrote within ~head_dim/β writes
+    hebbian_plain_heads: int = 0
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
     bk_zero_out: bool = True  # the BK sublayer's output projection starts at 0 (a no-op at init)
@@ -100,7 +103,12 @@ class Phase2Config(FFNConfig):
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        self.require_nonnegative_ints("hebbian_conv", "local_window")
+        self.require_nonnegative_ints("hebbian_conv", "local_window", "hebbian_plain_heads")
+        if self.hebbian_plain_heads and not (self.hebbian_delta
+                                             and self.hebbian_plain_heads < self.n_heads):
+            raise ValueError(f"hebbian_plain_heads must be < n_heads = {self.n_heads} and needs "
+                             f"hebbian_delta=true, got {self.hebbian_plain_heads} "
+                             f"(hebbian_delta={self.hebbian_delta})")
         self.reject_unused("bk_mixer", "bk_zero_out", "bk_channels", "bk_z_imag_init")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")
@@ -153,6 +161,7 @@ class Phase2Block(nn.Module):
             local_window=config.local_window,
             delta=config.hebbian_delta,
             dt_range=tuple(config.hebbian_dt_range),
+            plain_heads=config.hebbian_plain_heads,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

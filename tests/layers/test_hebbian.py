@@ -160,6 +160,38 @@ def test_delta_rule_needs_a_write_strength_at_most_one():
         DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, delta=True, eta=2.0)
 
 
+@pytest.mark.parametrize("carried", [False, True])
+def test_plain_heads_write_without_erasing_and_the_rest_run_the_delta_rule(carried):
+    """plain_heads h: heads < h follow the plain rule W = αW + η v kᵀ, heads ≥ h the delta rule,
+    each against its per-token loop in float64, with and without a carried W."""
+    from muse.ops.delta_rule import delta_rule_naive
+
+    torch.manual_seed(0)
+    m = DissipativeHebbian(d_model=16, n_heads=3, head_dim=4, delta=True, eta=0.7,
+                           plain_heads=1, chunk=4).double()
+    bsz, n = 2, 11
+    q, k, v = (torch.randn(bsz, n, 3, 4, dtype=torch.float64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    log_decay = -torch.rand(bsz, n, 3, dtype=torch.float64) * 0.2
+    beta = torch.rand(bsz, n, 3, dtype=torch.float64) * 0.7
+    state = torch.randn(bsz, 3, 4, 4, dtype=torch.float64) if carried else None
+    y, w = m._delta(q, k, v, log_decay, beta, state, None)
+    qh, kh, vh, ld, bh = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
+    y0, w0 = hebbian_naive(qh[:, :1], kh[:, :1], vh[:, :1], ld[:, :1], 0.7,
+                           None if state is None else state[:, :1])
+    y1, w1 = delta_rule_naive(qh[:, 1:], kh[:, 1:], vh[:, 1:], ld[:, 1:], bh[:, 1:],
+                              None if state is None else state[:, 1:])
+    torch.testing.assert_close(y, torch.cat((y0, y1), dim=1).transpose(1, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(w, torch.cat((w0, w1), dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(plain_heads=2, delta=True), dict(plain_heads=1),
+                                    dict(plain_heads=-1, delta=True)])
+def test_plain_heads_are_some_heads_of_a_delta_rule_layer(kwargs):
+    with pytest.raises(ValueError, match="plain_heads must be in"):
+        DissipativeHebbian(d_model=16, n_heads=2, head_dim=8, **kwargs)
+
+
 def test_decay_diagnostics_report_the_heads_of_the_last_forward():
     from muse.layers.hebbian import decay_diagnostics
 

@@ -23,3 +23,10 @@ def test_bk_options_need_the_bk_sublayer():
     models.build("phase2", "tiny", bk_mixer=False)
     with pytest.raises(ValueError, match="bk_zero_out"):
         models.build("phase2", "tiny", bk_zero_out=False, bk_mixer=False)
+
+
+@pytest.mark.parametrize("overrides", [dict(hebbian_plain_heads=2),
+                                       dict(hebbian_plain_heads=1, hebbian_delta=False)])
+def test_plain_heads_are_fewer_than_the_heads_of_a_delta_rule_block(overrides):
+    with pytest.raises(ValueError, match="hebbian_plain_heads must be < n_heads = 2"):
+        models.build("phase2", "tiny", vocab_size=97, **overrides)

@@ -35,6 +35,8 @@ def variants():
             out.append(pytest.param(name, READOUT, id=f"{name}-readout"))
             out.append(pytest.param(name, {**READOUT, "bk_mixer": False}, id=f"{name}-no-bk"))
             out.append(pytest.param(name, {**READOUT, "hebbian_delta": True}, id=f"{name}-delta"))
+            out.append(pytest.param(name, {**READOUT, "hebbian_delta": True,
+                                           "hebbian_plain_heads": 1}, id=f"{name}-plain-head"))
         elif "local_window" in fields:
             extra = dict(local_window=16, local_heads=2, local_head_dim=8, head="dense",
                          init="gpt2", gate=True)

@@ -164,7 +164,8 @@ class DissipativeHebbian(nn.Module):
     on the same q, k, v (rotary positions), mixed per head and token with the fast-weight
     read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first. `delta=True`
     erases before it writes (the gated delta rule, muse.ops.delta_rule) with a write strength
-    β_t = η·σ(w_β·x_t) per head."""
+    β_t = η·σ(w_β·x_t) per head; with it, `plain_heads` h keeps the first h heads on the plain
+    rule."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,

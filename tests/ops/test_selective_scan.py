@@ -3,7 +3,13 @@ float64: the real chunked form at lengths that take it one, two and three levels
 complex one, whose rotation e^{iθt} comes out of the scan exactly (1e-10: only the summation
 order differs)."""
 
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -96,6 +102,48 @@ def test_complex_selective_scan_keeps_its_inputs_and_the_scanned_planes_only():
         complex_selective_scan(u, log_mag, angle)
     assert sorted(t.numel() * t.element_size() for t in kept) == sorted(
         [r * 4, bsz * n * r * 4, bsz * n * 2 * r * 2, 2 * bsz * n * r * 4])
+
+
+_TRITON_PATH = textwrap.dedent(
+    """
+    import json
+    import torch
+    import muse.ops.complex_scan.selective as S
+    from muse.ops.decayed_scan.triton import linear_scan
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 70, 8, generator=g).requires_grad_()
+    lm = (-torch.rand(2, 70, 4, generator=g) * 0.3).requires_grad_()
+    th = (torch.rand(4, generator=g) * 3).requires_grad_()
+    up = torch.randn(2, 70, 8, generator=g)
+    grads = []
+    for scan in (lambda x, d, reverse=False: linear_scan(x, d, reverse=reverse), S._scan):
+        S._scan = scan  # the Triton launches CUDA would make, then the chunked form
+        for t in (u, lm, th):
+            t.grad = None
+        h = S.complex_selective_scan(u, lm, th)
+        (h * up).sum().backward()
+        grads.append([h.detach(), u.grad, lm.grad, th.grad])
+    print(json.dumps([float((a - b).norm() / b.norm()) for a, b in zip(*grads)]))
+    """
+)
+
+
+@pytest.mark.slow  # an interpreter subprocess
+def test_the_triton_path_of_the_selective_scan_matches_the_chunked_form():
+    """CUDA's path (the scan one Triton launch each way) under TRITON_INTERPRET=1 against the
+    chunked form, both float32: h and ∂u, ∂log|λ|, ∂θ relative in norm (seen ≤ 2.5e-6)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run this kernel")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_PATH], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 4 and max(errors) <= 2e-5, errors
 
 
 def test_bad_shapes_are_named():

@@ -23,6 +23,13 @@ def _rotation(n: int, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(phase), torch.sin(phase)
 
 
+def _turn(re, im, cos, sin, back: bool = False):
+    """The planes (re, im) times e^{iθt} (or e^{−iθt} with `back`)."""
+    if back:
+        return re * cos + im * sin, im * cos - re * sin
+    return re * cos - im * sin, im * cos + re * sin
+
+
 def _scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     """s_t = a_t s_{t∓1} + u_t for (B, N, R) u and decays, outside autograd: one Triton launch on
     CUDA, the chunked form elsewhere (reverse: the same on the flipped sequence)."""
@@ -48,12 +55,11 @@ class _RotatedScan(torch.autograd.Function):
         cos, sin = (p.to(wide) for p in _rotation(n, angle))
         re, im = u[..., :r].to(wide), u[..., r:].to(wide)
         # e^{−iθt} u, the two planes stacked on the batch: one scan, decays shared by both
-        turned = torch.cat((re * cos + im * sin, im * cos - re * sin), dim=0)
+        turned = torch.cat(_turn(re, im, cos, sin, back=True), dim=0)
         decay = log_mag.to(wide)
         g = _scan(turned, torch.cat((decay, decay), dim=0))
         ctx.save_for_backward(u, log_mag, angle, g)
-        g_re, g_im = g[:bsz], g[bsz:]
-        return torch.cat((g_re * cos - g_im * sin, g_im * cos + g_re * sin), dim=-1)
+        return torch.cat(_turn(g[:bsz], g[bsz:], cos, sin), dim=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -65,7 +71,7 @@ class _RotatedScan(torch.autograd.Function):
         cos, sin = (p.to(wide) for p in _rotation(n, angle))
         gh_re, gh_im = grad_h[..., :r].to(wide), grad_h[..., r:].to(wide)
         # ∂L/∂g: the output's rotation e^{iθt} taken back
-        grad_g = torch.cat((gh_re * cos + gh_im * sin, gh_im * cos - gh_re * sin), dim=0)
+        grad_g = torch.cat(_turn(gh_re, gh_im, cos, sin, back=True), dim=0)
         decay = log_mag.to(wide)
         # ∂L/∂(turned u)_t carries back through a_{t+1}
         shifted = torch.cat((decay[:, 1:], torch.zeros_like(decay[:, :1])), dim=1)
@@ -73,18 +79,15 @@ class _RotatedScan(torch.autograd.Function):
         gt_re, gt_im = grad_t[:bsz], grad_t[bsz:]
         grad_u = grad_log_mag = grad_angle = None
         if ctx.needs_input_grad[0]:
-            grad_u = torch.cat((gt_re * cos - gt_im * sin, gt_re * sin + gt_im * cos),
-                               dim=-1).to(u.dtype)
+            grad_u = torch.cat(_turn(gt_re, gt_im, cos, sin), dim=-1).to(u.dtype)
         if ctx.needs_input_grad[1]:
             prod = grad_t[:, 1:] * g[:, :-1]
             dot = torch.nn.functional.pad(prod[:bsz] + prod[bsz:], (0, 0, 1, 0))
             grad_log_mag = (dot * torch.exp(decay)).to(log_mag.dtype)
         if ctx.needs_input_grad[2]:
             # ∂/∂φ of the phase φ = θt at both rotations, then ∂φ/∂θ = t, summed in float64
-            g_re, g_im = g[:bsz], g[bsz:]
-            h_re, h_im = g_re * cos - g_im * sin, g_im * cos + g_re * sin
-            re, im = u[..., :r].to(wide), u[..., r:].to(wide)
-            t_re, t_im = re * cos + im * sin, im * cos - re * sin
+            h_re, h_im = _turn(g[:bsz], g[bsz:], cos, sin)
+            t_re, t_im = _turn(u[..., :r].to(wide), u[..., r:].to(wide), cos, sin, back=True)
             per_step = (gh_im * h_re - gh_re * h_im + gt_re * t_im - gt_im * t_re).sum(dim=0)
             steps = torch.arange(n, device=u.device, dtype=torch.float64)
             grad_angle = (steps @ per_step.to(torch.float64)).to(angle.dtype)

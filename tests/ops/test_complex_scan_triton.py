@@ -2,14 +2,11 @@
 against the chunked PyTorch form in float64: h, and the gradients to u, log|λ| and arg λ.
 Observed ≤ 6e-6 (max |x − ref| / max |ref|) up to N = 300; bound 2e-5."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from .interpreted import run_interpreted
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,13 +43,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow  # the interpreter subprocess
 def test_triton_complex_scan_matches_the_float64_chunked_form():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT],
-                          env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = run_interpreted(SCRIPT)
     assert sorted(found, key=int) == ["1", "5", "64", "65", "300"]
     for n, errs in found.items():
         assert errs.pop("dtype") == "torch.float32", n

@@ -1,14 +1,11 @@
 """The AR-SSM's Triton scan under TRITON_INTERPRET=1, against the float64 chunked form."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from .interpreted import run_interpreted
 
 _SCRIPT = textwrap.dedent(
     """
@@ -73,17 +70,7 @@ _SCRIPT = textwrap.dedent(
 def test_scan_matches_float64_chunked_form_under_interpreter():
     """fp32 accumulation over ≤ 300 steps against float64, relative in norm: observed ≤ 4e-6
     (λ = 0.99999 over 300 steps); bound 5e-5, about N·ε₃₂ for N = 300."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-        # seen on the lent H200 (Triton 3.6): its interpreter cannot loop to a kernel argument
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run this kernel")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(_SCRIPT, timeout=300, min_triton=(3, 7))
     assert len(errors) == 6
     for shape, errs in errors.items():
         for name, err in errs.items():

@@ -3,12 +3,7 @@ float64: the real chunked form at lengths that take it one, two and three levels
 complex one, whose rotation e^{iθt} comes out of the scan exactly (1e-10: only the summation
 order differs)."""
 
-import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +12,8 @@ import torch
 from muse.ops.complex_scan import complex_recurrence_naive
 from muse.ops.complex_scan.selective import complex_selective_scan
 from muse.ops.decayed_scan.chunk import selective_cumsum
+
+from .interpreted import run_interpreted
 
 TOL = 1e-10
 
@@ -133,16 +130,7 @@ _TRITON_PATH = textwrap.dedent(
 def test_the_triton_path_of_the_selective_scan_matches_the_chunked_form():
     """CUDA's path (the scan one Triton launch each way) under TRITON_INTERPRET=1 against the
     chunked form, both float32: h and ∂u, ∂log|λ|, ∂θ relative in norm (seen ≤ 2.5e-6)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run this kernel")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_PATH], capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(_TRITON_PATH, timeout=300, min_triton=(3, 7))
     assert len(errors) == 4 and max(errors) <= 2e-5, errors
 
 

@@ -265,11 +265,16 @@ PRESETS = {
     "base": dict(d_model=512, n_layers=6, n_heads=8, head_dim=64, d_ff=2048),
     "large": dict(d_model=1024, n_layers=12, n_heads=16, head_dim=64, d_ff=4096),
 }
+# the slowest head writes without erasing and starts with memories of up to 10^5 tokens: the
+# delta rule's erasure otherwise cuts the gradient from 65k tokens back to ~0
+for _name in list(PRESETS):
+    PRESETS[f"{_name}-longrange"] = {**PRESETS[_name], "hebbian_plain_heads": 1,
+                                     "hebbian_dt_range": (1e-5, 0.1)}
 
 
 def _same_size_transformer(preset: str, vocab_size: int) -> str:
     # the transformer presets of the same name are within 2% in parameters (tests/models)
-    return preset
+    return preset.removesuffix("-longrange")
 
 
 register(Family("phase2", Phase2Config, Phase2LM, PRESETS, "small", _same_size_transformer))

@@ -127,10 +127,13 @@ PRESETS = {
 }
 for _name, _d_ff in (("tiny", 224), ("small", 896), ("base", 1792)):
     PRESETS[f"{_name}-linear"] = {**PRESETS[_name], "local_window": 0, "d_ff": _d_ff}
+    # one head as wide as all of them: the same parameters, an H× larger state for recall
+    _width = PRESETS[_name]["n_heads"] * PRESETS[_name]["head_dim"]
+    PRESETS[f"{_name}-wide"] = {**PRESETS[_name], "n_heads": 1, "head_dim": _width}
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:
-    return preset.removesuffix("-linear")
+    return preset.removesuffix("-linear").removesuffix("-wide")
 
 
 register(Family("phase8", Phase8Config, Phase8LM, PRESETS, "small", _same_preset))

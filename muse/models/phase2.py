@@ -259,22 +259,24 @@ class Phase2LM(StreamingLM):
 
 
 
+# The slowest head writes without erasing and the decays start with memories of up to 10^5
+# tokens: with every head on the delta rule the gradient from 65k tokens back is ~0. "-delta":
+# every head on the delta rule, decays from 10^3 tokens (the block the earlier gates judged).
+_LONG_RANGE = dict(hebbian_plain_heads=1, hebbian_dt_range=(1e-5, 0.1))
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=256, bk_channels=8),
     "small": dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=1024),
     "base": dict(d_model=512, n_layers=6, n_heads=8, head_dim=64, d_ff=2048),
     "large": dict(d_model=1024, n_layers=12, n_heads=16, head_dim=64, d_ff=4096),
 }
-# the slowest head writes without erasing and starts with memories of up to 10^5 tokens: the
-# delta rule's erasure otherwise cuts the gradient from 65k tokens back to ~0
 for _name in list(PRESETS):
-    PRESETS[f"{_name}-longrange"] = {**PRESETS[_name], "hebbian_plain_heads": 1,
-                                     "hebbian_dt_range": (1e-5, 0.1)}
+    PRESETS[f"{_name}-delta"] = dict(PRESETS[_name])
+    PRESETS[_name].update(_LONG_RANGE)
 
 
 def _same_size_transformer(preset: str, vocab_size: int) -> str:
     # the transformer presets of the same name are within 2% in parameters (tests/models)
-    return preset.removesuffix("-longrange")
+    return preset.removesuffix("-delta")
 
 
 register(Family("phase2", Phase2Config, Phase2LM, PRESETS, "small", _same_size_transformer))

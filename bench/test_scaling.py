@@ -7,14 +7,24 @@ The harness calibrates itself with two O(N²) controls at the matched size, time
 seqs: the SDPA `transformer` (O(N²) compute in O(N) memory) and `transformer-eager`
 (materialised N×N scores). When a control passes too, these seqs cannot tell O(N) from O(N²)
 and the verdict is INCONCLUSIVE, never PASS. A control that runs out of memory has shown
-super-linear cost: it counts as failing there and never fails the model under test."""
+super-linear cost: it counts as failing there and never fails the model under test.
+
+With --cuda-graphs both phases are also timed replayed from a CUDA graph (`graphed_forward`,
+`graphed_train_step`; the controls too): the device's work without the launch overhead that
+keeps batch-1 times flat at short seqs. A control that a graph cannot capture leaves a PASS
+INCONCLUSIVE; the model's own capture failure fails its case."""
+
+import traceback
 
 import pytest
+import torch
 
 from muse import models
 from muse.harness.summary import describe
+from muse.measure.graphs import GraphCaptureError
 from muse.measure.growth import time_curve
-from muse.measure.phases import PHASES
+from muse.measure.memory import free_device_memory
+from muse.measure.phases import GRAPHED_PHASES, PHASES
 from muse.measure.scaling import judge_against_controls
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -23,21 +33,44 @@ CONTROLS = ("transformer", "transformer-eager")
 
 def curve(case, phase, muse_session, gate, control=False):
     """Each (model, preset, phase) is timed once per session, as a model or as a control; a
-    model that ran out of memory as a control is timed again as a model, to fail its case."""
+    model that ran out of memory or could not be captured as a control is timed again as a
+    model, to fail its case."""
     key = ("scaling", case.spec, phase)
     cached = muse_session.cache.get(key)
-    if cached is None or (not control and cached.fit is None):
+    if cached is None or (not control and (cached.fit is None or not cached.growth.measured)):
         muse_session.cache[key] = time_curve(case, phase, gate, control=control)
     return muse_session.cache[key]
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_time_grows_linearly(model_case, phase, record, muse_settings, muse_session):
+def check_graphed(case, phase, pytestconfig) -> None:
+    """Skips a graphed phase that is not asked for or cannot run here; fails one asked for in a
+    dtype no graph can hold (a mistake in the options, wherever it runs)."""
+    if not pytestconfig.getoption("cuda_graphs"):
+        pytest.skip("--cuda-graphs not given: the graphed phases are not timed")
+    if phase == "graphed_train_step" and case.torch_dtype == torch.float16:
+        pytest.fail(f"graphed_train_step cannot run in --dtype {case.dtype}: fp16 loss scaling "
+                    "checks for inf on the host every step, which a CUDA graph cannot hold; "
+                    "pass --dtype bf16 or fp32", pytrace=False)
+    if case.device.type != "cuda":
+        pytest.skip(f"a CUDA graph needs CUDA; this run is on {case.device}")
+
+
+@pytest.mark.parametrize("phase", PHASES + GRAPHED_PHASES)
+def test_time_grows_linearly(model_case, phase, record, muse_settings, muse_session,
+                             pytestconfig):
     t = muse_settings.thresholds
     gate = t.linear_gate()
+    if phase in GRAPHED_PHASES:
+        check_graphed(model_case, phase, pytestconfig)
     if len(model_case.seqs) < 3:
         pytest.skip(f"a scaling fit needs ≥ 3 --seq values, got {len(model_case.seqs)}")
-    own = curve(model_case, phase, muse_session, gate)
+    try:
+        own = curve(model_case, phase, muse_session, gate)
+    except GraphCaptureError as exc:
+        message = str(exc)
+        traceback.clear_frames(exc.__traceback__)  # the failed capture's model and its memory
+        free_device_memory()
+        pytest.fail(message, pytrace=False)
     matched = models.baseline_for(model_case.model, model_case.preset)[1]
     controls = {
         f"{name}:{matched}": curve(

@@ -93,8 +93,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--cuda-graphs",
         action="store_true",
-        help="throughput: also time the fixed-tokens step captured in a CUDA graph "
-        "(muse.measure.graphs), for every model and its matched transformer",
+        help="throughput and scaling: also time the work replayed from a CUDA graph, without "
+        "launch overhead (muse.measure.graphs): throughput the fixed-tokens step of every model "
+        "and its matched transformer; scaling the forward and the train step (bf16 or fp32 "
+        "only) of every model and its O(N²) controls",
     )
     group.addoption(
         "--device",

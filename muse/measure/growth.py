@@ -1,8 +1,8 @@
 """A model's time curve over every seq, and its growth verdict (muse.measure.scaling).
 
 Where the verdict hangs on timing noise, the seqs are timed again with more rounds, pooled with
-the first. A negative control's out-of-memory is caught here and becomes its verdict; the
-model under test's own out-of-memory propagates and fails its case.
+the first. A negative control's out-of-memory, or a CUDA graph that cannot capture it, is caught
+here and becomes its verdict; the model under test's own propagates and fails its case.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from muse.measure.graphs import GraphCaptureError
 from muse.measure.scaling import Growth, LinearGate, ScalingFit, fit_scaling, judge_growth
 from muse.measure.timing import TimingStats, summarize, time_sweep
 
@@ -56,14 +57,15 @@ def _judge(seqs, stats, gate: LinearGate) -> tuple[ScalingFit, Growth]:
 
 def time_curve(case, phase: str, gate: LinearGate, *, control: bool = False) -> Curve:
     """`case` is a muse.harness.cases.Case over every seq (seq None). A control that runs out of
-    memory at a seq keeps the seqs before it and gets Growth.out_of_memory."""
+    memory at a seq keeps the seqs before it and gets Growth.out_of_memory; one that a graphed
+    phase cannot capture, Growth.not_timed."""
     model = case.build()
     stats: list[TimingStats] = []
     for seq in case.seqs:
         try:
             stats += time_sweep(model, [seq], phase, case.torch_dtype, case.batch, case.device,
                                 rounds=ROUNDS)
-        except torch.OutOfMemoryError as exc:
+        except (torch.OutOfMemoryError, GraphCaptureError) as exc:
             if not control:
                 raise
             message = str(exc).splitlines()[0]
@@ -74,8 +76,9 @@ def time_curve(case, phase: str, gate: LinearGate, *, control: bool = False) -> 
             free_device_memory()
             seqs = case.seqs[: len(stats)]
             fit = _judge(seqs, stats, gate)[0] if len(stats) >= 3 else None
-            return Curve(case.spec, phase, seqs, tuple(stats), fit,
-                         Growth.out_of_memory(seq, message))
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            growth = (Growth.out_of_memory if oom else Growth.not_timed)(seq, message)
+            return Curve(case.spec, phase, seqs, tuple(stats), fit, growth)
     fit, growth = _judge(case.seqs, stats, gate)
     if not growth.hangs_on_noise:
         return Curve(case.spec, phase, case.seqs, tuple(stats), fit, growth)

@@ -55,13 +55,16 @@ def training_loss(model: nn.Module, ids: torch.Tensor, loss_chunk: int = 0) -> t
     return lm_loss(model(ids), ids)
 
 
-def forward_fn(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
-    """Inference forward with the weights themselves in `dtype` (how a model is served)."""
+def forward_fn(
+    model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
+    """Inference forward with the weights themselves in `dtype` (how a model is served); the
+    call returns the logits."""
     model.to(dtype=dtype).eval()
 
-    def run() -> None:
+    def run() -> torch.Tensor:
         with torch.inference_mode():
-            model(ids)
+            return model(ids)
 
     return run
 
@@ -96,16 +99,26 @@ class TrainStep:
 
 
 PHASES = ("forward", "train_step")
+# the same two replayed from a CUDA graph (muse.measure.graphs): the device's work without the
+# per-kernel launch cost, CUDA only
+GRAPHED_PHASES = ("graphed_forward", "graphed_train_step")
 
 
 def make_phase(
     phase: str, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
-) -> Callable[[], None]:
+) -> Callable[[], object]:
     if phase == "forward":
         return forward_fn(model, ids, dtype)
     if phase == "train_step":
         return TrainStep(model, ids, dtype)
-    raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+    if phase in GRAPHED_PHASES:
+        # imported here: graphs imports this module
+        from muse.measure.graphs import GraphedForward, GraphedTrainStep
+
+        if phase == "graphed_forward":
+            return GraphedForward(model, ids, dtype)
+        return GraphedTrainStep(model, ids, dtype)
+    raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES + GRAPHED_PHASES)}")
 
 
 # The tokens-per-step protocol: training as people train, the same for every model. Batch 1 at a

@@ -63,12 +63,18 @@ class Growth:
     verdict: str
     reasons: tuple[str, ...] = ()
     hangs_on_noise: bool = False  # a PASS is within the timing errors: more rounds may tell
+    measured: bool = True  # False: no curve was timed, so nothing is known of its growth
 
     @classmethod
     def out_of_memory(cls, seq: int, message: str) -> Growth:
         # Running out of memory where a linear model of the same size fits is super-linear
         # cost shown by other means.
         return cls("FAIL", (f"out of memory at seq {seq}: {message}",))
+
+    @classmethod
+    def not_timed(cls, seq: int, message: str) -> Growth:
+        # A workload that cannot run (a CUDA graph that cannot hold it) shows no cost at all.
+        return cls("INCONCLUSIVE", (f"cannot be timed at seq {seq}: {message}",), measured=False)
 
 
 def _validate(seqs: Sequence, times_s: Sequence, errors_s: Sequence | None) -> list[tuple]:
@@ -237,7 +243,7 @@ def judge_growth(fit: ScalingFit, gate: LinearGate) -> Growth:
 
 def judge_against_controls(model: Growth, controls: Mapping[str, Growth]) -> tuple[str, str]:
     """The verdict of a model's curve given its O(N²) controls on the same seqs: a PASS stands
-    only if no control passes too."""
+    only if every control was timed and none passes too."""
     if model.verdict != "PASS":
         return model.verdict, "; ".join(model.reasons)
     passing = [name for name, growth in controls.items() if growth.verdict == "PASS"]
@@ -245,6 +251,14 @@ def judge_against_controls(model: Growth, controls: Mapping[str, Growth]) -> tup
         return "INCONCLUSIVE", (
             f"these seqs cannot tell O(N) from O(N²): the O(N²) control {', '.join(passing)}"
             " passes too; use longer seqs"
+        )
+    untimed = [f"{name} {growth.reasons[0]}" for name, growth in controls.items()
+               if not growth.measured]
+    if untimed:
+        # an untimed control might have passed: without it these seqs are not calibrated
+        return "INCONCLUSIVE", (
+            f"linear, but the O(N²) control {'; '.join(untimed)}: a PASS needs every control "
+            "timed on these seqs"
         )
     return "PASS", "linear, and no O(N²) control passes on these seqs: " + ", ".join(
         f"{name} {growth.verdict}" for name, growth in controls.items()

@@ -101,5 +101,6 @@ def time_sweep(
     out = []
     for seq in seqs:
         ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
+        # the phase is a temporary: a CUDA graph's memory pool goes with it before the next seq
         out.append(time_callable(make_phase(phase, model, ids, dtype), device, warmup, rounds))
     return out

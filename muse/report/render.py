@@ -31,6 +31,7 @@ class Spec:
     title: str
     criterion: str
     metrics: tuple[str, ...] | None  # None: every metric the results hold for the criterion
+    optional: tuple[str, ...] = ()  # after metrics, each only where the results hold it
 
 
 TABLES = (
@@ -44,7 +45,11 @@ TABLES = (
           "graphed_step_speedup_vs_transformer", "cuda_graph_gain")),
     Spec("scaling", "Scaling with sequence length", "scaling",
          ("forward_time_s", "train_step_time_s", "forward_linear_r2", "forward_loglog_slope_top",
-          "train_step_linear_r2", "train_step_loglog_slope_top")),
+          "train_step_linear_r2", "train_step_loglog_slope_top"),
+         # --cuda-graphs only: a run without it keeps the table it always had
+         ("graphed_forward_time_s", "graphed_train_step_time_s", "graphed_forward_linear_r2",
+          "graphed_forward_loglog_slope_top", "graphed_train_step_linear_r2",
+          "graphed_train_step_loglog_slope_top")),
     Spec("gradient_flow", "Gradient flow", "gradient_flow",
          ("first_layer_grad_norm", "long_range_grad_norm", "embedding_grad_norm",
           "nonfinite_grad_tensors")),
@@ -79,6 +84,13 @@ LABELS = {
     "forward_loglog_slope_top": "forward slope (top)",
     "train_step_linear_r2": "train-step R²",
     "train_step_loglog_slope_top": "train-step slope (top)",
+    # the same replayed from a CUDA graph (--cuda-graphs)
+    "graphed_forward_time_s": "forward time, CUDA graph",
+    "graphed_train_step_time_s": "train-step time, CUDA graph",
+    "graphed_forward_linear_r2": "forward R², CUDA graph",
+    "graphed_forward_loglog_slope_top": "forward slope (top), CUDA graph",
+    "graphed_train_step_linear_r2": "train-step R², CUDA graph",
+    "graphed_train_step_loglog_slope_top": "train-step slope (top), CUDA graph",
     "first_layer_grad_norm": "first layer ‖∇‖",
     "long_range_grad_norm": "long-range ‖∂L/∂h₀‖",
     "embedding_grad_norm": "embedding ‖∇‖",
@@ -242,6 +254,7 @@ def build_table(spec: Spec, df: pd.DataFrame) -> Table:
     failures = mine[mine.metric == "run"]  # an OOM or error of the whole case
     measured = mine[mine.metric != "run"]
     metrics = list(spec.metrics or dict.fromkeys(measured.metric))
+    metrics += [m for m in spec.optional if (measured.metric == m).any()]
     notes = []
     if measured.empty:
         notes.append(f"{NOT_MEASURED}: these results hold no {spec.criterion} records.")

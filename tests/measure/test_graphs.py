@@ -1,5 +1,5 @@
-"""The CUDA-graph training step: refused where a graph cannot hold it, and on CUDA the same
-losses as the step launched op by op from the same weights."""
+"""The CUDA-graph training step and forward: refused where a graph cannot hold them, and on CUDA
+the same losses and logits as the work launched op by op from the same weights."""
 
 import copy
 
@@ -7,14 +7,34 @@ import pytest
 import torch
 
 from muse import models
-from muse.measure.graphs import WARMUP, GraphedTrainStep
-from muse.measure.phases import TrainStep, random_ids
+from muse.measure.graphs import WARMUP, GraphedForward, GraphedTrainStep
+from muse.measure.phases import GRAPHED_PHASES, TrainStep, forward_fn, make_phase, random_ids
 
 
 def test_off_cuda_it_names_the_device():
     model = models.build("transformer", "tiny", vocab_size=97)
     with pytest.raises(ValueError, match="needs a CUDA device, got ids on cpu"):
         GraphedTrainStep(model, random_ids(97, 2, 16, "cpu"), torch.bfloat16)
+
+
+def test_the_graphed_forward_off_cuda_names_the_device():
+    model = models.build("transformer", "tiny", vocab_size=97)
+    with pytest.raises(ValueError, match="needs a CUDA device, got ids on cpu"):
+        GraphedForward(model, random_ids(97, 2, 16, "cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("phase", GRAPHED_PHASES)
+def test_each_graphed_phase_off_cuda_names_the_device(phase):
+    model = models.build("transformer", "tiny", vocab_size=97)
+    with pytest.raises(ValueError, match="needs a CUDA device, got ids on cpu"):
+        make_phase(phase, model, random_ids(97, 2, 16, "cpu"), torch.bfloat16)
+
+
+def test_an_unknown_phase_lists_every_valid_one():
+    model = models.build("transformer", "tiny", vocab_size=97)
+    with pytest.raises(ValueError, match="unknown phase 'backward'; valid: forward, train_step, "
+                                         "graphed_forward, graphed_train_step$"):
+        make_phase("backward", model, random_ids(97, 2, 16, "cpu"), torch.float32)
 
 
 def test_fp16_is_refused_for_its_host_side_loss_scaling():
@@ -40,3 +60,19 @@ def test_replays_follow_the_eager_steps_losses(name):
         eager()
         graphed()
         torch.testing.assert_close(graphed.last_loss, eager.last_loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["transformer", "phase1", "phase2", "phase3", "phase7", "phase8"])
+def test_a_replayed_forward_gives_the_eager_forwards_logits(name):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = models.build(name, "tiny", vocab_size=97)
+    ids = random_ids(97, 2, 128, "cuda")
+    eager = forward_fn(copy.deepcopy(model), ids, torch.float32)()
+    graphed = GraphedForward(model, ids, torch.float32)
+    with torch.inference_mode():
+        graphed.logits.zero_()  # a replay must write them afresh
+    graphed()
+    torch.testing.assert_close(graphed.logits, eager, rtol=1e-4, atol=1e-5)

@@ -192,6 +192,45 @@ def test_an_inconclusive_model_stays_inconclusive_whatever_its_controls():
     assert judge_against_controls(flat, {"transformer:small": quadratic})[0] == "INCONCLUSIVE"
 
 
+CAPTURE = "TransformerLM's forward cannot be captured in a CUDA graph: operation not permitted"
+
+
+def test_a_control_a_graph_cannot_capture_leaves_a_pass_inconclusive():
+    untimed = Growth.not_timed(1024, CAPTURE)
+    assert (untimed.verdict, untimed.measured) == ("INCONCLUSIVE", False)
+    linear = verdict_of(SEQS_POW2, CURVES["linear"])
+    quadratic = verdict_of(SEQS_POW2, CURVES["quadratic"])
+    controls = {"transformer:small": untimed, "transformer-eager:small": quadratic}
+    status, message = judge_against_controls(linear, controls)
+    assert status == "INCONCLUSIVE"
+    assert f"transformer:small cannot be timed at seq 1024: {CAPTURE}" in message
+    assert "a PASS needs every control timed" in message
+    assert judge_against_controls(quadratic, controls)[0] == "FAIL"  # its own evidence stands
+
+
+def test_time_curve_makes_a_control_capture_failure_its_verdict(monkeypatch):
+    import torch
+
+    from muse.harness.cases import Case
+    from muse.measure import growth
+    from muse.measure.graphs import GraphCaptureError
+    from muse.measure.timing import summarize
+
+    def sweep(model, seqs, *args, **kwargs):
+        if seqs[0] >= 2048:
+            raise GraphCaptureError(CAPTURE)
+        return [summarize([1e-3] * 10)]
+
+    monkeypatch.setattr(growth, "time_sweep", sweep)
+    case = Case("transformer", "tiny", None, (1024, 2048, 4096), "fp32", 1, torch.device("cpu"))
+    curve = growth.time_curve(case, "graphed_forward", GATE, control=True)
+    assert curve.seqs == (1024,) and curve.fit is None
+    assert curve.growth == Growth.not_timed(2048, CAPTURE)
+    assert curve.describe()["reasons"] == [f"cannot be timed at seq 2048: {CAPTURE}"]
+    with pytest.raises(GraphCaptureError, match="cannot be captured"):
+        growth.time_curve(case, "graphed_forward", GATE)  # the model under test's own fails it
+
+
 # --- the committed GPU runs, re-fitted ----------------------------------------------------------
 
 RESULTS = Path(__file__).resolve().parents[2] / "reports" / "results"

@@ -137,6 +137,22 @@ def test_missing_and_failing_records_are_said_so(tmp_path):
     assert row["peak_vram_train_step_bytes:status"] == "not measured"
 
 
+def test_graphed_scaling_columns_appear_only_where_the_results_hold_them(tmp_path, out):
+    def edit(records):
+        graphed = [{**r, "metric": f"graphed_{r['metric']}", "value": r["value"] / 2}
+                   for r in records if r["criterion"] == "scaling"
+                   and r["metric"].startswith("forward_")]
+        return records + graphed
+
+    assert "CUDA graph" not in (out / "tables" / "scaling.md").read_text(encoding="utf-8")
+    scaling = (render_here(tmp_path / "out", write_variant(tmp_path, edit)) / "tables" /
+               "scaling.md").read_text(encoding="utf-8")
+    header = scaling.splitlines()[4]
+    assert header.endswith("| train-step slope (top) | forward time, CUDA graph | forward R², "
+                           "CUDA graph | forward slope (top), CUDA graph |")  # none of train step
+    assert "not measured" not in scaling
+
+
 def test_a_results_file_without_records_renders(tmp_path):
     out = render_here(tmp_path / "out", write_variant(tmp_path, lambda records: []))
     report = (out / "REPORT.md").read_text(encoding="utf-8")

@@ -19,12 +19,11 @@ miscompile, fla issue #640).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
@@ -210,13 +209,12 @@ class DissipativeHebbian(nn.Module):
                 self.gamma.bias.copy_(torch.linspace(*map(float, gamma_init), n_heads))
             else:
                 # Mamba2's start: per-step decays e^{−A·dt} from ≈ 0.2 to ≈ 1 across heads
-                lo, hi = map(float, dt_range)
-                if not 0 < lo <= hi:
-                    raise ValueError(f"hebbian dt_range must be 0 < low ≤ high, got {dt_range}")
-                step = torch.exp(torch.linspace(math.log(lo), math.log(hi), n_heads))
-                self.gamma.bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus⁻¹
+                try:
+                    self.gamma.bias.copy_(mamba2_bias(n_heads, dt_range))
+                except ValueError as exc:
+                    raise ValueError(f"hebbian {exc}") from None
         if decay == "mamba2":
-            self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, n_heads)))
+            self.a_log = nn.Parameter(mamba2_a_log(n_heads))
         self.beta = nn.Linear(d_model, n_heads) if delta else None  # σ(0) = ½ at the start
         if delta:
             nn.init.zeros_(self.beta.bias)

@@ -3,7 +3,11 @@
     S_t = S_{t−1} + φ(k_t) v_tᵀ,   z_t = z_{t−1} + φ(k_t),   y_t = φ(q_t)ᵀ S_t / (φ(q_t)·z_t + ε),
 
 with φ = elu + 1 > 0, so the normaliser φ(q)·z is positive. The state (S, z) is carried
-between segments, which makes streaming exact.
+between segments, which makes streaming exact. With a decay (`decay="mamba2"`, off by default)
+both S and z are multiplied by a_t = exp(log a_t) ∈ (0, 1] per head before each write, a_t
+chosen by the input (Mamba2's parameterisation, layers.decay): gated linear attention with
+linear attention's normaliser, computed by the Hebbian layer's chunked form
+(`decayed_linear_attention`).
 
 `linear_attention_chunked` computes it in chunks of T: inside each chunk one masked (T × T)
 product, across chunks the state entering each chunk, which without a decay is an exclusive
@@ -24,12 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.layers.hebbian import fla_available
+from muse.layers.decay import mamba2_a_log, mamba2_bias
+from muse.layers.hebbian import fla_available, hebbian_chunked
 from muse.layers.norm import rms_normalize
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
 BACKENDS = ("auto", "torch", "fla")
+DECAYS = ("none", "mamba2")
 EPS = 1e-6  # added to the normaliser φ(q)·z, which is > 0 already (the paper's ε)
 
 
@@ -38,9 +44,10 @@ def elu_feature(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1
 
 
-def linear_attention_naive(q, k, v, state=None, eps: float = EPS):
+def linear_attention_naive(q, k, v, state=None, eps: float = EPS, log_decay=None):
     """q, k (B, H, N, Dk) already feature-mapped (≥ 0), v (B, H, N, Dv); state (S (B, H, Dk,
-    Dv), z (B, H, Dk)) or None → y (B, H, N, Dv), (S, z) after the last token."""
+    Dv), z (B, H, Dk)) or None; log_decay (B, H, N) ≤ 0 or None → y (B, H, N, Dv), (S, z)
+    after the last token."""
     bsz, heads, n, dk = q.shape
     if state is None:
         s, z = q.new_zeros(bsz, heads, dk, v.shape[-1]), q.new_zeros(bsz, heads, dk)
@@ -48,6 +55,9 @@ def linear_attention_naive(q, k, v, state=None, eps: float = EPS):
         s, z = state
     out = []
     for t in range(n):
+        if log_decay is not None:
+            a = torch.exp(log_decay[:, :, t])
+            s, z = a[..., None, None] * s, a[..., None] * z
         s = s + k[:, :, t, :, None] * v[:, :, t, None, :]
         z = z + k[:, :, t]
         num = torch.einsum("bhk,bhkv->bhv", q[:, :, t], s)
@@ -93,6 +103,27 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
     return out, (last[..., :dv], last[..., dv])
 
 
+def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
+                             eps: float = EPS):
+    """`linear_attention_naive`'s contract with log_decay (B, H, N) ≤ 0, in chunks: the
+    numerator and the normaliser (a value column of ones) through `hebbian_chunked`, the state
+    (S | z) carried as one (Dk × Dv + 1) matrix in float32 at least."""
+    if q.dtype == torch.float16:
+        # a slow head's state sums ~1/(1 − a) writes: past fp16's range, as without a decay
+        with torch.autocast(q.device.type, enabled=False):
+            out, state = decayed_linear_attention(q.float(), k.float(), v.float(),
+                                                  log_decay.float(), state, chunk, eps)
+        return out.to(v.dtype), state
+    dv = v.shape[-1]
+    acc = torch.promote_types(torch.promote_types(q.dtype, log_decay.dtype), torch.float32)
+    v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
+    w0 = None if state is None else torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)
+    y, w = hebbian_chunked(q, k, v1, log_decay.to(acc), state=w0, chunk=chunk)
+    y = y.to(acc)
+    out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
+    return out, (w[..., :dv], w[..., dv])
+
+
 def linear_attention_fla(q, k, v, state=None, eps: float = EPS):
     """The chunked contract with fla's kernel for the numerator, in (B, H, N, D) layout."""
     from fla.ops.simple_gla import chunk_simple_gla
@@ -133,16 +164,29 @@ class CausalLinearAttention(nn.Module):
 
     Read-out options that leave the mixer causal linear attention (QUALITY.md items 1, 2):
     `conv` a short causal conv + SiLU on q, k, v before φ (kernel size, 0 = none);
-    `out_gate` each head's output RMS-normalised with a gain, times SiLU(W_g x)."""
+    `out_gate` each head's output RMS-normalised with a gain, times SiLU(W_g x). `decay`
+    "mamba2" forgets: S and z decay by a_t = exp(−A·softplus(w·x_t + b)) per head, softplus(b)
+    log-uniform in `dt_range` at init (QUALITY.md's gated decay; "none": no decay)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, chunk: int = 64,
-                 backend: str = "auto", conv: int = 4, out_gate: bool = True):
+                 backend: str = "auto", conv: int = 4, out_gate: bool = True,
+                 decay: str = "none", dt_range: tuple[float, float] = (1e-3, 0.1)):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"linear attention backend must be one of {BACKENDS}, "
                              f"got {backend!r}")
         if conv < 0:
             raise ValueError(f"conv must be ≥ 0 (0: none), got {conv}")
+        if decay not in DECAYS:
+            raise ValueError(f"linear attention decay must be one of {DECAYS}, got {decay!r}")
+        if decay != "none" and backend == "fla":
+            raise ValueError("linear attention backend 'fla' runs without a decay; a decay runs "
+                             "on backend 'torch' or 'auto'")
+        self.gamma = nn.Linear(d_model, n_heads) if decay != "none" else None
+        if self.gamma is not None:
+            with torch.no_grad():
+                self.gamma.bias.copy_(mamba2_bias(n_heads, dt_range))
+            self.a_log = nn.Parameter(mamba2_a_log(n_heads))
         self.n_heads, self.head_dim, self.chunk, self.backend = n_heads, head_dim, chunk, backend
         inner = n_heads * head_dim
         self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
@@ -170,6 +214,12 @@ class CausalLinearAttention(nn.Module):
             state["conv"] = self.conv.init_tail(batch, device, dtype)
         return state
 
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """log a_t per head, (B, H, N), in float32 at least."""
+        gate = self.gamma(x)
+        gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
+        return (-torch.exp(self.a_log.float()) * F.softplus(gate)).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, state: dict | None = None):
         """x (B, N, D) → y; with `state` (from `init_state`), (y, the state after x)."""
         bsz, n, _ = x.shape
@@ -184,7 +234,10 @@ class CausalLinearAttention(nn.Module):
         q, k = elu_feature(q), elu_feature(k)
         carried = None if state is None else (state["s"], state["z"])
         self.ran_backend = resolve_backend(self.backend, x.device)
-        if self.ran_backend == "fla":
+        if self.gamma is not None:
+            y, (s, z) = decayed_linear_attention(q, k, v, self.log_decay(x), carried,
+                                                 chunk=self.chunk)
+        elif self.ran_backend == "fla":
             y, (s, z) = linear_attention_fla(q, k, v, carried)
         else:
             y, (s, z) = linear_attention_chunked(q, k, v, carried, chunk=self.chunk)

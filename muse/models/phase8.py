@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from muse.layers.embedding import dense_embedding
-from muse.layers.linear_attention import BACKENDS, CausalLinearAttention
+from muse.layers.linear_attention import BACKENDS, DECAYS, CausalLinearAttention
 from muse.layers.local_attention import SlidingWindowAttention
 from muse.layers.moe import make_ffn
 from muse.models.common import INITS, StreamingLM, gpt2_init
@@ -44,6 +44,11 @@ class Phase8Config(FFNConfig):
     conv: int = 4  # short causal conv + SiLU on q, k, v: kernel size, 0 = none
     out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x) on the read-out
     chunk: int = 64  # tokens per chunk of the chunked form
+    # "mamba2": S and z decay per head by a_t chosen by the input (a gated decay, beyond
+    # DESIGN §3.6's plain linear attention; off by default), softplus(b) log-uniform in
+    # decay_dt_range at init
+    decay: str = "none"
+    decay_dt_range: tuple[float, float] = (1e-3, 0.1)
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
@@ -61,6 +66,8 @@ class Phase8Config(FFNConfig):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         self.require_nonnegative_ints("conv", "local_window")
         self.require_positive_ints("local_heads", "local_head_dim")
 
@@ -73,6 +80,7 @@ class Phase8Block(nn.Module):
         self.attn = CausalLinearAttention(
             d_model=d, n_heads=config.n_heads, head_dim=config.head_dim, chunk=config.chunk,
             backend=config.backend, conv=config.conv, out_gate=config.out_gate,
+            decay=config.decay, dt_range=tuple(config.decay_dt_range),
         )
         window = config.local_window
         self.ln_local = nn.LayerNorm(d) if window else None

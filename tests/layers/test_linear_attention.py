@@ -6,6 +6,7 @@ import torch
 
 from muse.layers.linear_attention import (
     CausalLinearAttention,
+    decayed_linear_attention,
     elu_feature,
     linear_attention_chunked,
     linear_attention_naive,
@@ -104,6 +105,79 @@ def test_module_streams_exactly_with_conv_and_gate():
     torch.testing.assert_close(torch.cat((a, b), 1), whole, rtol=0, atol=TOL)
     assert set(state) == {"s", "z", "conv"}
     assert layer.ran_backend == "torch" and "ran='torch'" in repr(layer)
+
+
+def log_decays(n, b=2, h=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return -torch.rand(b, h, n, generator=g, dtype=torch.float64) * 0.3  # a_t in [0.74, 1]
+
+
+@pytest.mark.parametrize("n, chunk", [(1, 4), (7, 4), (33, 8), (100, 64)], ids=lambda x: str(x))
+def test_decayed_chunked_equals_the_per_token_loop_with_its_gradients(n, chunk):
+    q, k, v = (t.requires_grad_() for t in qkv(n))
+    a = log_decays(n).requires_grad_()
+    want, (s_want, z_want) = linear_attention_naive(q, k, v, log_decay=a)
+    got, (s, z) = decayed_linear_attention(q, k, v, a, chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    torch.testing.assert_close(s, s_want, rtol=1e-12, atol=TOL)
+    torch.testing.assert_close(z, z_want, rtol=1e-12, atol=TOL)
+    w = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * w).sum() + s_want.sum() + z_want.sum(), (q, k, v, a))
+    g_got = torch.autograd.grad((got * w).sum() + s.sum() + z.sum(), (q, k, v, a))
+    for x, y in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-9)
+
+
+def test_decayed_form_continues_a_carried_state_and_forgets_it():
+    q, k, v = qkv(50)
+    a = log_decays(50)
+    whole, _ = decayed_linear_attention(q, k, v, a, chunk=8)
+    first, state = decayed_linear_attention(q[:, :, :19], k[:, :, :19], v[:, :, :19],
+                                            a[:, :, :19], chunk=8)
+    second, _ = decayed_linear_attention(q[:, :, 19:], k[:, :, 19:], v[:, :, 19:],
+                                         a[:, :, 19:], state, chunk=8)
+    torch.testing.assert_close(torch.cat((first, second), 2), whole, rtol=0, atol=TOL)
+    # without a decay the carried state would count as much as the chunk's own tokens
+    fast = torch.full_like(a, -5.0)
+    forgot, _ = decayed_linear_attention(q[:, :, 19:], k[:, :, 19:], v[:, :, 19:],
+                                         fast[:, :, 19:], state, chunk=8)
+    fresh, _ = decayed_linear_attention(q[:, :, 19:], k[:, :, 19:], v[:, :, 19:],
+                                        fast[:, :, 19:], chunk=8)
+    torch.testing.assert_close(forgot[:, :, 5:], fresh[:, :, 5:], rtol=0, atol=1e-8)
+
+
+def test_zero_decay_is_plain_linear_attention():
+    q, k, v = qkv(40)
+    got, _ = decayed_linear_attention(q, k, v, torch.zeros(2, 3, 40, dtype=torch.float64),
+                                      chunk=16)
+    want, _ = linear_attention_chunked(q, k, v, chunk=16)
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_module_with_a_decay_streams_exactly_and_starts_at_mamba2s_rates():
+    torch.manual_seed(0)
+    layer = CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, chunk=8,
+                                  decay="mamba2", dt_range=(1e-4, 0.1)).double()
+    x = torch.randn(2, 37, 16, dtype=torch.float64)
+    whole = layer(x)
+    state = layer.init_state(2)
+    a, state = layer(x[:, :11], state)
+    b, state = layer(x[:, 11:], state)
+    torch.testing.assert_close(torch.cat((a, b), 1), whole, rtol=0, atol=TOL)
+    with torch.no_grad():
+        layer.gamma.weight.zero_()
+        rates = -layer.log_decay(x)[0, :, 0] / torch.exp(layer.a_log)
+    torch.testing.assert_close(rates, torch.tensor([1e-4, 0.1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decay="gla"), "decay must be one of"),
+    (dict(decay="mamba2", backend="fla"), "runs without a decay"),
+    (dict(decay="mamba2", dt_range=(0.1, 1e-3)), "dt_range must be 0 < low"),
+])
+def test_bad_decay_options_are_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, **kwargs)
 
 
 def test_backend_choice_is_explicit():

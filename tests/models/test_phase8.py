@@ -21,9 +21,26 @@ def test_plain_linear_attention_has_no_conv_and_no_gate():
     ({"chunk": 0}, "chunk must be a positive integer"),
     ({"local_window": -1}, "local_window must be an integer ≥ 0"),
     ({"local_window": 8, "local_heads": 0}, "local_heads must be a positive integer"),
+    ({"decay": "retnet"}, "decay must be one of"),
+    ({"decay": "mamba2", "decay_dt_range": [0.1, 0.0]}, "dt_range must be 0 < low"),
 ])
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):
         models.build("phase8", "tiny", **overrides)
 
 
+
+
+def test_a_decay_is_opt_in_and_streams_exactly():
+    import torch
+
+    assert models.build("phase8", "tiny", vocab_size=97).blocks[0].attn.gamma is None
+    torch.manual_seed(0)
+    m = models.build("phase8", "tiny", vocab_size=97, decay="mamba2").double().eval()
+    assert m.blocks[0].attn.gamma is not None
+    ids = torch.randint(0, 97, (2, 45))
+    whole = m(ids)
+    state = m.init_state(2)
+    a, state = m(ids[:, :20], state)
+    b, _ = m(ids[:, 20:], state)
+    torch.testing.assert_close(torch.cat((a, b), 1), whole, rtol=0, atol=1e-9)

@@ -133,3 +133,74 @@ def test_recurrence_is_stable_at_init():
     u = layer.proj_in(x)
     ratio = h.pow(2).mean().sqrt() / u.pow(2).mean().sqrt()
     assert 0.3 < ratio < 3, ratio
+
+
+def selective_recurrence(seed=0):
+    torch.manual_seed(seed)
+    layer = ComplexDiagonalRecurrence(5, 7, chunk=4, max_phase=3.0, selective_rank=3).double()
+    with torch.no_grad():  # off the zero init: the decays depend on the input
+        layer.select[1].weight.normal_(std=0.5)
+    return layer
+
+
+def selective_reference(layer, a):
+    log_mag, angle = layer.log_decay(to_planar(a))
+    lam = torch.exp(torch.complex(log_mag, angle.expand_as(log_mag)))
+    gain = torch.sqrt(1 - lam.abs() ** 2)
+    return complex_recurrence_naive(complex_linear_reference(a, layer.proj_in) * gain, lam)
+
+
+@pytest.mark.parametrize("n", [1, 9, 33])
+def test_selective_recurrence_equals_its_per_token_loop(n):
+    layer = selective_recurrence()
+    a = z(2, n, 5)
+    check(layer(to_planar(a)), selective_reference(layer, a))
+
+
+def test_selective_recurrence_streams_exactly_and_its_gradients_match_the_loop():
+    """Whole and in two segments (the carried state enters the gated scan's first step), values
+    and the gradients of the weights and the input against autograd through the loop."""
+    layer = selective_recurrence()
+    a = z(2, 30, 5)
+    x = to_planar(a).requires_grad_()
+    whole = layer(x)
+    first, h = layer(x[:, :13], torch.zeros(2, 14, dtype=torch.float64))
+    second, h2 = layer(x[:, 13:], h)
+    streamed = torch.cat((first, second), 1)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=TOL)
+    torch.testing.assert_close(h2, whole[:, -1], rtol=0, atol=TOL)
+    w = torch.randn(2, 30, 7, dtype=torch.complex128)
+    leaves = [x, *layer.parameters()]
+    want = torch.autograd.grad((selective_reference(layer, a) * w.conj()).real.sum(), leaves[1:])
+    want_x = torch.autograd.grad((from_planar(whole) * w.conj()).real.sum(), x, retain_graph=True)
+    for out in (whole, streamed):
+        got = torch.autograd.grad((from_planar(out) * w.conj()).real.sum(), leaves,
+                                  retain_graph=True)
+        for g, r in zip(got, [*want_x, *want], strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_selective_recurrence_keeps_its_projection_shift_and_planes_only():
+    """Under bf16 autocast, beyond what its two projections keep and its weights: the bf16 shift
+    and projection and the float32 scanned planes, 2 + 4 + 8 bytes a token per state channel
+    (autograd through the decays, gain and u kept 44: the float32 copies besides)."""
+    layer = ComplexDiagonalRecurrence(16, 32, selective_rank=4)
+    inside = []
+    for m in (layer.select, layer.proj_in):
+        m.register_forward_pre_hook(lambda *_: inside.append(True))
+        m.register_forward_hook(lambda *_: inside.pop())
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if not inside and ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    bsz, n = 2, 64
+    x = torch.randn(bsz, n, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert sum(kept.values()) == 14 * 32 * bsz * n

@@ -94,15 +94,21 @@ def test_fp16_inputs_whose_sums_pass_fp16s_range_stay_finite(autocast):
     assert all(t.grad.isfinite().all() for t in half)
 
 
-def test_module_streams_exactly_with_conv_and_gate():
-    torch.manual_seed(0)
-    layer = CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, chunk=8).double()
+def streamed_and_whole(layer):
+    """The layer's output over 37 tokens in one pass and in two streamed segments."""
     x = torch.randn(2, 37, 16, dtype=torch.float64)
     whole = layer(x)
     state = layer.init_state(2)
     a, state = layer(x[:, :11], state)
     b, state = layer(x[:, 11:], state)
-    torch.testing.assert_close(torch.cat((a, b), 1), whole, rtol=0, atol=TOL)
+    return torch.cat((a, b), 1), whole, state
+
+
+def test_module_streams_exactly_with_conv_and_gate():
+    torch.manual_seed(0)
+    layer = CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, chunk=8).double()
+    streamed, whole, state = streamed_and_whole(layer)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=TOL)
     assert set(state) == {"s", "z", "conv"}
     assert layer.ran_backend == "torch" and "ran='torch'" in repr(layer)
 
@@ -158,14 +164,11 @@ def test_module_with_a_decay_streams_exactly_and_starts_at_mamba2s_rates():
     torch.manual_seed(0)
     layer = CausalLinearAttention(d_model=16, n_heads=2, head_dim=8, chunk=8,
                                   decay="mamba2", dt_range=(1e-4, 0.1)).double()
-    x = torch.randn(2, 37, 16, dtype=torch.float64)
-    whole = layer(x)
-    state = layer.init_state(2)
-    a, state = layer(x[:, :11], state)
-    b, state = layer(x[:, 11:], state)
-    torch.testing.assert_close(torch.cat((a, b), 1), whole, rtol=0, atol=TOL)
+    streamed, whole, _ = streamed_and_whole(layer)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=TOL)
     with torch.no_grad():
         layer.gamma.weight.zero_()
+        x = torch.randn(1, 3, 16, dtype=torch.float64)
         rates = -layer.log_decay(x)[0, :, 0] / torch.exp(layer.a_log)
     torch.testing.assert_close(rates, torch.tensor([1e-4, 0.1], dtype=torch.float64))
 

@@ -44,14 +44,22 @@ def test_fp16_is_refused_for_its_host_side_loss_scaling():
         GraphedTrainStep(model, ids, torch.float16)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["transformer", "phase1", "phase2", "phase3", "phase7", "phase8"])
-def test_replays_follow_the_eager_steps_losses(name):
+def tiny_on_cuda(name, batch):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = models.build(name, "tiny", vocab_size=97)
-    ids = random_ids(97, 4, 128, "cuda")
+    return model, random_ids(97, batch, 128, "cuda")
+
+
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+FAMILIES = ["transformer", "phase1", "phase2", "phase3", "phase7", "phase8"]
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("name", FAMILIES)
+def test_replays_follow_the_eager_steps_losses(name):
+    model, ids = tiny_on_cuda(name, 4)
     eager = TrainStep(copy.deepcopy(model), ids, torch.float32, lr=1e-3, fused=True)
     graphed = GraphedTrainStep(model, ids, torch.float32, lr=1e-3)
     for _ in range(WARMUP):
@@ -63,13 +71,10 @@ def test_replays_follow_the_eager_steps_losses(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["transformer", "phase1", "phase2", "phase3", "phase7", "phase8"])
+@on_cuda
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_replayed_forward_gives_the_eager_forwards_logits(name):
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = models.build(name, "tiny", vocab_size=97)
-    ids = random_ids(97, 2, 128, "cuda")
+    model, ids = tiny_on_cuda(name, 2)
     eager = forward_fn(copy.deepcopy(model), ids, torch.float32)()
     graphed = GraphedForward(model, ids, torch.float32)
     with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muse.ops.complex_scan import complex_decayed_cumsum
-from muse.ops.complex_scan.selective import complex_selective_scan
+from muse.ops.complex_scan.selective import complex_gated_selective_scan
 
 
 def to_planar(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -220,17 +220,20 @@ class ComplexDiagonalRecurrence(nn.Module):
         return h, h[:, -1].to(torch.promote_types(h.dtype, torch.float32))
 
     def _selective(self, x: torch.Tensor, state: torch.Tensor | None):
-        log_mag, angle = self.log_decay(x)
-        gain = torch.sqrt(-torch.expm1(2 * log_mag)).to(x.dtype)
-        u = self.proj_in(x) * torch.cat((gain, gain), dim=-1)
-        if state is not None:  # h_0 = λ_0 h_{−1} + u_0, as in the time-invariant path
-            mag = torch.exp(log_mag[:, 0])
-            carried = complex_mul(state, mag * torch.cos(angle), mag * torch.sin(angle))
-            u = torch.cat((u[:, :1] + carried[:, None].to(u.dtype), u[:, 1:]), dim=1)
-        h = complex_selective_scan(u, log_mag, angle)
-        if state is None:
-            return h.to(u.dtype)
-        return h.to(u.dtype), h[:, -1]
+        # the decays, the gain and u are formed inside the scan's node: for backward it keeps the
+        # shift (z − ν) and the projection in their own dtypes and the scanned planes, not them
+        shift = self.select(x)
+        p = self.proj_in(x)
+        carry = None if state is None else self._carried(state, shift[:, 0])
+        h = complex_gated_selective_scan(p, shift, self.omega, self.nu, carry)
+        out = h.to(torch.promote_types(p.dtype, x.dtype))
+        return out if state is None else (out, h[:, -1])
+
+    def _carried(self, state: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """λ_0 h_{−1} (B, 2·d_state): the carried state as it enters the first step."""
+        shift = shift.to(torch.promote_types(shift.dtype, torch.float32))
+        mag = torch.exp(-F.softplus(self.nu + shift))
+        return complex_mul(state, mag * torch.cos(self.omega), mag * torch.sin(self.omega))
 
     def extra_repr(self) -> str:
         return f"d_state={self.d_state}, chunk={self.chunk}, selective={self.select is not None}"

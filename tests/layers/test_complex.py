@@ -185,10 +185,10 @@ def test_selective_recurrence_keeps_its_projection_shift_and_planes_only():
     and projection and the float32 scanned planes, 2 + 4 + 8 bytes a token per state channel
     (autograd through the decays, gain and u kept 44: the float32 copies besides)."""
     layer = ComplexDiagonalRecurrence(16, 32, selective_rank=4)
-    inside = []
+    inside = []  # non-empty while a projection runs (the hooks return None: outputs unchanged)
     for m in (layer.select, layer.proj_in):
         m.register_forward_pre_hook(lambda *_: inside.append(True))
-        m.register_forward_hook(lambda *_: inside.pop())
+        m.register_forward_hook(lambda *_: inside.clear())
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     kept = {}
 

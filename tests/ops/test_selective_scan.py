@@ -182,15 +182,23 @@ _TRITON_PATH = textwrap.dedent(
     u = torch.randn(2, 70, 8, generator=g).requires_grad_()
     lm = (-torch.rand(2, 70, 4, generator=g) * 0.3).requires_grad_()
     th = (torch.rand(4, generator=g) * 3).requires_grad_()
+    nu = torch.randn(4, generator=g).requires_grad_()
+    carry = torch.randn(2, 8, generator=g).requires_grad_()
     up = torch.randn(2, 70, 8, generator=g)
+    # the plain scan, then the gated one (lm standing for z)
+    calls = [(S.complex_selective_scan, (u, lm, th)),
+             (S.complex_gated_selective_scan, (u, lm, th, nu, carry))]
     grads = []
     for scan in (lambda x, d, reverse=False: linear_scan(x, d, reverse=reverse), S._scan):
         S._scan = scan  # the Triton launches CUDA would make, then the chunked form
-        for t in (u, lm, th):
-            t.grad = None
-        h = S.complex_selective_scan(u, lm, th)
-        (h * up).sum().backward()
-        grads.append([h.detach(), u.grad, lm.grad, th.grad])
+        row = []
+        for fn, leaves in calls:
+            for t in leaves:
+                t.grad = None
+            h = fn(*leaves)
+            (h * up).sum().backward()
+            row += [h.detach(), *(t.grad for t in leaves)]
+        grads.append(row)
     print(json.dumps([float((a - b).norm() / b.norm()) for a, b in zip(*grads)]))
     """
 )
@@ -199,9 +207,10 @@ _TRITON_PATH = textwrap.dedent(
 @pytest.mark.slow  # an interpreter subprocess
 def test_the_triton_path_of_the_selective_scan_matches_the_chunked_form():
     """CUDA's path (the scan one Triton launch each way) under TRITON_INTERPRET=1 against the
-    chunked form, both float32: h and ∂u, ∂log|λ|, ∂θ relative in norm (seen ≤ 2.5e-6)."""
+    chunked form, both float32: h and ∂u, ∂log|λ|, ∂θ relative in norm (seen ≤ 2.5e-6), then
+    the gated scan's h and ∂p, ∂z, ∂θ, ∂bias, ∂carry."""
     errors = run_interpreted(_TRITON_PATH, timeout=300, min_triton=(3, 7))
-    assert len(errors) == 4 and max(errors) <= 2e-5, errors
+    assert len(errors) == 10 and max(errors) <= 2e-5, errors
 
 
 def test_bad_shapes_are_named():
@@ -209,3 +218,10 @@ def test_bad_shapes_are_named():
         selective_cumsum(torch.zeros(1, 4, 3), torch.zeros(1, 4, 2))
     with pytest.raises(ValueError, match=r"need u \(B, N, 2R\)"):
         complex_selective_scan(torch.zeros(1, 4, 6), torch.zeros(1, 4, 2), torch.zeros(3))
+    p, z, angle = torch.zeros(1, 4, 6), torch.zeros(1, 4, 3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"need p \(B, N, 2R\), z \(B, N, R\)"):
+        complex_gated_selective_scan(p, z[..., :2], angle)
+    with pytest.raises(ValueError, match=r"need bias \(R,\)"):
+        complex_gated_selective_scan(p, z, angle, bias=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"need carry \(B, 2R\)"):
+        complex_gated_selective_scan(p, z, angle, carry=torch.zeros(1, 3))

@@ -184,9 +184,10 @@ class DissipativeHebbian(nn.Module):
         if delta and backend == "fla":
             raise ValueError("hebbian backend 'fla' runs the plain rule; the delta rule runs on "
                              "backend 'torch' or 'auto'")
-        if not 0 <= plain_heads < n_heads or (plain_heads and not delta):
+        # without the delta rule every head is plain already, and any count of them says so
+        if plain_heads < 0 or (delta and plain_heads >= n_heads):
             raise ValueError(f"hebbian plain_heads must be in [0, n_heads − 1 = {n_heads - 1}] "
-                             f"and needs delta=True, got {plain_heads} (delta={delta})")
+                             f"with the delta rule, got {plain_heads}")
         if conv < 0 or local_window < 0:
             raise ValueError(f"conv and local_window must be ≥ 0, got {conv}, {local_window}")
         self.n_heads, self.head_dim = n_heads, head_dim

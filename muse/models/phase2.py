@@ -104,11 +104,10 @@ class Phase2Config(FFNConfig):
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         self.require_nonnegative_ints("hebbian_conv", "local_window", "hebbian_plain_heads")
-        if self.hebbian_plain_heads and not (self.hebbian_delta
-                                             and self.hebbian_plain_heads < self.n_heads):
-            raise ValueError(f"hebbian_plain_heads must be < n_heads = {self.n_heads} and needs "
-                             f"hebbian_delta=true, got {self.hebbian_plain_heads} "
-                             f"(hebbian_delta={self.hebbian_delta})")
+        # without the delta rule every head is plain already (the presets keep one plain head)
+        if self.hebbian_delta and self.hebbian_plain_heads >= self.n_heads:
+            raise ValueError(f"hebbian_plain_heads must be < n_heads = {self.n_heads} with "
+                             f"hebbian_delta=true, got {self.hebbian_plain_heads}")
         self.reject_unused("bk_mixer", "bk_zero_out", "bk_channels", "bk_z_imag_init")
         if not self.gamma_base > 0:
             raise ValueError(f"gamma_base must be > 0, got {self.gamma_base!r}")

@@ -185,7 +185,7 @@ def test_plain_heads_write_without_erasing_and_the_rest_run_the_delta_rule(carri
     torch.testing.assert_close(w, torch.cat((w0, w1), dim=1), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [dict(plain_heads=2, delta=True), dict(plain_heads=1),
+@pytest.mark.parametrize("kwargs", [dict(plain_heads=2, delta=True), dict(plain_heads=-1),
                                     dict(plain_heads=-1, delta=True)])
 def test_plain_heads_are_some_heads_of_a_delta_rule_layer(kwargs):
     with pytest.raises(ValueError, match="plain_heads must be in"):

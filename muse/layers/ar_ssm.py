@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.layers import count_params
+from muse.layers.cast import autocast_read
 from muse.layers.norm import rms_normalize
 from muse.ops.decayed_scan.chunk import decayed_cumsum
 
@@ -52,7 +53,11 @@ class ARSSM(nn.Module):
         self.d_model, self.rank, self.kernel_size = d_model, rank, kernel_size
         self.soft_gating, self.rank_warmup_steps = soft_gating, rank_warmup_steps
         self.out_norm = out_norm
-        self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, padding=0)
+        # causal: K − 1 zeros on both sides, and only the outputs that end on an input are kept
+        # (`forward`); zeros added inside the conv, not by F.pad, let it keep its input for
+        # backward as it is: the one autocast copy that the projections keep too
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model,
+                              padding=kernel_size - 1)
         if not soft_gating:
             self.gate = None
         elif gate_hidden:
@@ -113,21 +118,25 @@ class ARSSM(nn.Module):
         self, x: torch.Tensor, state: State | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, State]:
         streaming = state is not None
-        # Local: the carried kernel_size−1 inputs are the left padding (zeros without a state:
-        # the stateless path builds no state, as every op costs a launch); nothing on the right.
+        n, keep = x.shape[1], self.kernel_size - 1
+        # Local: output t reads x_{t−K+1} … x_t, nothing on the right. Without a state the conv's
+        # own zeros stand before x and its first N outputs are kept (the stateless path builds
+        # no state, as every op costs a launch); with one the carried K − 1 inputs go in front
+        # and the outputs from K − 1 on are kept (those before read the conv's zeros).
         if streaming:
             padded = torch.cat((state["conv"].to(x.dtype), x), dim=1)
+            local = self.conv(padded.transpose(1, 2))[..., keep:keep + n].transpose(1, 2)
         else:
-            padded = F.pad(x, (0, 0, self.kernel_size - 1, 0))
-        local = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+            local = self.conv(autocast_read(x).transpose(1, 2))[..., :n].transpose(1, 2)
 
-        # Global: gated low-rank state, s_t = λ ⊙ s_{t−1} + u_t.
-        gate = torch.sigmoid(self.gate(x)) if self.gate is not None else None
+        # Global: gated low-rank state, s_t = λ ⊙ s_{t−1} + u_t. Every projection reads the one
+        # autocast copy of x (layers.cast).
+        gate = torch.sigmoid(self.gate(autocast_read(x))) if self.gate is not None else None
         mask = self._rank_mask()
         if mask is not None:
             mask = mask.to(x.dtype)
             gate = mask if gate is None else gate * mask
-        u, w = self.proj_u(x), self.proj_w(x)
+        u, w = self.proj_u(autocast_read(x)), self.proj_w(autocast_read(x))
         if gate is not None:
             u, w = u * gate, w * gate
         if streaming:
@@ -146,5 +155,4 @@ class ARSSM(nn.Module):
 
         if not streaming:
             return y
-        keep = self.kernel_size - 1
         return y, {"conv": padded[:, padded.shape[1] - keep :], "ssm": s[:, -1]}

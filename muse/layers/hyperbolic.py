@@ -15,6 +15,13 @@ against the 2w keys of blocks c−1 and c under one banded mask. Positions are r
 tangent vectors: a rotation commutes with expmap0 and keeps norms and relative dot products,
 so the distance depends on positions only through their difference and nothing absolute needs
 carrying when streaming (the last w−1 keys and values are carried, as in the softmax window).
+
+For backward the attention is one autograd node (_PoincareWindow): it keeps q, k and the values
+once each in their own dtype and the blocks' dot products (bf16 under autocast; formed again
+instead with `recompute_dot`), and forms the ball maps, the score chain and the weights again,
+where autograd through the ops would keep the ball maps in float32, the 2w-key blocks (each key
+and value twice) and the weights: phase7:small 11,602 → 3,744 bytes a token and layer (bf16,
+w = 128), 1,696 with `recompute_dot`.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from muse.layers.cast import autocast_read
 from muse.layers.local_attention import SlidingWindowAttention, _band
 from muse.layers.rotary import apply_rotary, rotary_tables
 
@@ -102,39 +109,143 @@ def poincare_attention_reference(q, k, v, window: int, c: float, beta: torch.Ten
     return torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1) @ v
 
 
-def poincare_local_attention(q, k, v, window: int, c: float, beta: torch.Tensor, past: int = 0):
+def _autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a matmul of `dtype` operands runs in here: autocast's lower precision where
+    autocast is on for the device and casts such operands (float32), else `dtype` itself."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _GivenProduct(torch.autograd.Function):
+    """a @ bᵀ whose value was formed before: backward as the matmul's, without forming it
+    again (the dot products kept from the forward enter the recomputed score chain here)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return value.view_as(value)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        return grad @ b, grad.transpose(-1, -2) @ a, None
+
+
+class _Layout:
+    """The softmax window's blocking (layers.local_attention) for N queries and P + N keys:
+    M blocks of w queries; keys with w slots in front (the P carried ones at their end, zeros
+    before) and padding behind, block c seeing the 2w keys of slots c and c + 1."""
+
+    def __init__(self, n: int, window: int, past: int):
+        self.n, self.window, self.past = n, window, past
+        self.m = -(-n // window)
+        self.front, self.back = window - past, self.m * window - n
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:  # (B, H, (M + 1)·w, ·): slots, padded
+        return F.pad(t, (0, 0, self.front, self.back))
+
+    def blocks(self, t: torch.Tensor) -> torch.Tensor:  # (B, H, M, 2w, ·): views of `keys`
+        return t.unfold(2, 2 * self.window, self.window).transpose(-1, -2)
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:  # (B, H, M·w, ·): padded behind
+        return F.pad(t, (0, 0, 0, self.back))
+
+    def mask(self, device: torch.device) -> torch.Tensor:  # (M, w, 2w)
+        band = _band(self.window, self.past, device)
+        return torch.cat((band[:1], band[1:].expand(self.m - 1, -1, -1)))
+
+
+def _scores(q, k, beta, lay: _Layout, c: float, dot_dtype, w_dtype, dot=None):
+    """(softmax weights (B, H, M, w, 2w) in w_dtype, the dot products in dot_dtype) from the
+    tangent q (B, H, N, d) and k (B, H, P + N, d): each key mapped onto the ball once, before
+    the blocks repeat it. With `dot` given (kept from the forward) the product is not formed
+    again; its gradient still reaches both sides (_GivenProduct)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    xk, nk, dk = (lay.blocks(t) for t in _ball(lay.keys(k.to(wide)), c))
+    # padded first: a padding query is u = 0, the origin (1 − c‖x‖² = 1, distances finite)
+    xq, nq, dq = (t.unflatten(2, (lay.m, lay.window)) for t in _ball(lay.queries(q.to(wide)), c))
+    a, b = xq.to(dot_dtype), xk.to(dot_dtype)
+    if dot is None:
+        dot = a @ b.transpose(-1, -2)  # (B, H, M, w, 2w): one batched matmul per block
+    else:
+        dot = _GivenProduct.apply(a, b, dot)
+    weights = _weights(dot, nq, nk, dq, dk, beta.to(wide), lay.mask(q.device), c, w_dtype)
+    return weights, dot
+
+
+class _PoincareWindow(torch.autograd.Function):
+    """The attention from the rotated tangent q, k and the values to the output as one autograd
+    node, so backward keeps what it chooses: q and k as given (the ball map, its norms and
+    conformal factors are formed again from them: elementwise over N × d), the padded values
+    once (not the 2w-key blocks, which repeat each value twice), β, and unless `recompute_dot`
+    the dot products x_q·x_k (B, H, M, w, 2w) in the matmul's dtype. The score chain from the
+    dot products to the weights (elementwise over w × 2w per query) and the weights are formed
+    again in backward; with `recompute_dot` the dot products too
+    (one more batched matmul, w × 2w × d per block and head). The body runs with autocast off
+    and the autocast dtypes applied by hand, so backward forms exactly what forward did."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, lay: _Layout, c: float, dot_dtype, y_dtype,
+                recompute_dot: bool):
+        with torch.autocast(q.device.type, enabled=False):
+            weights, dot = _scores(q, k, beta, lay, c, dot_dtype, v.dtype)
+            vp = lay.keys(v)
+            y = weights.to(y_dtype) @ lay.blocks(vp).to(y_dtype)
+        ctx.lay, ctx.c, ctx.dtypes = lay, c, (dot_dtype, y_dtype)
+        ctx.save_for_backward(q, k, vp, beta, None if recompute_dot else dot)
+        bsz, heads, _, d = q.shape
+        return y.view(bsz, heads, lay.m * lay.window, d)[:, :, :lay.n]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        q, k, vp, beta, dot = ctx.saved_tensors
+        lay, (dot_dtype, y_dtype) = ctx.lay, ctx.dtypes
+        need_q, need_k, need_v, need_beta = ctx.needs_input_grad[:4]
+        leaves = [t.detach().requires_grad_(need)
+                  for t, need in ((q, need_q), (k, need_k), (beta, need_beta))]
+        wanted = [t for t in leaves if t.requires_grad]
+        with torch.autocast(q.device.type, enabled=False), torch.enable_grad():
+            weights, _ = _scores(*leaves, lay, ctx.c, dot_dtype, vp.dtype, dot)
+            w_mm, v_mm = weights.detach().to(y_dtype), lay.blocks(vp).to(y_dtype)
+            gy = lay.queries(grad_y.to(y_dtype)).unflatten(2, (lay.m, lay.window))
+            grads = [None] * 3
+            if wanted:
+                grad_w = (gy @ v_mm.transpose(-1, -2)).to(weights.dtype)
+                found = iter(torch.autograd.grad(weights, wanted, grad_w))
+                grads = [next(found) if t.requires_grad else None for t in leaves]
+        grad_v = None
+        if need_v:
+            # each padded slot is the second half of block c − 1 and the first of block c
+            per_block = (w_mm.transpose(-1, -2) @ gy).to(vp.dtype)  # (B, H, M, 2w, d)
+            w = lay.window
+            slots = per_block.new_zeros(*vp.shape[:2], lay.m + 1, w, vp.shape[-1])
+            slots[:, :, :-1] += per_block[..., :w, :]
+            slots[:, :, 1:] += per_block[..., w:, :]
+            grad_v = slots.flatten(2, 3)[:, :, lay.front:vp.shape[2] - lay.back]
+        grad_q, grad_k, grad_beta = grads
+        return grad_q, grad_k, grad_v, grad_beta, None, None, None, None, None
+
+
+def poincare_local_attention(q, k, v, window: int, c: float, beta: torch.Tensor, past: int = 0,
+                             recompute_dot: bool = False):
     """q (B, H, N, d), k and v (B, H, P + N, d): the P ≤ w − 1 tokens just before this segment
-    first → (B, H, N, d). beta (H,) > 0. Distances in at least float32."""
+    first → (B, H, N, d). beta (H,) > 0. Distances in at least float32 (the dot products in
+    the autocast dtype where autocast is on). For backward it keeps q, k, the padded v, β and,
+    unless `recompute_dot`, the dot products of each block's queries with its 2w keys (see
+    _PoincareWindow); everything else is formed again."""
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     if not 0 <= past < window:
         raise ValueError(f"past must lie in [0, window − 1 = {window - 1}], got {past}")
-    bsz, heads, n, d = q.shape
-    m = -(-n // window)
+    lay = _Layout(q.shape[2], window, past)
     wide = torch.promote_types(q.dtype, torch.float32)
-    front, back = window - past, m * window - n
-
-    def blocks(t: torch.Tensor) -> torch.Tensor:  # (B, H, M, 2w, ·): block c's 2w keys
-        return t.unfold(2, 2 * window, window).transpose(-1, -2)
-
-    # the softmax window's layout: w slots in front (carried keys at their end, zeros before);
-    # each key is mapped onto the ball once, before the blocks repeat it
-    xk, nk, dk = (blocks(t) for t in _ball(F.pad(k.to(wide), (0, 0, front, back)), c))
-    vp = blocks(F.pad(v, (0, 0, front, back)))
-    xq, nq, dq = (t.view(bsz, heads, m, window, -1)
-                  for t in _ball(F.pad(q.to(wide), (0, 0, 0, back)), c))
-    dot = xq @ xk.transpose(-1, -2)  # (B, H, M, w, 2w): one batched matmul per block
-    band = _band(window, past, q.device)
-    mask = torch.cat((band[:1], band[1:].expand(m - 1, -1, -1)))  # (M, w, 2w)
-    args = (dot, nq, nk, dq, dk, beta.to(wide), mask, c, v.dtype)
-    if torch.is_grad_enabled():
-        # the elementwise chain from dot products to weights is formed again in backward:
-        # kept, each of its steps would hold a float32 (w × 2w) tensor per block and head
-        weights = checkpoint(_weights, *args, use_reentrant=False)
-    else:
-        weights = _weights(*args)
-    y = weights @ vp
-    return y.reshape(bsz, heads, m * window, d)[:, :, :n]
+    dot_dtype = _autocast_dtype(wide, q.device)
+    y_dtype = _autocast_dtype(v.dtype, q.device)
+    return _PoincareWindow.apply(q, k, v, beta.to(wide), lay, c, dot_dtype, y_dtype,
+                                 recompute_dot)
 
 
 class PoincareWindowAttention(SlidingWindowAttention):
@@ -143,12 +254,14 @@ class PoincareWindowAttention(SlidingWindowAttention):
     w − 1 keys and values (before rotation)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, window: int,
-                 curvature: float = 1.0, beta_init: float = 1.0, rope_base: float = 10000.0):
+                 curvature: float = 1.0, beta_init: float = 1.0, rope_base: float = 10000.0,
+                 recompute_dot: bool = False):
         super().__init__(d_model=d_model, n_heads=n_heads, head_dim=head_dim, window=window,
                          rope_base=rope_base)
         if curvature <= 0 or beta_init <= 0:
             raise ValueError(f"curvature and beta_init must be > 0, got {curvature}, {beta_init}")
         self.curvature = curvature
+        self.recompute_dot = recompute_dot  # see poincare_local_attention
         # β = softplus(·) > 0: a larger β sharpens attention towards the nearest keys
         self.beta_logit = nn.Parameter(torch.full((n_heads,), math.log(math.expm1(beta_init))))
 
@@ -161,7 +274,8 @@ class PoincareWindowAttention(SlidingWindowAttention):
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         bsz, n, _ = x.shape
-        q, k, v = self.qkv(x).view(bsz, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(autocast_read(x))  # the autocast copy its block's other readers share
+        q, k, v = qkv.view(bsz, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = 0 if state is None else state["k"].shape[2]
         if p:
             k = torch.cat((state["k"].to(k.dtype), k), 2)
@@ -169,7 +283,8 @@ class PoincareWindowAttention(SlidingWindowAttention):
         # positions counted from the first carried key: only their differences enter
         cos, sin = rotary_tables(k.shape[2], self.head_dim, self.rope_base, x.device, q.dtype)
         qr, kr = apply_rotary(q, cos[p:], sin[p:]), apply_rotary(k, cos, sin)
-        y = poincare_local_attention(qr, kr, v, self.window, self.curvature, self.beta(), past=p)
+        y = poincare_local_attention(qr, kr, v, self.window, self.curvature, self.beta(), past=p,
+                                     recompute_dot=self.recompute_dot)
         y = self.out(y.transpose(1, 2).reshape(bsz, n, -1))
         if state is None:
             return y

@@ -17,6 +17,11 @@ a GPU, Phase 7 in cpu-screen-6). `embedding` and `head` reach every combination.
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's window keys and values
 (the last w − 1), AR-SSM state (conv tail, decayed s) and BK boundary value, exactly.
+
+Kept for backward (scripts/saved_activations.py counts it): the seven projections reading LN x
+share one autocast copy of it (layers.cast), the mix by the gate is one node keeping P(|Im G|)
+rather than g and 1 − g (`gated_mix`), and the window attention keeps q, k, v and its dot
+products (layers.hyperbolic; `recompute_dot` forms those again in backward).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from muse.layers.ar_ssm import ARSSM
 from muse.layers.bk import BKMixer, _wide
+from muse.layers.cast import autocast_read
 from muse.layers.embedding import EMBEDDINGS, embedding_table, token_embedding
 from muse.layers.hyperbolic import PoincareWindowAttention
 from muse.layers.moe import make_ffn
@@ -51,6 +57,9 @@ class Phase7Config(FFNConfig):
     window: int = 128  # the local attention's window w: token t sees t−w+1 … t
     curvature: float = 1.0  # c of the Poincaré ball (curvature −c)
     beta_init: float = 1.0  # β per head at init (learned, > 0)
+    # the local attention forms its key–query dot products again in backward rather than keep
+    # them: 2·w·H bytes a token and layer less (bf16), one more batched matmul in backward
+    recompute_dot: bool = False
     rope_base: float = 10000.0
     ar_ssm_rank: int = 32
     # λ spread over this range at init: λ^16384 = 0.85 at 0.99999, so the global path can carry
@@ -103,20 +112,69 @@ class BKGate(BKMixer):
         nn.init.zeros_(self.proj.bias)
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
-        """x (B, N, D) → g; with `carry` (B, C) also the next boundary value (as BKMixer)."""
-        a = self.diagonal(x)
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *,
+                logit: bool = False):
+        """x (B, N, D) → g; with `carry` (B, C) also the next boundary value (as BKMixer). With
+        `logit`, P(|Im G|) in g's place (g before σ(s ·), for `gated_mix`)."""
+        # each projection reads the one autocast copy of x (layers.cast)
+        a = self.diagonal(autocast_read(x))
         if carry is None:
-            k = F.softplus(_wide(self.coupling(x[:, :-1])))  # k_i from x_i: g_i sees x_{≤i}
+            # k_i from x_i: g_i sees x_{≤i}. Formed for every token and the last dropped: the
+            # projection then reads the shared copy whole, where a slice would be read strided
+            # (another matmul path) or copied (another tensor to keep)
+            k = F.softplus(_wide(self.coupling(autocast_read(x))[:, :-1]))
         else:
-            k_all = F.softplus(_wide(self.coupling(x)))
+            k_all = F.softplus(_wide(self.coupling(autocast_read(x))))
             a = torch.cat((a[:, :1] - carry[:, None], a[:, 1:]), dim=1)
             k = k_all[:, :-1]
         green = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
-        gate = torch.sigmoid(self.scale * self.proj(green.imag.abs().to(x.dtype)))
+        gate = self.proj(green.imag.abs().to(x.dtype))
+        if not logit:
+            gate = torch.sigmoid(self.scale * gate)
         if carry is None:
             return gate
         return gate, k_all[:, -1] * green[:, -1]
+
+
+class _GatedMix(torch.autograd.Function):
+    """x + g ⊙ loc + (1 − g) ⊙ glob with g = σ(s·p), as one autograd node: it keeps p, s, loc and
+    glob and forms g and 1 − g again in backward (elementwise), where autograd through the plain
+    expression keeps g and 1 − g besides. Each step is formed in the dtype autograd would use
+    (under bf16 autocast: p, g, loc, glob and the products bf16, x and the sum float32), so
+    values and gradients are autograd's through the plain expression."""
+
+    @staticmethod
+    def forward(ctx, x, p, scale, loc, glob):
+        ctx.save_for_backward(p, scale, loc, glob)
+        ctx.x_dtype = x.dtype
+        g = torch.sigmoid(scale * p)
+        return x + g * loc + (1 - g) * glob
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        p, scale, loc, glob = ctx.saved_tensors
+        g = torch.sigmoid(scale * p)
+        rest = 1 - g
+        # the sum's gradient reaches each product in the product's dtype
+        grad_a = grad.to(torch.promote_types(g.dtype, loc.dtype))
+        grad_b = grad.to(torch.promote_types(rest.dtype, glob.dtype))
+        grad_g = (grad_a * loc).to(g.dtype) + (-(grad_b * glob)).to(g.dtype)
+        grad_t = torch.ops.aten.sigmoid_backward(grad_g, g)  # ∂/∂(s·p), in s·p's dtype
+        need_x, need_p, need_scale, need_loc, need_glob = ctx.needs_input_grad
+        return (grad.to(ctx.x_dtype) if need_x else None,
+                (grad_t * scale).to(p.dtype) if need_p else None,
+                (grad_t * p).sum().to(scale.dtype) if need_scale else None,
+                (grad_a * g).to(loc.dtype) if need_loc else None,
+                (grad_b * rest).to(glob.dtype) if need_glob else None)
+
+
+def gated_mix(x: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, loc: torch.Tensor,
+              glob: torch.Tensor) -> torch.Tensor:
+    """x + g ⊙ loc + (1 − g) ⊙ glob, g = σ(scale · p): the block's mix of its two paths by the
+    BK gate (p = P(|Im G|), `BKGate(…, logit=True)`), keeping p rather than g and 1 − g for
+    backward (_GatedMix)."""
+    return _GatedMix.apply(x, p, scale, loc, glob)
 
 
 class Phase7Block(nn.Module):
@@ -127,6 +185,7 @@ class Phase7Block(nn.Module):
         self.local = PoincareWindowAttention(
             d_model=d, n_heads=config.n_heads, head_dim=config.head_dim, window=config.window,
             curvature=config.curvature, beta_init=config.beta_init, rope_base=config.rope_base,
+            recompute_dot=config.recompute_dot,
         )
         self.ssm = ARSSM(d_model=d, rank=config.ar_ssm_rank,
                          decay_init=tuple(config.ar_ssm_decay_init))
@@ -145,8 +204,8 @@ class Phase7Block(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None):
         h = self.ln_mix(x)
         if state is None:
-            g = self.gate(h)
-            x = x + g * self.local(h) + (1 - g) * self.ssm(h)
+            x = gated_mix(x, self.gate(h, logit=True), self.gate.scale, self.local(h),
+                          self.ssm(h))
             return x + self.ffn(self.ln_ffn(x))
         g, bk = self.gate(h, state["bk"])
         loc, local = self.local(h, state["local"])

@@ -203,3 +203,25 @@ def test_float32_forward_backward_finite():
     assert y.dtype == torch.float32 and y.shape == x.shape
     y.square().mean().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_under_bf16_autocast_backward_keeps_one_copy_of_the_input():
+    """The conv pads inside itself (no F.pad copy), and the conv and the gate, u and w projections
+    read one autocast copy of x (layers.cast): backward keeps one bf16 (B, N, D) tensor of x,
+    where it kept four (the padded copy and a cast for each projection)."""
+    torch.manual_seed(0)
+    layer = ARSSM(d_model=D, rank=R)  # float32 weights, as trained under autocast
+    bsz, n = 2, 40
+    leaf = torch.randn(bsz, n, D, requires_grad=True)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(leaf * 1)  # a layer's output, as the block's normed input is
+    sizes = {bsz * n * D * 2, bsz * (n + 2) * D * 2}  # x, or x padded for the conv
+    assert [b for b, dt in kept.values() if dt == torch.bfloat16 and b in sizes] == [
+        bsz * n * D * 2]

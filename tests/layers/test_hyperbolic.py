@@ -1,19 +1,24 @@
 """Poincaré-ball window attention: the blocked O(N·w) form against the N×N definition (Möbius
-distances, band mask) in float64, the norm/dot-product distance against Möbius addition,
+distances, band mask) in float64, the norm/dot-product distance against Möbius addition, the
+one-node form against autograd through its composition and what it keeps for backward,
 streaming with the carried keys, causality, finite gradients near the boundary."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from muse.layers.hyperbolic import (
     MAX_TANGENT_RADIUS,
     PoincareWindowAttention,
+    _ball,
+    _weights,
     expmap0,
     mobius_distance,
     poincare_attention_reference,
     poincare_distance,
     poincare_local_attention,
 )
+from muse.layers.local_attention import _band
 
 TOL = 1e-10
 
@@ -53,13 +58,15 @@ def test_blocked_form_equals_the_definition(n, window):
     assert torch.allclose(ours, ref, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("recompute_dot", [False, True])
 @pytest.mark.parametrize("n, window", [(5, 3), (50, 16)])
-def test_gradients_equal_the_definitions(n, window):
-    """The weights are formed again in backward (a checkpoint): ∂q, ∂k, ∂v and ∂β as the
+def test_gradients_equal_the_definitions(n, window, recompute_dot):
+    """The weights are formed again in backward (one autograd node): ∂q, ∂k, ∂v and ∂β as the
     N×N definition's."""
     up = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = []
-    for fn in (poincare_local_attention, poincare_attention_reference):
+    for fn in (lambda *a: poincare_local_attention(*a, recompute_dot=recompute_dot),
+               poincare_attention_reference):
         leaves = [t.requires_grad_() for t in (*qkv(n, seed=n), BETA.clone())]
         (fn(*leaves[:3], window, 0.8, leaves[3]) * up).sum().backward()
         grads.append([t.grad for t in leaves])
@@ -67,14 +74,119 @@ def test_gradients_equal_the_definitions(n, window):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
-def test_autograd_keeps_one_weight_tensor_per_block_not_the_score_chain():
-    window = 8
-    q, k, v = (t.float().requires_grad_() for t in qkv(64))
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        poincare_local_attention(q, k, v, window, 1.0, BETA.float())
-    blocks = [t for t in kept if t.dim() == 5 and t.shape[-2:] == (window, 2 * window)]
-    assert len(blocks) == 1, [(tuple(t.shape), t.dtype) for t in blocks]
+def _composed(q, k, v, window, c, beta, past=0):
+    """The blocked form as plain autograd ops (what the layer ran before its one node, less the
+    checkpoint): autograd keeps the ball maps in float32, the repeated key and value blocks and
+    every step of the score chain."""
+    bsz, heads, n, d = q.shape
+    m = -(-n // window)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    front, back = window - past, m * window - n
+
+    def blocks(t):
+        return t.unfold(2, 2 * window, window).transpose(-1, -2)
+
+    xk, nk, dk = (blocks(t) for t in _ball(F.pad(k.to(wide), (0, 0, front, back)), c))
+    vp = blocks(F.pad(v, (0, 0, front, back)))
+    xq, nq, dq = (t.view(bsz, heads, m, window, -1)
+                  for t in _ball(F.pad(q.to(wide), (0, 0, 0, back)), c))
+    band = _band(window, past, q.device)
+    mask = torch.cat((band[:1], band[1:].expand(m - 1, -1, -1)))
+    weights = _weights(xq @ xk.transpose(-1, -2), nq, nk, dq, dk, beta.to(wide), mask, c, v.dtype)
+    return (weights @ vp).reshape(bsz, heads, m * window, d)[:, :, :n]
+
+
+def _run(fn, inputs, up, autocast=False):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fn(*leaves)
+    (y * up.to(y.dtype)).sum().backward()
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("recompute_dot", [False, True])
+@pytest.mark.parametrize("n, window, past", [(1, 4, 0), (7, 8, 3), (50, 16, 0), (50, 16, 15),
+                                             (64, 16, 5)])
+def test_the_node_equals_its_composition(n, window, past, recompute_dot):
+    """y and ∂q, ∂k, ∂v, ∂β of the node (ball maps, score chain and weights formed again in
+    backward, the dot products kept or formed again) against autograd through the plain ops,
+    in float64, with carried keys and a partial last block."""
+    g = torch.Generator().manual_seed(n + past)
+    q = torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, past + n, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    up = torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64)
+    ours = _run(lambda *a: poincare_local_attention(*a[:3], window, 0.8, a[3], past=past,
+                                                    recompute_dot=recompute_dot),
+                (q, k, v, BETA), up)
+    ref = _run(lambda *a: _composed(*a[:3], window, 0.8, a[3], past=past), (q, k, v, BETA), up)
+    for name, a, b in zip(("y", "q", "k", "v", "beta"), ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("recompute_dot", [False, True])
+def test_under_bf16_autocast_the_node_forms_what_the_composition_forms(recompute_dot):
+    """Under autocast the dot products are a bf16 matmul (autocast's) and the rest float32: the
+    node, which runs with autocast off, applies the same casts by hand, so its output is the
+    composition's bit for bit and its gradients agree to bf16's rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    beta = torch.tensor([0.7, 2.0])
+    up = torch.randn(1, 2, 40, 16, generator=g)
+    ours = _run(lambda *a: poincare_local_attention(*a[:3], 16, 1.0, a[3],
+                                                    recompute_dot=recompute_dot),
+                (q, k, v, beta), up, autocast=True)
+    ref = _run(lambda *a: _composed(*a[:3], 16, 1.0, a[3]), (q, k, v, beta), up, autocast=True)
+    assert torch.equal(ours[0], ref[0])
+    for name, a, b in zip(("q", "k", "v", "beta"), ours[1:], ref[1:], strict=True):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6, msg=name)
+
+
+def _kept(fn, *inputs) -> dict[int, tuple]:
+    """{storage: (bytes, dtype)} of what autograd keeps while fn(*inputs) runs, each storage
+    once."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return kept
+
+
+@pytest.mark.parametrize("recompute_dot", [False, True])
+def test_backward_keeps_q_k_the_values_once_and_the_bf16_dot_products(recompute_dot):
+    """Under bf16 autocast, per token and head (d = 64, w = 32): q and k as given (2·2d bytes),
+    the values padded once (2d and the w front slots, not the 2w-key blocks that repeat each
+    twice), β, and the bf16 dot products (2·2w) unless recompute_dot, where the composition
+    keeps the float32 ball maps of q and k, the bf16 copies of the repeated key and value
+    blocks, the dot products and the weights besides."""
+    bsz, heads, n, d, window = 1, 2, 256, 64, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(bsz, heads, n, d, generator=g).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    beta = torch.tensor([0.7, 2.0], requires_grad=True)
+
+    def node(*a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return poincare_local_attention(*a[:3], window, 1.0, a[3],
+                                            recompute_dot=recompute_dot)
+
+    def composed(*a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _composed(*a[:3], window, 1.0, a[3])
+
+    kept = _kept(node, q, k, v, beta)
+    dot = [] if recompute_dot else [bsz * heads * n * 2 * window * 2]
+    assert sorted(b for b, _ in kept.values()) == sorted(
+        [heads * 4, *[bsz * heads * n * d * 2] * 2, bsz * heads * (window + n) * d * 2, *dot])
+    assert all(dt == torch.bfloat16 for b, dt in kept.values() if b > heads * 4)
+    per_token = [sum(b for b, _ in saved.values() if b > heads * 4) / (bsz * heads * n)
+                 for saved in (kept, _kept(composed, q, k, v, beta))]
+    assert per_token[0] == 3 * 2 * d + 2 * d * window / n + (0 if recompute_dot else 4 * window)
+    assert per_token[1] > 3 * per_token[0]
 
 
 def test_each_output_reads_only_its_window():

@@ -8,6 +8,7 @@ from muse import models
 from muse.layers.htt import HTTEmbedding
 from muse.measure.gradient import gradient_flow
 from muse.measure.phases import random_ids
+from muse.models.phase7 import gated_mix
 
 TOL = 1e-10
 VOCAB = 97
@@ -45,6 +46,7 @@ def test_gate_lies_in_the_unit_interval_and_streams():
     x = torch.randn(2, 40, 64, dtype=torch.float64)
     g = gate(x)
     assert g.shape == x.shape and ((g > 0) & (g < 1)).all()
+    assert torch.equal(torch.sigmoid(gate.scale * gate(x, logit=True)), g)
     carry, parts = gate.init_carry(2, dtype=torch.float64), []
     for a, b in ((0, 13), (13, 14), (14, 40)):
         y, carry = gate(x[:, a:b], carry)
@@ -121,3 +123,84 @@ def test_bf16_weights_give_finite_logits_and_distances_in_float32():
     m = models.build("phase7", "tiny", vocab_size=VOCAB).to(torch.bfloat16)
     out = m(random_ids(VOCAB, 2, 40, "cpu"))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def _plain_mix(x, p, scale, loc, glob):
+    g = torch.sigmoid(scale * p)
+    return x + g * loc + (1 - g) * glob
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_gated_mix_node_equals_the_plain_expression(dtype):
+    """The block's x + g ⊙ loc + (1 − g) ⊙ glob, g = σ(s·p), as one node (g formed again in
+    backward): the value and ∂x, ∂p, ∂s, ∂loc, ∂glob against autograd through the plain
+    expression, in float64, and bit for bit with p, loc and glob bf16 and x and s float32 (as under
+    autocast)."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    x, up = (torch.randn(2, 9, 16, generator=g, dtype=torch.float64).to(wide) for _ in range(2))
+    p, loc, glob = (torch.randn(2, 9, 16, generator=g, dtype=torch.float64).to(dtype)
+                    for _ in range(3))
+    scale = torch.tensor(1.3, dtype=wide)
+    runs = []
+    for fn in (gated_mix, _plain_mix):
+        leaves = [t.clone().requires_grad_() for t in (x, p, scale, loc, glob)]
+        out = fn(*leaves)
+        (out * up).sum().backward()
+        runs.append([out.detach(), *(t.grad for t in leaves)])
+    for name, a, b in zip(("out", "x", "p", "scale", "loc", "glob"), *runs, strict=True):
+        assert a.dtype == b.dtype, name
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_the_gated_mix_keeps_p_loc_and_glob_not_g():
+    """6 bytes a token and channel (p, loc, glob in bf16) where autograd through the plain
+    expression keeps 10 (g and 1 − g besides)."""
+    n, d = 32, 16
+    x = torch.randn(1, n, d, requires_grad=True)
+    p, loc, glob = (torch.randn(1, n, d).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    scale = torch.tensor(1.0, requires_grad=True)
+    per_token = []
+    for fn in (gated_mix, _plain_mix):
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, p, scale, loc, glob)
+        per_token.append(sum(b for b in kept.values() if b > 4) / (n * d))
+    assert per_token == [6, 10]
+
+
+def test_under_bf16_autocast_a_block_keeps_its_normed_input_once():
+    """The BK gate's two projections, the attention's qkv and the AR-SSM's conv, gate, u and w
+    read one bf16 copy of the normed input (layers.cast): backward keeps that copy once, where
+    each projection kept its own cast."""
+    torch.manual_seed(0)
+    # float32 weights; a dense table keeps the residual stream float32 under autocast, as in
+    # `small` (the HTT embedding's output is already bf16, and so is the normed input)
+    m = models.build("phase7", "tiny", vocab_size=VOCAB, embedding="dense", head="tied")
+    seen = {}
+    m.blocks[0].ln_mix.register_forward_hook(lambda mod, a, out: seen.setdefault("h", out))
+    kept = {}
+
+    def pack(t):
+        kept.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        m(random_ids(VOCAB, 2, 40, "cpu"))
+    image = seen["h"].detach().to(torch.bfloat16).flatten()
+
+    def holds_the_normed_input(t):
+        s = t.untyped_storage()
+        return (t.dtype == torch.bfloat16 and s.nbytes() == image.numel() * 2
+                and torch.equal(torch.empty(0, dtype=torch.bfloat16).set_(s), image))
+
+    assert sum(holds_the_normed_input(t) for t in kept.values()) == 1

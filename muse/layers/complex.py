@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.cast import autocast_read
 from muse.ops.complex_scan import complex_decayed_cumsum
 from muse.ops.complex_scan.selective import complex_gated_selective_scan
 
@@ -89,22 +90,81 @@ def complex_linear_reference(z: torch.Tensor, layer: ComplexLinear) -> torch.Ten
     return out if layer.bias is None else out + from_planar(layer.bias).to(z.dtype)
 
 
+def _modrelu_scale(p: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ReLU(|z| + b)/|z| per channel (…, D) from the planes p (…, 2, D); 0 where z = 0."""
+    sq = p.pow(2).sum(dim=-2)  # |z|², (…, D)
+    nonzero = sq > 0
+    mod = torch.sqrt(torch.where(nonzero, sq, 1))
+    return torch.where(nonzero, F.relu(mod + bias.to(mod.dtype)) / mod, 0)
+
+
+class _ModReLU(torch.autograd.Function):
+    """modReLU(z) (· SiLU(a) per channel, with a gate logit a) as one autograd node: it keeps z
+    and a as given and forms |z|, the scale and SiLU(a) again in backward (elementwise over
+    N × D), where autograd through the ops keeps |z|, its mask, ReLU(|z| + b), the scale, the
+    output and both halves of the doubled gate besides. The forward runs the plain ops in the
+    plain order, so values are bit for bit theirs; backward is the closed form, in float32 at
+    least (the gradients agree with autograd's in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, gate):
+        p = planes(x)
+        out = (p * _modrelu_scale(p, bias).unsqueeze(-2)).flatten(-2)
+        ctx.save_for_backward(x, bias, gate)
+        if gate is None:
+            return out
+        g = F.silu(gate)
+        return out * torch.cat((g, g), dim=-1).to(out.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, bias, gate = ctx.saved_tensors
+        need_x, need_bias, need_gate = ctx.needs_input_grad
+        wide = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            p, gp = planes(x.to(wide)), planes(grad.to(wide))
+            sq = p.pow(2).sum(dim=-2)
+            nonzero = sq > 0
+            mod = torch.sqrt(torch.where(nonzero, sq, 1))
+            shifted = mod + bias.to(wide)
+            on = nonzero & (shifted > 0)  # where the scale moves with |z| and b (ReLU open)
+            scale = torch.where(on, shifted / mod, 0)
+            dot = (gp * p).sum(dim=-2)  # Re(conj(grad) · z) per channel, (…, D)
+            grad_gate = None
+            if gate is not None:
+                a = gate.to(wide)
+                sig = torch.sigmoid(a)
+                if need_gate:
+                    grad_gate = (dot * scale * sig * (1 + a * (1 - sig))).to(gate.dtype)
+                silu = a * sig
+                gp, dot = gp * silu.unsqueeze(-2), dot * silu
+            grad_x = grad_bias = None
+            if need_x:
+                # ∂(s·p)/∂p = s + p ⊗ p · s'(|z|)/|z|, s'(m) = (1 − s)/m where ReLU is open
+                radial = torch.where(on, dot * (1 - scale) / torch.where(on, sq, 1), 0)
+                grad_x = (gp * scale.unsqueeze(-2) + p * radial.unsqueeze(-2)).flatten(-2)
+                grad_x = grad_x.to(x.dtype)
+            if need_bias:
+                grad_bias = torch.where(on, dot / mod, 0).reshape(-1, bias.shape[-1]).sum(0)
+                grad_bias = grad_bias.to(bias.dtype)
+        return grad_x, grad_bias, grad_gate
+
+
 class ModReLU(nn.Module):
     """modReLU (Arjovsky et al. 2016): z ↦ ReLU(|z| + b) · z/|z| per channel, b real; the phase
     passes through, the modulus is thresholded. At z = 0 the output is 0 (and so is its
-    gradient): the square root and the division only see |z|² where it is > 0."""
+    gradient): the square root and the division only see |z|² where it is > 0.
+
+    With `gate` (…, D), a logit per channel, the output is also scaled by SiLU(gate) (both
+    planes). For backward it keeps its input and the logit only (_ModReLU)."""
 
     def __init__(self, features: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = planes(x)
-        sq = p.pow(2).sum(dim=-2)  # |z|², (…, D)
-        nonzero = sq > 0
-        mod = torch.sqrt(torch.where(nonzero, sq, 1))
-        scale = torch.where(nonzero, F.relu(mod + self.bias.to(mod.dtype)) / mod, 0)
-        return (p * scale.unsqueeze(-2)).flatten(-2)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return _ModReLU.apply(x, self.bias, gate)
 
 
 def modrelu_reference(z: torch.Tensor, layer: ModReLU) -> torch.Tensor:
@@ -112,9 +172,53 @@ def modrelu_reference(z: torch.Tensor, layer: ModReLU) -> torch.Tensor:
     return torch.where(mod > 0, F.relu(mod + layer.bias.to(mod.dtype)) / mod, 0) * z
 
 
+class _ComplexLayerNorm(torch.autograd.Function):
+    """The complex LN as one autograd node: it keeps its input x as given and the per-token
+    statistics (the mean of each plane in x's dtype, 1/√(E|z − μ|² + ε) in float32 at least),
+    where autograd through the ops keeps the centred planes and their scaled copy (float32 for
+    a float32 residual stream). The forward runs the plain ops in the plain order, so values are
+    bit for bit theirs; backward is the closed form, in float32 at least."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, features: int, eps: float):
+        p = planes(x)
+        mean = p.mean(dim=-1, keepdim=True)
+        p = p - mean
+        # E|z − μ|² = (Σ over both planes of the squares) / D, accumulated in float32 at least
+        wide = torch.promote_types(p.dtype, torch.float32)
+        sq = torch.linalg.vector_norm(p, dim=(-2, -1), keepdim=True, dtype=wide).pow(2)
+        rstd = torch.rsqrt(sq / features + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.features = features
+        scale = rstd.to(p.dtype)
+        return (p * scale * weight.to(p.dtype)).flatten(-2) + bias.to(p.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        wide = rstd.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xhat = (planes(x) - mean).to(wide) * rstd  # (…, 2, D)
+            gy = planes(grad.to(wide))
+            grad_x = grad_weight = grad_bias = None
+            if need_bias:
+                grad_bias = gy.reshape(-1, 2 * ctx.features).sum(0).to(weight.dtype)
+            if need_weight:
+                grad_weight = (gy * xhat).reshape(-1, ctx.features).sum(0).to(weight.dtype)
+            if need_x:
+                gxh = gy * weight.to(wide)
+                dot = (gxh * xhat).sum(dim=(-2, -1), keepdim=True) / ctx.features
+                gc = rstd * (gxh - xhat * dot)
+                grad_x = (gc - gc.mean(dim=-1, keepdim=True)).flatten(-2).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
 class ComplexLayerNorm(nn.Module):
     """ẑ = (z − μ) / √(E|z − μ|² + ε), then γ ⊙ ẑ + β: complex mean μ, real gain γ, complex
-    shift β. Centring and scaling are rotation-equivariant (a common phase passes through)."""
+    shift β. Centring and scaling are rotation-equivariant (a common phase passes through).
+    For backward it keeps its input and the per-token statistics (_ComplexLayerNorm)."""
 
     def __init__(self, features: int, eps: float = 1e-5):
         super().__init__()
@@ -123,13 +227,7 @@ class ComplexLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(2 * features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = planes(x)
-        p = p - p.mean(dim=-1, keepdim=True)
-        # E|z − μ|² = (Σ over both planes of the squares) / D, accumulated in float32 at least
-        wide = torch.promote_types(p.dtype, torch.float32)
-        sq = torch.linalg.vector_norm(p, dim=(-2, -1), keepdim=True, dtype=wide).pow(2)
-        scale = torch.rsqrt(sq / self.features + self.eps).to(p.dtype)
-        return (p * scale * self.weight.to(p.dtype)).flatten(-2) + self.bias.to(p.dtype)
+        return _ComplexLayerNorm.apply(x, self.weight, self.bias, self.features, self.eps)
 
 
 def complex_layer_norm_reference(z: torch.Tensor, layer: ComplexLayerNorm) -> torch.Tensor:
@@ -222,8 +320,10 @@ class ComplexDiagonalRecurrence(nn.Module):
     def _selective(self, x: torch.Tensor, state: torch.Tensor | None):
         # the decays, the gain and u are formed inside the scan's node: for backward it keeps the
         # shift (z − ν) and the projection in their own dtypes and the scanned planes, not them
-        shift = self.select(x)
-        p = self.proj_in(x)
+        # both projections read one autocast copy of x, shared with the block's gate (layers.cast)
+        read = autocast_read(x)
+        shift = self.select(read)
+        p = self.proj_in(read)
         carry = None if state is None else self._carried(state, shift[:, 0])
         h = complex_gated_selective_scan(p, shift, self.omega, self.nu, carry)
         out = h.to(torch.promote_types(p.dtype, x.dtype))

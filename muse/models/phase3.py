@@ -21,6 +21,11 @@ does; the default block cuts d_ff to pay for the window.
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's h (planar, (B,
 2·d_state)) and the window's keys and values across segments, exactly.
+
+Kept for backward (scripts/saved_activations.py counts it): the gate and the recurrence's two
+projections read one autocast copy of LN z (layers.cast); each complex LN keeps its input and
+per-token statistics, and the read-out's ModReLU × SiLU(W LN z) keeps its input and the gate's
+logit (one autograd node each, layers.complex).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.cast import autocast_read
 from muse.layers.complex import (
     ComplexDiagonalRecurrence,
     ComplexEmbedding,
@@ -145,11 +151,10 @@ class Phase3Block(nn.Module):
         else:
             h, last = self.rec(z, state["h"])
             new = {"h": last}
-        y = self.act_rec(self.rec_out(h))
-        if self.gate is not None:
-            g = F.silu(self.gate(z))
-            y = y * torch.cat((g, g), dim=-1).to(y.dtype)
-        x = x + y
+        # the gate reads the autocast copy of z the recurrence's projections read (layers.cast)
+        # and enters ModReLU's node: SiLU(W z) per channel, keeping W z only
+        gate = None if self.gate is None else self.gate(autocast_read(z))
+        x = x + self.act_rec(self.rec_out(h), gate)
         if self.local is not None:
             if state is None:
                 x = x + self.local(self.ln_local(x))

@@ -204,3 +204,133 @@ def test_selective_recurrence_keeps_its_projection_shift_and_planes_only():
             torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)
     assert sum(kept.values()) == 14 * 32 * bsz * n
+
+
+# the formulations before ModReLU and the LN became one autograd node each: plain ops, autograd
+# through every step (what the nodes' values and gradients are bound to)
+
+
+def modrelu_plain(x, bias, gate=None):
+    p = x.unflatten(-1, (2, x.shape[-1] // 2))
+    sq = p.pow(2).sum(dim=-2)
+    nonzero = sq > 0
+    mod = torch.sqrt(torch.where(nonzero, sq, 1))
+    scale = torch.where(nonzero, torch.relu(mod + bias.to(mod.dtype)) / mod, 0)
+    y = (p * scale.unsqueeze(-2)).flatten(-2)
+    if gate is None:
+        return y
+    g = torch.nn.functional.silu(gate)
+    return y * torch.cat((g, g), dim=-1).to(y.dtype)
+
+
+def layer_norm_plain(x, layer):
+    p = x.unflatten(-1, (2, x.shape[-1] // 2))
+    p = p - p.mean(dim=-1, keepdim=True)
+    wide = torch.promote_types(p.dtype, torch.float32)
+    sq = torch.linalg.vector_norm(p, dim=(-2, -1), keepdim=True, dtype=wide).pow(2)
+    scale = torch.rsqrt(sq / layer.features + layer.eps).to(p.dtype)
+    return (p * scale * layer.weight.to(p.dtype)).flatten(-2) + layer.bias.to(p.dtype)
+
+
+def _modrelu_inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, 12, generator=g, dtype=dtype)
+    x[0, 0, [1, 7]] = 0  # channel 1 exactly zero
+    layer = ModReLU(6).to(dtype)
+    with torch.no_grad():  # channels off (|z| + b ≤ 0 for most), on, and in between
+        layer.bias.copy_(torch.tensor([-0.5, -2.0, 0.0, 0.3, -1.0, 1.0]))
+    gate = torch.randn(3, 7, 6, generator=g, dtype=dtype)
+    return x, layer, gate
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_modrelu_node_equals_the_plain_ops_with_gradients(gated):
+    x, layer, gate = _modrelu_inputs()
+    w = torch.randn(3, 7, 12, dtype=torch.float64)
+    leaves = [x.requires_grad_(), layer.bias, *([gate.requires_grad_()] if gated else [])]
+    runs = []
+    for fn in (lambda: layer(x, gate if gated else None),
+               lambda: modrelu_plain(x, layer.bias, gate if gated else None)):
+        out = fn()
+        runs.append([out.detach(), *torch.autograd.grad((out * w).sum(), leaves)])
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (runs[0][1][0, 0, [1, 7]] == 0).all()  # z = 0: zero gradient, as the plain ops
+
+
+def test_modrelu_node_values_are_the_plain_ops_bit_for_bit_in_bf16():
+    x, layer, gate = _modrelu_inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb, gb = x.to(torch.bfloat16), gate.to(torch.bfloat16)
+        for g in (None, gb):
+            assert torch.equal(layer(xb, g), modrelu_plain(xb, layer.bias, g))
+
+
+def _kept_bytes(fn, params):
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        fn()
+    return sum(kept.values())
+
+
+def test_gated_modrelu_keeps_its_input_and_the_gate_logit_only():
+    """bf16, D complex channels: the planes (4 bytes a channel) and the logit (2): 6·D bytes a
+    token, where autograd through the plain ops kept 21·D (|z|, its mask, ReLU(|z| + b), the
+    scale, the ungated output and the doubled SiLU besides)."""
+    n, d = 64, 16
+    layer = ModReLU(d)
+    x = torch.randn(1, n, 2 * d, dtype=torch.bfloat16, requires_grad=True)
+    gate = torch.randn(1, n, d, dtype=torch.bfloat16, requires_grad=True)
+    assert _kept_bytes(lambda: layer(x, gate), [layer.bias]) == 6 * d * n
+    assert _kept_bytes(lambda: modrelu_plain(x, layer.bias, gate), [layer.bias]) == 21 * d * n
+
+
+def _layer_norm(dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = ComplexLayerNorm(8).to(dtype)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.normal_()
+    return layer
+
+
+def test_complex_layer_norm_node_equals_the_plain_ops_with_gradients():
+    layer = _layer_norm()
+    x = to_planar(3 + 2j + 5 * z(2, 4, 8)).requires_grad_()
+    w = torch.randn(2, 4, 16, dtype=torch.float64)
+    leaves = [x, *layer.parameters()]
+    runs = []
+    for fn in (lambda: layer(x), lambda: layer_norm_plain(x, layer)):
+        out = fn()
+        runs.append([out.detach(), *torch.autograd.grad((out * w).sum(), leaves)])
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_layer_norm_node_values_are_the_plain_ops_bit_for_bit(dtype):
+    layer = _layer_norm(torch.float32)
+    x = to_planar(3 + 2j + 5 * z(2, 4, 8)).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), layer_norm_plain(x, layer))
+
+
+def test_complex_layer_norm_keeps_its_input_and_the_statistics_only():
+    """A float32 stream of D complex channels: x (8·D bytes a token), the two plane means and
+    the inverse deviation (12), where autograd through the plain ops kept the centred planes
+    and their scaled copy (16·D) and the statistics."""
+    n, d = 64, 16
+    layer = ComplexLayerNorm(d)
+    x = torch.randn(1, n, 2 * d, requires_grad=True)
+    params = list(layer.parameters())
+    assert _kept_bytes(lambda: layer(x), params) == (8 * d + 12) * n
+    assert _kept_bytes(lambda: layer_norm_plain(x, layer), params) == (16 * d + 8) * n

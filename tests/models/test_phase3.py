@@ -90,3 +90,58 @@ def test_selective_recurrence_streams_exactly():
     whole = m(ids)
     parts, _ = streamed(m, ids, [1, 20, 21])
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("extra", [{"local_window": 4, "local_heads": 2, "local_head_dim": 8},
+                                   {"d_ff": 24, "real_ffn": False, "selective_rank": 0}])
+def test_planar_block_gradients_equal_the_complex128_blocks(extra):
+    """The block's one-node LN and gated ModReLU (layers.complex) in float64: the gradients of
+    the input and of every weight as autograd's through the complex128 block."""
+    torch.manual_seed(0)
+    m = models.build("phase3", "tiny", vocab_size=97, chunk=4, **extra).double()
+    block = m.blocks[0]
+    with torch.no_grad():
+        for mod in (block.act_rec, block.act_ffn, block.ln_rec, block.ln_ffn, block.ln_local,
+                    block.gate):
+            if mod is not None:
+                mod.bias.normal_(std=0.3)
+        if block.rec.select is not None:
+            block.rec.select[1].weight.normal_(std=0.3)
+    a = torch.randn(2, 11, 32, dtype=torch.complex128)
+    w = torch.randn(2, 11, 32, dtype=torch.complex128)
+    x, zc = to_planar(a).requires_grad_(), a.clone().requires_grad_()
+    params = list(block.parameters())
+    got = torch.autograd.grad((from_planar(block(x)) * w.conj()).real.sum(), [x, *params],
+                              allow_unused=True)
+    want = torch.autograd.grad((block_reference(block, zc) * w.conj()).real.sum(), [zc, *params],
+                               allow_unused=True)
+    torch.testing.assert_close(from_planar(got[0]), want[0], rtol=1e-10, atol=1e-10)
+    for g, r in zip(got[1:], want[1:], strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_the_three_projections_of_ln_z_keep_one_autocast_copy():
+    """Under bf16 autocast the gate and the recurrence's two projections read LN z (float32)
+    through one shared bf16 copy (layers.cast): backward keeps it once, not three times."""
+    torch.manual_seed(0)
+    block = models.build("phase3", "tiny", vocab_size=97).blocks[0]
+    readers = (block.gate, block.rec.select[0], block.rec.proj_in)
+    inside = []
+    for r in readers:
+        r.register_forward_pre_hook(lambda *_: inside.append(True))
+        r.register_forward_hook(lambda *_: inside.clear())
+    bsz, n, d = 3, 17, block.gate.in_features  # no weight of the block has 3·17·d entries
+    copies = set()
+
+    def pack(t):
+        if inside and t.dtype == torch.bfloat16 and t.numel() == bsz * n * d:
+            copies.add(t.untyped_storage().data_ptr())
+        return t
+
+    x = torch.randn(bsz, n, d, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    assert len(copies) == 1

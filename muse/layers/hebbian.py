@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.cast import autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import rms_normalize
@@ -147,6 +148,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla"
 
 
+def _gated_out(y, gain, g):
+    """The output gate: each head's read-out y (B, N, H, D_h) over its RMS, times the per-head
+    gain, times SiLU of the gate's projection g (B, N, H·D_h)."""
+    return (rms_normalize(y) * gain).reshape(*g.shape) * F.silu(g)
+
+
+class _GatedOut(torch.autograd.Function):
+    """`_gated_out` as one autograd node keeping only y, the gain and g: through autograd the
+    chain keeps a float32 copy of y for the norm, the normed y, the float32 product with the
+    gain, SiLU(g) and g. Backward forms the chain again from those three (elementwise work and
+    a mean over D_h) and runs autograd's backward of the same ops on it, so values and gradients
+    are the plain composition's bit for bit, under autocast too (its state is restored)."""
+
+    @staticmethod
+    def forward(ctx, y, gain, g):
+        ctx.save_for_backward(y, gain, g)
+        device = y.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device),
+                        torch.get_autocast_dtype(device))
+        return _gated_out(y, gain, g)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(need)
+                  for t, need in zip(saved, ctx.needs_input_grad[:3], strict=True)]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = _gated_out(*leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return tuple(next(grads) if t.requires_grad else None for t in leaves)
+
+
+def gated_out(y: torch.Tensor, gain: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """rms_normalize(y) · gain · SiLU(g), (B, N, H·D_h), with the values and gradients of that
+    composition; while grad is on, one node that keeps y, gain and g only (see _GatedOut)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, gain, g)):
+        return _GatedOut.apply(y, gain, g)
+    return _gated_out(y, gain, g)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t laid out densely in its own order (a copy where it is a strided view)."""
+    return t.contiguous()
+
+
 DECAYS = ("softplus", "mamba2")
 QK_NORMS = ("k", "l2")
 
@@ -240,7 +289,7 @@ class DissipativeHebbian(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """−Γ_t·dt per head, (B, N, H), in float32 at least."""
-        gate = self.gamma(x)
+        gate = self.gamma(autocast_read(x))
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         if self.decay == "mamba2":
             return -torch.exp(self.a_log.float()) * F.softplus(gate) * self.dt
@@ -258,7 +307,10 @@ class DissipativeHebbian(nn.Module):
             keys = kh[:, :h]
             if eta_scale is not None:  # η per head scales the plain heads' writes, as β's
                 keys = keys * eta_scale[:, :h, None, None].to(keys.dtype)
-            y0, w0 = hebbian_chunked(qh[:, :h], keys, vh[:, :h], ld[:, :h], self.eta,
+            # laid out (B, h, N, D_h) once: as head slices of (B, N, H, D_h) each batched
+            # product would make (and autograd keep) contiguous copies of its own
+            qp, kp, vp = (_contiguous(t) for t in (qh[:, :h], keys, vh[:, :h]))
+            y0, w0 = hebbian_chunked(qp, kp, vp, ld[:, :h], self.eta,
                                      None if state is None else state[:, :h], chunk=self.chunk)
             y = torch.cat((y0.to(y.dtype), y), dim=1)
             w = torch.cat((w0.to(w.dtype), w), dim=1)
@@ -273,7 +325,10 @@ class DissipativeHebbian(nn.Module):
         per head, for this call (the streaming SNR filter)."""
         bsz, n, _ = x.shape
         new_tails = {}
-        p = self.qkv(x)
+        # the projections of x (qkv, β, Γ, the gate, the mix) read one autocast copy of it:
+        # backward keeps one, not one a projection, and each reader's gradient still goes back
+        # to x's dtype before they add up, as through autocast's own casts (layers.cast)
+        p = self.qkv(autocast_read(x))
         if self.conv is not None:
             if tails is None:
                 p = self.conv(p)
@@ -288,7 +343,7 @@ class DissipativeHebbian(nn.Module):
             q = F.normalize(q, dim=-1).to(k.dtype)
         beta = None
         if self.beta is not None:  # the write strength is β; the keys stay unit
-            logit = self.beta(x)
+            logit = self.beta(autocast_read(x))
             beta = torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
             beta = beta * self.eta if self.eta != 1.0 else beta
             if eta_scale is not None:
@@ -318,12 +373,12 @@ class DissipativeHebbian(nn.Module):
                 self.rope_base, past)
             if tails is not None:
                 new_tails["k"], new_tails["v"] = past
-            g = torch.sigmoid(self.mix(x))[..., None]  # (B, N, H, 1)
+            g = torch.sigmoid(self.mix(autocast_read(x)))[..., None]  # (B, N, H, 1)
             y = g * rms_normalize(local.transpose(1, 2)) + (1 - g) * rms_normalize(y)
-        if self.out_norm or self.gate is not None:
-            y = rms_normalize(y)
         if self.gate is not None:
-            y = (y * self.head_gain).reshape(bsz, n, -1) * F.silu(self.gate(x))
+            y = gated_out(y, self.head_gain, self.gate(autocast_read(x)))
+        elif self.out_norm:
+            y = rms_normalize(y)
         y = self.out(y.reshape(bsz, n, -1))
         if not return_state:
             return y

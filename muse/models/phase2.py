@@ -18,6 +18,12 @@ per-head output norm and gate, and the gated delta rule; GPT-2 init; the BK subl
 channels and its output projection at zero, so it starts as a no-op and grows in as it helps
 (reports/quality ranks these choices). Each can be turned off; `bk_mixer=False` drops the BK
 sublayer to measure what it adds.
+
+Kept for backward (scripts/saved_activations.py counts it): the Hebbian projections of LN x read
+one autocast copy of it (layers.cast); the short conv + SiLU, the output gate (RMS norm · gain ·
+SiLU) and, in the delta rule, A, β·v, the scores, the tail products and the chunk-to-chunk states
+are one autograd node each keeping their inputs (v in bf16); the delta rule and the plain heads
+take q, k laid out once (no per-product copies).
 """
 
 from __future__ import annotations

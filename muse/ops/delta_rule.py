@@ -47,8 +47,13 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64):
     # the triangular solve has no half-precision kernels, and its error grows with T: the whole
     # form runs in float32 at least, autocast or not, and returns in that dtype
     acc = torch.promote_types(q.dtype, torch.float32)
+    # q and k laid out (B, H, N, D) once: a head slice of the (B, N, H, D) projections kept its
+    # strides through `.to`, and every batched product then made (and autograd kept) a
+    # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
+    # it, and that keeps v in its own dtype (a view of the projections, kept anyway)
     with torch.autocast(q.device.type, enabled=False):
-        return _chunked(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
+        qk = (t.to(acc, memory_format=torch.contiguous_format) for t in (q, k))
+        return _chunked(*qk, v, *(t.to(acc) for t in (log_decay, beta)),
                         None if state is None else state.to(acc), chunk)
 
 
@@ -63,27 +68,130 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     above = above_diagonal(chunk, q.device)
     ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
     ratio = ratio.to(qc.dtype)  # γ_t/γ_j for j ≤ t, 0 above the diagonal
-    strict = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
-    a = bc * strict * (kc @ kc.transpose(-1, -2))
+    a = _Recomputed.apply(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2))
     eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)
     gamma = torch.exp(b)[..., None].to(qc.dtype)
-    rhs = torch.cat((bc * vc, bc * gamma * kc), dim=-1)
+    rhs = torch.cat((_Recomputed.apply(_widened_product, bc, vc), bc * gamma * kc), dim=-1)
     solved = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
     u0, p = solved[..., :dv], solved[..., dv:]
-    scores = ratio * (qc @ kc.transpose(-1, -2))  # (B, H, M, T, T)
-    tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype) * kc  # k_j γ_T/γ_j
+    qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
+    tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
     through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
     # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks at
     # once, so the sequential part is one batched multiply-add per chunk
     eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
-    step = (through * eye_k - tail.transpose(-1, -2) @ p).flatten(0, 1)  # (BH, M, Dk, Dk)
-    push = (tail.transpose(-1, -2) @ u0).flatten(0, 1)  # (BH, M, Dk, Dv)
+    # tailᵀP and tailᵀU₀ from tail's factors (backward forms tail again, not keeping it)
+    tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
+    step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
+    push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
     w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
-    entering = []
-    # unbind, not step[:, c]: the backward of M selections would add M full-size zero tensors
-    for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
-        entering.append(w)
-        w = torch.baddbmm(push_c, step_c, w)
-    w0 = torch.stack(entering, dim=1).view(bsz, heads, m, dk, dv)
-    y = gamma * (qc @ w0) + scores @ (u0 - p @ w0)
+    entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
+    w0 = entering.view(bsz, heads, m, dk, dv)
+    y = gamma * (qc @ w0) + _ScaledProduct.apply(ratio, qk, False, u0 - p @ w0)[0]
     return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)
+
+
+def _widened_product(bc, vc):
+    """β·v in β's dtype (float32 at least), v cast up first."""
+    return bc * vc.to(bc.dtype)
+
+
+def _erase_weights(bc, ratio, kk):
+    """A_tj = β_t (γ_t/γ_j) k_t·k_j below the diagonal, 0 on and above it."""
+    diagonal = torch.eye(ratio.shape[-1], dtype=torch.bool, device=ratio.device)
+    return bc * ratio.masked_fill(diagonal, 0.0) * kk
+
+
+class _Recomputed(torch.autograd.Function):
+    """fn(*tensors) (a cheap elementwise chain) as one autograd node keeping only its inputs:
+    backward runs fn again on them and autograd's backward of the same ops, so values and
+    gradients are fn's through autograd bit for bit, without keeping its intermediates (for
+    `_erase_weights`: the strict ratio and β·ratio, two (T × T) float32 matrices a chunk; for
+    `_widened_product`: the float32 copy of v)."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn = fn
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        leaves = [t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True)]
+        with torch.enable_grad():
+            out = ctx.fn(*leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """(s ⊙ m) @ x for each x given, or (s ⊙ m)ᵀ @ x with `transpose`, as one autograd node
+    keeping s, m and the xs, not also s ⊙ m: backward forms s ⊙ m again (elementwise) and runs
+    the backward of the products and of the ⊙ as autograd does, the products' gradients with
+    respect to s ⊙ m added first, so values and gradients are the composition's."""
+
+    @staticmethod
+    def forward(ctx, s, m, transpose: bool, *xs):
+        ctx.transpose = transpose
+        ctx.save_for_backward(s, m, *xs)
+        a = s * m
+        at = a.transpose(-1, -2) if transpose else a
+        return tuple(at @ x for x in xs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        s, m, *xs = ctx.saved_tensors
+        need_s, need_m, _, *need_xs = ctx.needs_input_grad
+        a = s * m
+        at = a.transpose(-1, -2) if ctx.transpose else a
+        grad_xs = [at.transpose(-1, -2) @ g if need else None
+                   for g, need in zip(grads, need_xs, strict=True)]
+        grad_s = grad_m = None
+        if need_s or need_m:
+            grad_at = None
+            for g, x in zip(grads, xs, strict=True):
+                part = g @ x.transpose(-1, -2)
+                grad_at = part if grad_at is None else grad_at + part
+            grad_a = grad_at.transpose(-1, -2) if ctx.transpose else grad_at
+            grad_s = (grad_a * m).sum_to_size(s.shape) if need_s else None
+            grad_m = (grad_a * s).sum_to_size(m.shape) if need_m else None
+        return grad_s, grad_m, None, *grad_xs
+
+
+class _AffineScan(torch.autograd.Function):
+    """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (one batched multiply-add per
+    chunk) as one autograd node → the state entering every chunk (BH, M, Dk, Dv) and the
+    state after the last. Each entering state is kept once (autograd through the loop would keep
+    it by its multiply-add and again in the stack for the read-out). Backward runs the same
+    products in reverse (the gradient reaching a state from the next step and from the read-out
+    added as autograd adds them), so values and gradients are those of the loop."""
+
+    @staticmethod
+    def forward(ctx, step, push, w):
+        entering = []
+        for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
+            entering.append(w)
+            w = torch.baddbmm(push_c, step_c, w)
+        entering = torch.stack(entering, dim=1)
+        ctx.save_for_backward(step, entering)
+        return entering, w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_entering, grad_last):
+        step, entering = ctx.saved_tensors
+        need_step, need_push, need_w = ctx.needs_input_grad
+        grad_step, grad_push = [], []
+        d = grad_last
+        for c in range(step.shape[1] - 1, -1, -1):
+            grad_push.append(d)
+            if need_step:
+                grad_step.append(d.bmm(entering[:, c].transpose(1, 2)))
+            d = step[:, c].transpose(1, 2).bmm(d) + grad_entering[:, c]
+        return (torch.stack(grad_step[::-1], dim=1) if need_step else None,
+                torch.stack(grad_push[::-1], dim=1) if need_push else None,
+                d if need_w else None)

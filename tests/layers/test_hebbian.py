@@ -216,3 +216,152 @@ def test_the_backward_of_the_cpu_chunk_loop_selects_no_chunk():
         return sum(e.count for e in prof.key_averages() if e.key == "aten::select_backward")
 
     assert selections(16) == selections(64)
+
+
+def _phase2_layer(dtype=torch.float32):
+    """A small layer with phase2's default read-out (conv 4, unit q and k, mamba2 decay, the
+    output gate and norm, the delta rule with one plain head)."""
+    torch.manual_seed(5)
+    return DissipativeHebbian(d_model=16, n_heads=3, head_dim=8, chunk=8, conv=4, qk_norm="l2",
+                              decay="mamba2", out_gate=True, delta=True,
+                              plain_heads=1).to(dtype)
+
+
+def _previous_form(monkeypatch):
+    """The layer as composed before its saved-activation cuts: every projection casts x itself,
+    the output gate and the conv + SiLU by autograd op by op, the plain heads' q, k, v handed
+    over as strided head slices (the delta rule's own cuts: tests/ops/test_delta_rule.py)."""
+    import muse.layers.hebbian as hebbian
+    import muse.layers.short_conv as short_conv
+
+    monkeypatch.setattr(hebbian, "autocast_read", lambda t: t)
+    monkeypatch.setattr(hebbian, "gated_out", hebbian._gated_out)
+    monkeypatch.setattr(short_conv._ConvSiLU, "apply", short_conv._conv_silu)
+    monkeypatch.setattr(hebbian, "_contiguous", lambda t: t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_layer_equals_its_previous_form(dtype, monkeypatch):
+    """Output and the gradients of x and of every parameter bit for bit as the previous form:
+    in float64, and under bf16 autocast (float32 weights and x, as in training)."""
+    g = torch.Generator().manual_seed(6)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    x0 = torch.randn(2, 21, 16, generator=g, dtype=wide)
+    up = torch.randn(2, 21, 16, generator=g, dtype=torch.float64)
+    runs = []
+    for previous in (False, True):
+        if previous:
+            _previous_form(monkeypatch)
+        m = _phase2_layer(wide)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float64):
+            y = m(x * 1)  # a non-leaf, as the LayerNorm's output is
+        (y.double() * up).sum().backward()
+        runs.append([y, x.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _saved_storages(fn, *args):
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        fn(*args)
+    return list(kept.values())
+
+
+def test_the_projections_keep_one_bf16_copy_of_x(monkeypatch):
+    """qkv, β, Γ and the gate read x: under autocast backward keeps one bf16 copy of it, not
+    one a projection (the previous form kept four)."""
+    x = torch.randn(1, 24, 16).requires_grad_()
+    copy = x.detach().to(torch.bfloat16)
+
+    def copies():
+        kept = _saved_storages(_phase2_layer(), x * 1)
+        return sum(t.dtype == torch.bfloat16 and t.numel() == x.numel()
+                   and torch.equal(t.reshape(x.shape), copy) for t in kept)
+
+    assert copies() == 1
+    _previous_form(monkeypatch)
+    assert copies() == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_one_node_output_gate_equals_the_composition(dtype):
+    """gated_out against autograd through rms_normalize · gain · SiLU(g): output, ∂y, ∂gain,
+    ∂g bit for bit, in float64 and under bf16 autocast (y, g in bf16, the gain float32)."""
+    from muse.layers.hebbian import _gated_out, gated_out
+
+    g_ = torch.Generator().manual_seed(7)
+    y0 = torch.randn(2, 9, 3, 8, generator=g_, dtype=torch.float64).to(dtype) * 5
+    g0 = torch.randn(2, 9, 24, generator=g_, dtype=torch.float64).to(dtype)
+    gain0 = 1 + torch.randn(8, generator=g_, dtype=torch.float64) / 4
+    gain0 = gain0 if dtype == torch.float64 else gain0.float()
+    up = torch.randn(2, 9, 24, generator=g_, dtype=torch.float64)
+    runs = []
+    for fn in (gated_out, _gated_out):
+        leaves = [t.clone().requires_grad_() for t in (y0, gain0, g0)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float64):
+            out = fn(*leaves)
+        (out.double() * up).sum().backward()
+        runs.append([out, *(t.grad for t in leaves)])
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_output_gate_keeps_y_the_gain_and_g_only():
+    """Per token and head of D_h = 8 in bf16: y (16 bytes) and g (16), not also y's float32
+    copy (32), the normed y (16), the float32 product with the gain (32) and SiLU(g) (16)."""
+    from muse.layers.hebbian import _gated_out, gated_out
+
+    y = torch.randn(1, 10, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, 10, 24, dtype=torch.bfloat16, requires_grad=True)
+    gain = torch.ones(8, requires_grad=True)
+
+    def per_token(fn):  # the gain (32 bytes) is a weight: left out
+        kept = _saved_storages(fn, y, gain, g)
+        return (sum(t.untyped_storage().nbytes() for t in kept) - 32) / 10
+
+    assert per_token(gated_out) == 3 * 16 * 2
+    assert per_token(_gated_out) > 3 * (16 * 2 + 32 * 2 + 16)
+
+
+def test_the_plain_heads_keep_no_copies_of_q_k_v_of_their_own(monkeypatch):
+    """bf16 autocast, the plain head (D_h = 8): its q, k, v go to the chunked form laid out
+    once; as strided head slices, the batched products reading them made (and autograd kept)
+    contiguous copies of their own, three (N × D_h) bf16 copies more (3 · 8 · 2 bytes a
+    token)."""
+    import muse.layers.hebbian as hebbian
+
+    x = torch.randn(1, 64, 16).requires_grad_()
+
+    def per_token():
+        kept = _saved_storages(_phase2_layer(), x * 1)
+        return sum(t.untyped_storage().nbytes() for t in kept) / 64
+
+    now = per_token()
+    monkeypatch.setattr(hebbian, "_contiguous", lambda t: t)
+    assert per_token() - now == 3 * 8 * 2
+
+
+def test_the_delta_rule_keeps_v_as_the_projections_hold_it(monkeypatch):
+    """bf16 autocast: the delta heads' v is kept as the bf16 view of the projections (their
+    storage is kept by the q, k norms anyway), not as a float32 copy: N · 2 heads · 8 · 4
+    bytes fewer than with v handed over in float32."""
+    import muse.layers.hebbian as hebbian
+
+    x = torch.randn(1, 64, 16).requires_grad_()
+
+    def total():
+        return sum(t.untyped_storage().nbytes() for t in _saved_storages(_phase2_layer(), x * 1))
+
+    now = total()
+    rule = hebbian.delta_rule_chunked
+    monkeypatch.setattr(hebbian, "delta_rule_chunked", lambda q, k, v, *a, **kw: rule(
+        q, k, v.to(torch.float32, memory_format=torch.contiguous_format), *a, **kw))
+    assert total() - now == 64 * 2 * 8 * 4

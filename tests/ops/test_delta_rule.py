@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
 
 
@@ -85,3 +86,122 @@ def test_the_backward_of_the_chunk_loop_selects_no_chunk():
         return sum(e.count for e in prof.key_averages() if e.key == "aten::select_backward")
 
     assert selections(16) == selections(64)  # 4 chunks and 16: none per chunk
+
+
+def _projections(n, dtype, seed, b=2, h=3, d=8):
+    """q, k, v as the Hebbian layer hands them over: heads 1… of (B, N, H + 1, D) projections,
+    transposed to (B, H, N, D) views (strided, not contiguous), k of unit length."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, h + 1, 3, d, generator=g, dtype=torch.float64)
+    x = torch.cat((x[..., :1, :], F.normalize(x[..., 1:2, :], dim=-1), x[..., 2:, :]), dim=3)
+    log_decay = -torch.rand(b, h, n, generator=g, dtype=torch.float64) * 0.5
+    beta = torch.rand(b, h, n, generator=g, dtype=torch.float64)
+    up = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    wide = torch.promote_types(dtype, torch.float32)
+    return x.to(dtype), log_decay.to(wide), beta.to(wide), up
+
+
+def _previous_form(q, k, v, log_decay, beta, state=None, chunk=64):
+    """delta_rule_chunked before its saved-activation cuts (as of b88de6b): q, k, v cast keeping
+    their strides, then every step by autograd op by op."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        return _previous_chunked(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
+                                 None if state is None else state.to(acc), chunk)
+
+
+def _previous_chunked(q, k, v, log_decay, beta, state, chunk):
+    bsz, heads, n, dk = q.shape
+    dv = v.shape[-1]
+    m = -(-n // chunk)
+    pad = m * chunk - n
+    qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
+    bc = pad_time(beta, pad, 2).view(bsz, heads, m, chunk, 1)
+    b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
+    above = above_diagonal(chunk, q.device)
+    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
+    ratio = ratio.to(qc.dtype)  # γ_t/γ_j for j ≤ t, 0 above the diagonal
+    strict = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
+    a = bc * strict * (kc @ kc.transpose(-1, -2))
+    eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)
+    gamma = torch.exp(b)[..., None].to(qc.dtype)
+    rhs = torch.cat((bc * vc, bc * gamma * kc), dim=-1)
+    solved = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    u0, p = solved[..., :dv], solved[..., dv:]
+    scores = ratio * (qc @ kc.transpose(-1, -2))  # (B, H, M, T, T)
+    tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype) * kc  # k_j γ_T/γ_j
+    through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
+    # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks at
+    # once, so the sequential part is one batched multiply-add per chunk
+    eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
+    step = (through * eye_k - tail.transpose(-1, -2) @ p).flatten(0, 1)  # (BH, M, Dk, Dk)
+    push = (tail.transpose(-1, -2) @ u0).flatten(0, 1)  # (BH, M, Dk, Dv)
+    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
+    entering = []
+    # unbind, not step[:, c]: the backward of M selections would add M full-size zero tensors
+    for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
+        entering.append(w)
+        w = torch.baddbmm(push_c, step_c, w)
+    w0 = torch.stack(entering, dim=1).view(bsz, heads, m, dk, dv)
+    y = gamma * (qc @ w0) + scores @ (u0 - p @ w0)
+    return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n,chunk", [(37, 8), (64, 16)])
+@pytest.mark.parametrize("carried", [False, True])
+@pytest.mark.parametrize("values_only", [False, True])
+def test_chunked_equals_its_previous_form(dtype, n, chunk, carried, values_only):
+    """y, W and every gradient (q, k, v through the projections, log-decay, β, the carried W)
+    bit for bit as the previous form: in float64, and from bf16 projections (solved in
+    float32, as under autocast); with `values_only` the log-decays and β take no gradient."""
+    x0, ld0, beta0, up = _projections(n, dtype, seed=n + chunk)
+    s0 = torch.randn(2, 3, 8, 8, dtype=ld0.dtype) if carried else None
+    runs = []
+    for fn in (delta_rule_chunked, _previous_form):
+        x = x0.clone().requires_grad_()
+        ld, beta = (t.clone().requires_grad_(not values_only) for t in (ld0, beta0))
+        state = None if s0 is None else s0.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2)[:, 1:] for t in x.unbind(3))
+        y, w = fn(q, k, v, ld, beta, state=state, chunk=chunk)
+        ((y.double() * up).sum() + w.double().square().sum()).backward()
+        runs.append([y, w, x.grad] + ([] if values_only else [ld.grad, beta.grad])
+                    + ([] if s0 is None else [state.grad]))
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _saved_bytes(fn, *args, **kwargs):
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return sum(kept.values())
+
+
+def test_keeps_q_k_and_the_states_once_and_no_elementwise_products_of_its_inputs():
+    """From bf16 head views, N = 256, T = 64, D = 8, 3 heads: the previous form kept k in
+    float32 four times (its own cast and the products' contiguous copies of k and kᵀ), q twice,
+    and the strict ratio and β·ratio ((T × T) float32 each, per chunk) for A; now each once or
+    not at all, nor the scores (ratio ⊙ qkᵀ) and the tail keys (k_j γ_T/γ_j). Per token and
+    head that is 3·D·4 + D·4 + 2·T·4 + T·4 + D·4 = 928 bytes fewer, the diagonal mask (T × T
+    bools) is no longer kept, and the state entering each chunk ((D × D) float32) is kept
+    once, not twice. v is kept as the bf16 view it comes in, not as a float32 copy (N·H·D·4
+    bytes): its storage, the projections (N·(H + 1)·3·D·2 bytes), counts here, where nothing
+    else keeps it; in the layer the q, k norms keep it anyway."""
+    n, t, d, h = 256, 64, 8, 3
+    x, ld, beta, _ = _projections(n, torch.bfloat16, seed=1, b=1, h=h, d=d)
+    x.requires_grad_()
+    ld.requires_grad_()
+    beta.requires_grad_()
+    q, k, v = (u.transpose(1, 2)[:, 1:] for u in x.unbind(3))
+    now = _saved_bytes(delta_rule_chunked, q, k, v, ld, beta, chunk=t)
+    before = _saved_bytes(_previous_form, q, k, v, ld, beta, chunk=t)
+    per_token_and_head = 3 * d * 4 + d * 4 + 2 * t * 4 + t * 4 + d * 4
+    v_kept = n * h * d * 4 - n * (h + 1) * 3 * d * 2
+    assert before - now == (per_token_and_head * n * h + t * t + (n // t) * h * d * d * 4
+                            + v_kept)

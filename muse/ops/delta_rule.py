@@ -57,9 +57,10 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64):
                         None if state is None else state.to(acc), chunk)
 
 
-def _chunked(q, k, v, log_decay, beta, state, chunk):
-    bsz, heads, n, dk = q.shape
-    dv = v.shape[-1]
+def chunk_layout(q, k, v, log_decay, beta, chunk):
+    """The inputs in chunks of T: (qc, kc, vc (B, H, M, T, D), β (B, H, M, T, 1), b the
+    cumulative log-decays (B, H, M, T), ratio γ_t/γ_j for j ≤ t and 0 above (B, H, M, T, T))."""
+    bsz, heads, n, _ = q.shape
     m = -(-n // chunk)
     pad = m * chunk - n
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
@@ -67,7 +68,14 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
     above = above_diagonal(chunk, q.device)
     ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
-    ratio = ratio.to(qc.dtype)  # γ_t/γ_j for j ≤ t, 0 above the diagonal
+    return qc, kc, vc, bc, b, ratio.to(qc.dtype)
+
+
+def _chunked(q, k, v, log_decay, beta, state, chunk):
+    bsz, heads, n, dk = q.shape
+    dv = v.shape[-1]
+    m = -(-n // chunk)
+    qc, kc, vc, bc, b, ratio = chunk_layout(q, k, v, log_decay, beta, chunk)
     a = _Recomputed.apply(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2))
     eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)
     gamma = torch.exp(b)[..., None].to(qc.dtype)

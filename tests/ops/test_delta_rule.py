@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
-from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
+from muse.ops.delta_rule import chunk_layout, delta_rule_chunked, delta_rule_naive
 
 
 def inputs(n, seed=0, b=2, h=3, dk=4, dv=5):
@@ -114,13 +113,8 @@ def _previous_chunked(q, k, v, log_decay, beta, state, chunk):
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
     m = -(-n // chunk)
-    pad = m * chunk - n
-    qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
-    bc = pad_time(beta, pad, 2).view(bsz, heads, m, chunk, 1)
-    b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
-    above = above_diagonal(chunk, q.device)
-    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
-    ratio = ratio.to(qc.dtype)  # γ_t/γ_j for j ≤ t, 0 above the diagonal
+    # the layout is unchanged: what follows it is the previous form
+    qc, kc, vc, bc, b, ratio = chunk_layout(q, k, v, log_decay, beta, chunk)
     strict = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
     a = bc * strict * (kc @ kc.transpose(-1, -2))
     eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)

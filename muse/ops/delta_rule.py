@@ -20,6 +20,7 @@ overflows.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
@@ -76,10 +77,15 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     dv = v.shape[-1]
     m = -(-n // chunk)
     qc, kc, vc, bc, b, ratio = chunk_layout(q, k, v, log_decay, beta, chunk)
-    a = _Recomputed.apply(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2))
+    # elementwise chains formed again in backward: their (T × T) and float32 intermediates
+    # are not kept
+    a = checkpoint(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2),
+                   use_reentrant=False, preserve_rng_state=False)
     eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)
     gamma = torch.exp(b)[..., None].to(qc.dtype)
-    rhs = torch.cat((_Recomputed.apply(_widened_product, bc, vc), bc * gamma * kc), dim=-1)
+    rhs = torch.cat((checkpoint(_widened_product, bc, vc, use_reentrant=False,
+                                preserve_rng_state=False),
+                     bc * gamma * kc), dim=-1)
     solved = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
     u0, p = solved[..., :dv], solved[..., dv:]
     qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
@@ -108,31 +114,6 @@ def _erase_weights(bc, ratio, kk):
     """A_tj = β_t (γ_t/γ_j) k_t·k_j below the diagonal, 0 on and above it."""
     diagonal = torch.eye(ratio.shape[-1], dtype=torch.bool, device=ratio.device)
     return bc * ratio.masked_fill(diagonal, 0.0) * kk
-
-
-class _Recomputed(torch.autograd.Function):
-    """fn(*tensors) (a cheap elementwise chain) as one autograd node keeping only its inputs:
-    backward runs fn again on them and autograd's backward of the same ops, so values and
-    gradients are fn's through autograd bit for bit, without keeping its intermediates (for
-    `_erase_weights`: the strict ratio and β·ratio, two (T × T) float32 matrices a chunk; for
-    `_widened_product`: the float32 copy of v)."""
-
-    @staticmethod
-    def forward(ctx, fn, *tensors):
-        ctx.fn = fn
-        ctx.save_for_backward(*tensors)
-        return fn(*tensors)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        leaves = [t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True)]
-        with torch.enable_grad():
-            out = ctx.fn(*leaves)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
 
 
 class _ScaledProduct(torch.autograd.Function):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from muse.layers.cast import autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
@@ -154,40 +155,12 @@ def _gated_out(y, gain, g):
     return (rms_normalize(y) * gain).reshape(*g.shape) * F.silu(g)
 
 
-class _GatedOut(torch.autograd.Function):
-    """`_gated_out` as one autograd node keeping only y, the gain and g: through autograd the
-    chain keeps a float32 copy of y for the norm, the normed y, the float32 product with the
-    gain, SiLU(g) and g. Backward forms the chain again from those three (elementwise work and
-    a mean over D_h) and runs autograd's backward of the same ops on it, so values and gradients
-    are the plain composition's bit for bit, under autocast too (its state is restored)."""
-
-    @staticmethod
-    def forward(ctx, y, gain, g):
-        ctx.save_for_backward(y, gain, g)
-        device = y.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device),
-                        torch.get_autocast_dtype(device))
-        return _gated_out(y, gain, g)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(need)
-                  for t, need in zip(saved, ctx.needs_input_grad[:3], strict=True)]
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            out = _gated_out(*leaves)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return tuple(next(grads) if t.requires_grad else None for t in leaves)
-
-
 def gated_out(y: torch.Tensor, gain: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """rms_normalize(y) · gain · SiLU(g), (B, N, H·D_h), with the values and gradients of that
-    composition; while grad is on, one node that keeps y, gain and g only (see _GatedOut)."""
+    composition; while grad is on it keeps y, gain and g only and forms the chain again in
+    backward (elementwise and a mean over D_h), not its float32 copies and products."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, gain, g)):
-        return _GatedOut.apply(y, gain, g)
+        return checkpoint(_gated_out, y, gain, g, use_reentrant=False, preserve_rng_state=False)
     return _gated_out(y, gain, g)
 
 

@@ -7,31 +7,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
-class _ConvSiLU(torch.autograd.Function):
-    """SiLU(depthwise conv1d(padded, weight)) as one autograd node that keeps only its inputs:
-    backward forms the conv's output again (K multiply-adds an element) instead of keeping it,
-    and runs the same ops' backward on it, so values and gradients are those of autograd
-    through conv1d then SiLU, bit for bit. `padded` and `weight` come in the dtype the conv
-    runs in (the autocast casts are made by the caller, as autograd nodes of their own)."""
-
-    @staticmethod
-    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(padded, weight)
-        return _conv_silu(padded, weight)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        padded, weight = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(need)
-                  for t, need in zip((padded, weight), ctx.needs_input_grad[:2], strict=True)]
-        with torch.enable_grad(), torch.autocast(padded.device.type, enabled=False):
-            y = _conv_silu(*leaves)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
-        return tuple(next(grads) if t.requires_grad else None for t in leaves)
+def conv_silu(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`_conv_silu` keeping only its inputs for backward while grad is on."""
+    if torch.is_grad_enabled() and (padded.requires_grad or weight.requires_grad):
+        return checkpoint(_conv_silu, padded, weight, use_reentrant=False,
+                          preserve_rng_state=False)
+    return _conv_silu(padded, weight)
 
 
 def _conv_silu(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -63,8 +47,9 @@ class ShortConv(nn.Module):
         else:
             padded = torch.cat((tail.to(x.dtype), x), dim=1)
         if self.activation:
-            # one node keeping the conv's input only, not also its output for SiLU's backward
-            y = _ConvSiLU.apply(*_conv_operands(padded.transpose(1, 2), self.conv.weight))
+            # the conv's output formed again in backward (K multiply-adds an element), not kept
+            # for SiLU's backward
+            y = conv_silu(*_conv_operands(padded.transpose(1, 2), self.conv.weight))
             y = y.transpose(1, 2)
         else:
             y = self.conv(padded.transpose(1, 2)).transpose(1, 2)

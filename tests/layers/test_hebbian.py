@@ -236,7 +236,7 @@ def _previous_form(monkeypatch):
 
     monkeypatch.setattr(hebbian, "autocast_read", lambda t: t)
     monkeypatch.setattr(hebbian, "gated_out", hebbian._gated_out)
-    monkeypatch.setattr(short_conv._ConvSiLU, "apply", short_conv._conv_silu)
+    monkeypatch.setattr(short_conv, "conv_silu", short_conv._conv_silu)
     monkeypatch.setattr(hebbian, "_contiguous", lambda t: t)
 
 

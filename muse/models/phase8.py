@@ -138,10 +138,14 @@ for _name, _d_ff in (("tiny", 224), ("small", 896), ("base", 1792)):
     # one head as wide as all of them: the same parameters, an H× larger state for recall
     _width = PRESETS[_name]["n_heads"] * PRESETS[_name]["head_dim"]
     PRESETS[f"{_name}-wide"] = {**PRESETS[_name], "n_heads": 1, "head_dim": _width}
+# the gated decay (QUALITY.md item 3) on the default and the wide block, named so a gate can run it
+for _name in ("tiny", "small", "base"):
+    for _block in (_name, f"{_name}-wide"):
+        PRESETS[f"{_block}-decay"] = {**PRESETS[_block], "decay": "mamba2"}
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:
-    return preset.removesuffix("-linear").removesuffix("-wide")
+    return preset.removesuffix("-decay").removesuffix("-linear").removesuffix("-wide")
 
 
 register(Family("phase8", Phase8Config, Phase8LM, PRESETS, "small", _same_preset))

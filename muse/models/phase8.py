@@ -142,10 +142,13 @@ for _name, _d_ff in (("tiny", 224), ("small", 896), ("base", 1792)):
 for _name in ("tiny", "small", "base"):
     for _block in (_name, f"{_name}-wide"):
         PRESETS[f"{_block}-decay"] = {**PRESETS[_block], "decay": "mamba2"}
+        # slow heads start with memories of ~10⁵ tokens, so a gradient reaches 65,536 back
+        PRESETS[f"{_block}-decay-long"] = {**PRESETS[f"{_block}-decay"],
+                                           "decay_dt_range": (1e-5, 0.1)}
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:
-    return preset.removesuffix("-decay").removesuffix("-linear").removesuffix("-wide")
+    return preset.removesuffix("-long").removesuffix("-decay").removesuffix("-linear").removesuffix("-wide")
 
 
 register(Family("phase8", Phase8Config, Phase8LM, PRESETS, "small", _same_preset))

@@ -41,6 +41,8 @@ def autocast_read(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
         return x
     dtype = torch.get_autocast_dtype(device)
+    if x.is_inference():  # no version counter to tell a stale copy by, and nothing kept for backward
+        return x.to(dtype)
     entry = _CASTS.get(x)
     if entry is None or entry[0] != x._version or entry[1].dtype != dtype:
         entry = (x._version, x.detach().to(dtype))

@@ -82,3 +82,12 @@ def test_backward_keeps_one_bf16_copy_for_all_readers():
             _forward(layers, leaf * 1, shared)
         per_token.append(sum(kept.values()) / (n * d))
     assert per_token == [2, 6]
+
+
+def test_inference_tensors_are_cast_without_the_shared_copy():
+    """Inference tensors carry no version counter: each read is autocast's own cast."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(3, 16)
+        first, second = autocast_read(x), autocast_read(x)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, x.to(torch.bfloat16))
+    assert torch.equal(first, second)

@@ -29,3 +29,13 @@ def test_a_recurrent_state_keeps_its_size_and_a_kv_cache_grows_per_token():
         # keys and values of every prompt token in every layer, float32
         expected = 2 * cfg.n_layers * cfg.d_model * n * 4
         assert measure_decode(tf, n, 2, CPU, torch.float32, segment=32).state_bytes == expected
+
+
+def test_every_family_decodes_under_low_precision_autocast():
+    """The bench decodes in inference mode under autocast: the shared autocast copies
+    (layers.cast) and every family's streaming path have to run there."""
+    for name in models.default_names():  # the fla peers do not stream
+        torch.manual_seed(0)
+        model = models.build(name, "tiny")
+        stats = measure_decode(model, 40, 2, CPU, torch.bfloat16, segment=16)
+        assert stats.new_tokens == 2 and stats.state_bytes > 0, name

@@ -31,9 +31,12 @@ def _needs_cuda(ids: torch.Tensor) -> None:
 
 
 def capture(fn: Callable[[], object], device: torch.device, what: str,
-            reset: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, object]:
-    """`fn` run `WARMUP` times on a side stream, then captured once: the graph and what the
-    captured call returned (its tensors live in the graph's pool). `reset` runs before each call;
+            reset: Callable[[], None] = lambda: None
+            ) -> tuple[torch.cuda.CUDAGraph, object, int]:
+    """`fn` run `WARMUP` times on a side stream, then captured once: the graph, what the
+    captured call returned (its tensors live in the graph's pool) and the peak allocated bytes
+    while capturing. A replay allocates nothing: the pool holds, for the graph's life, what
+    capture allocated, so that peak is the replayed workload's. `reset` runs before each call;
     `what` names the workload in a `GraphCaptureError`."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -43,6 +46,8 @@ def capture(fn: Callable[[], object], device: torch.device, what: str,
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     reset()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
@@ -50,7 +55,7 @@ def capture(fn: Callable[[], object], device: torch.device, what: str,
     except RuntimeError as exc:
         raise GraphCaptureError(f"{what} cannot be captured in a CUDA graph: "
                                 f"{str(exc).splitlines()[0]}") from exc
-    return graph, out
+    return graph, out, int(torch.cuda.max_memory_allocated(device))
 
 
 class GraphedForward:
@@ -60,8 +65,8 @@ class GraphedForward:
     def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: torch.dtype):
         _needs_cuda(ids)
         self.model, self.ids = model, ids  # the graph reads their memory: they outlive it here
-        self.graph, self.logits = capture(forward_fn(model, ids, dtype), ids.device,
-                                          f"{type(model).__name__}'s forward")
+        self.graph, self.logits, self.capture_peak_bytes = capture(
+            forward_fn(model, ids, dtype), ids.device, f"{type(model).__name__}'s forward")
 
     def __call__(self) -> None:
         self.graph.replay()
@@ -83,7 +88,7 @@ class GraphedTrainStep:
                                            capturable=True)
         # set_to_none before the capture too: backward inside it allocates the gradients in the
         # graph's pool, and each replay writes them afresh
-        self.graph, self.last_loss = capture(
+        self.graph, self.last_loss, self.capture_peak_bytes = capture(
             self._step, ids.device, f"{type(model).__name__}'s training step",
             reset=lambda: self.optimizer.zero_grad(set_to_none=True))
 

@@ -81,3 +81,14 @@ def test_a_replayed_forward_gives_the_eager_forwards_logits(name):
         graphed.logits.zero_()  # a replay must write them afresh
     graphed()
     torch.testing.assert_close(graphed.logits, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@on_cuda
+def test_the_capture_peak_holds_what_the_step_allocates():
+    """A replay allocates nothing, so the step's footprint is what capture allocated: at least
+    the float32 logits the full loss keeps for backward."""
+    model, ids = tiny_on_cuda("transformer", 4)
+    graphed = GraphedTrainStep(model, ids, torch.float32, lr=1e-3)
+    logits_bytes = ids.numel() * model.config.vocab_size * 4
+    assert graphed.capture_peak_bytes >= logits_bytes

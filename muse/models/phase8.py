@@ -6,7 +6,9 @@ Block: x → LN → causal linear attention φ(q)ᵀ(Σ φ(k) vᵀ) / φ(q)·Σ 
 The mixer keeps the specified feature map and normaliser; around it sit the read-out pieces
 that made the MUSE mixers learn (reports/quality): a short causal conv on q, k, v (`conv`), a
 per-head RMSNorm with a gain times SiLU(W_g x) on the output (`out_gate`), GPT-2 init (`init`).
-Neither changes what is mixed across tokens: that stays causal linear attention. `local_window`
+None changes what is mixed across tokens. By default S and z also decay per head at a rate the
+input chooses (`decay`, Mamba2's parameterisation: gated linear attention, QUALITY.md item 3;
+the `-plain` presets leave it out). `local_window`
 adds exact softmax attention over the last w tokens as a sublayer of its own (64 by default,
 what the en-prose gate rewarded; the `-linear` presets leave it out).
 
@@ -45,10 +47,11 @@ class Phase8Config(FFNConfig):
     out_gate: bool = True  # per-head RMSNorm with a gain × SiLU(W_g x) on the read-out
     chunk: int = 64  # tokens per chunk of the chunked form
     # "mamba2": S and z decay per head by a_t chosen by the input (a gated decay, beyond
-    # DESIGN §3.6's plain linear attention; off by default), softplus(b) log-uniform in
-    # decay_dt_range at init
-    decay: str = "none"
-    decay_dt_range: tuple[float, float] = (1e-3, 0.1)
+    # DESIGN §3.6's plain linear attention; "none": without it), softplus(b) log-uniform in
+    # decay_dt_range at init: from 1e-5, so the slowest heads start with memories of ~10⁵ tokens
+    # and a gradient reaches 65,536 tokens back
+    decay: str = "mamba2"
+    decay_dt_range: tuple[float, float] = (1e-5, 0.1)
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
@@ -126,29 +129,34 @@ class Phase8LM(StreamingLM):
 
 # the transformer's shapes (heads of 64 as its heads are D / H), d_ff cut to pay for the window:
 # within 2% of the transformer preset of the same name at 50257 and 8192 tokens
-# (tests/models/test_phase8.py). "-linear" is linear attention alone (d_ff 3.5·D), the block the
-# first gate judged (reports/README.md).
-PRESETS = {
+# (tests/models/test_phase8.py). The bare presets carry the config's gated decay; "-plain" is
+# DESIGN §3.6's block without it, "-linear" that block without the window either (d_ff 3.5·D,
+# the block the first gate judged), "-wide" the plain block with one head as wide as all (the
+# same parameters, an H× larger state), "-decay" and "-wide-decay" the decay as first gated, its
+# slowest heads starting at memories of ~10³ tokens (reports/quality/README.md).
+_SHAPES = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=160, local_head_dim=16),
     "small": dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=640),
     "base": dict(d_model=512, n_layers=6, n_heads=8, head_dim=64, d_ff=1536),
 }
+PRESETS = {}
 for _name, _d_ff in (("tiny", 224), ("small", 896), ("base", 1792)):
-    PRESETS[f"{_name}-linear"] = {**PRESETS[_name], "local_window": 0, "d_ff": _d_ff}
-    # one head as wide as all of them: the same parameters, an H× larger state for recall
-    _width = PRESETS[_name]["n_heads"] * PRESETS[_name]["head_dim"]
-    PRESETS[f"{_name}-wide"] = {**PRESETS[_name], "n_heads": 1, "head_dim": _width}
-# the gated decay (QUALITY.md item 3) on the default and the wide block, named so a gate can run it
-for _name in ("tiny", "small", "base"):
-    for _block in (_name, f"{_name}-wide"):
-        PRESETS[f"{_block}-decay"] = {**PRESETS[_block], "decay": "mamba2"}
-        # slow heads start with memories of ~10⁵ tokens, so a gradient reaches 65,536 back
-        PRESETS[f"{_block}-decay-long"] = {**PRESETS[f"{_block}-decay"],
-                                           "decay_dt_range": (1e-5, 0.1)}
+    _plain = {**_SHAPES[_name], "decay": "none"}
+    _width = _plain["n_heads"] * _plain["head_dim"]
+    _wide = {**_plain, "n_heads": 1, "head_dim": _width}
+    _first_decay = {"decay": "mamba2", "decay_dt_range": (1e-3, 0.1)}
+    PRESETS.update({
+        _name: dict(_SHAPES[_name]),
+        f"{_name}-plain": _plain,
+        f"{_name}-linear": {**_plain, "local_window": 0, "d_ff": _d_ff},
+        f"{_name}-wide": _wide,
+        f"{_name}-decay": {**_plain, **_first_decay},
+        f"{_name}-wide-decay": {**_wide, **_first_decay},
+    })
 
 
 def _same_preset(preset: str, vocab_size: int) -> str:
-    return preset.removesuffix("-long").removesuffix("-decay").removesuffix("-linear").removesuffix("-wide")
+    return preset.split("-")[0]
 
 
 register(Family("phase8", Phase8Config, Phase8LM, PRESETS, "small", _same_preset))

@@ -31,13 +31,13 @@ def test_bad_config_names_the_value(overrides, match):
 
 
 
-def test_a_decay_is_opt_in_and_streams_exactly():
+def test_the_default_decays_the_plain_presets_do_not_and_it_streams_exactly():
     import torch
 
-    assert models.build("phase8", "tiny", vocab_size=97).blocks[0].attn.gamma is None
+    assert models.build("phase8", "tiny-plain", vocab_size=97).blocks[0].attn.gamma is None
     torch.manual_seed(0)
-    m = models.build("phase8", "tiny", vocab_size=97, decay="mamba2").double().eval()
-    assert m.blocks[0].attn.gamma is not None
+    m = models.build("phase8", "tiny", vocab_size=97).double().eval()
+    assert m.blocks[0].attn.gamma is not None and m.config.decay_dt_range == (1e-5, 0.1)
     ids = torch.randint(0, 97, (2, 45))
     whole = m(ids)
     state = m.init_state(2)

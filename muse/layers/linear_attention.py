@@ -166,11 +166,14 @@ class CausalLinearAttention(nn.Module):
     `conv` a short causal conv + SiLU on q, k, v before φ (kernel size, 0 = none);
     `out_gate` each head's output RMS-normalised with a gain, times SiLU(W_g x). `decay`
     "mamba2" forgets: S and z decay by a_t = exp(−A·softplus(w·x_t + b)) per head, softplus(b)
-    log-uniform in `dt_range` at init (QUALITY.md's gated decay; "none": no decay)."""
+    log-uniform in `dt_range` at init (QUALITY.md's gated decay; "none": no decay), except on
+    the first `plain_heads` heads, which keep everything written (a memory as long as the input,
+    beside heads that forget)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, chunk: int = 64,
                  backend: str = "auto", conv: int = 4, out_gate: bool = True,
-                 decay: str = "none", dt_range: tuple[float, float] = (1e-3, 0.1)):
+                 decay: str = "none", dt_range: tuple[float, float] = (1e-3, 0.1),
+                 plain_heads: int = 0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"linear attention backend must be one of {BACKENDS}, "
@@ -182,7 +185,14 @@ class CausalLinearAttention(nn.Module):
         if decay != "none" and backend == "fla":
             raise ValueError("linear attention backend 'fla' runs without a decay; a decay runs "
                              "on backend 'torch' or 'auto'")
+        if not 0 <= plain_heads < n_heads:
+            raise ValueError(f"linear attention plain_heads must be in [0, n_heads − 1 = "
+                             f"{n_heads - 1}], got {plain_heads}")
+        if plain_heads and decay == "none":
+            raise ValueError(f"linear attention plain_heads ({plain_heads}) keeps heads out of "
+                             f"a decay: it needs decay 'mamba2', got {decay!r}")
         self.gamma = nn.Linear(d_model, n_heads) if decay != "none" else None
+        self.plain_heads = plain_heads
         if self.gamma is not None:
             with torch.no_grad():
                 self.gamma.bias.copy_(mamba2_bias(n_heads, dt_range))
@@ -218,7 +228,10 @@ class CausalLinearAttention(nn.Module):
         """log a_t per head, (B, H, N), in float32 at least."""
         gate = self.gamma(x)
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
-        return (-torch.exp(self.a_log.float()) * F.softplus(gate)).transpose(1, 2)
+        rate = torch.exp(self.a_log.float())
+        if self.plain_heads:
+            rate = torch.cat((rate.new_zeros(self.plain_heads), rate[self.plain_heads:]))
+        return (-rate * F.softplus(gate)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         """x (B, N, D) → y; with `state` (from `init_state`), (y, the state after x)."""

@@ -52,6 +52,7 @@ class Phase8Config(FFNConfig):
     # and a gradient reaches 65,536 tokens back
     decay: str = "mamba2"
     decay_dt_range: tuple[float, float] = (1e-5, 0.1)
+    decay_plain_heads: int = 0  # the first h heads keep all they write (layers.linear_attention)
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
@@ -71,7 +72,12 @@ class Phase8Config(FFNConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
-        self.require_nonnegative_ints("conv", "local_window")
+        self.require_nonnegative_ints("conv", "local_window", "decay_plain_heads")
+        if self.decay_plain_heads and not (self.decay != "none"
+                                           and self.decay_plain_heads < self.n_heads):
+            raise ValueError(f"decay_plain_heads ({self.decay_plain_heads}) needs decay 'mamba2' "
+                             f"and fewer than n_heads ({self.n_heads}) heads, got decay "
+                             f"{self.decay!r}")
         self.require_positive_ints("local_heads", "local_head_dim")
 
 
@@ -84,6 +90,7 @@ class Phase8Block(nn.Module):
             d_model=d, n_heads=config.n_heads, head_dim=config.head_dim, chunk=config.chunk,
             backend=config.backend, conv=config.conv, out_gate=config.out_gate,
             decay=config.decay, dt_range=tuple(config.decay_dt_range),
+            plain_heads=config.decay_plain_heads,
         )
         window = config.local_window
         self.ln_local = nn.LayerNorm(d) if window else None
@@ -133,7 +140,8 @@ class Phase8LM(StreamingLM):
 # DESIGN §3.6's block without it, "-linear" that block without the window either (d_ff 3.5·D,
 # the block the first gate judged), "-wide" the plain block with one head as wide as all (the
 # same parameters, an H× larger state), "-decay" and "-wide-decay" the decay as first gated, its
-# slowest heads starting at memories of ~10³ tokens (reports/quality/README.md).
+# slowest heads starting at memories of ~10³ tokens (reports/quality/README.md), "-plainhead"
+# that decay with one head that keeps everything instead.
 _SHAPES = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=160, local_head_dim=16),
     "small": dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=640),
@@ -152,6 +160,7 @@ for _name, _d_ff in (("tiny", 224), ("small", 896), ("base", 1792)):
         f"{_name}-wide": _wide,
         f"{_name}-decay": {**_plain, **_first_decay},
         f"{_name}-wide-decay": {**_wide, **_first_decay},
+        f"{_name}-plainhead": {**_SHAPES[_name], **_first_decay, "decay_plain_heads": 1},
     })
 
 

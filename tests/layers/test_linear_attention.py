@@ -173,8 +173,27 @@ def test_module_with_a_decay_streams_exactly_and_starts_at_mamba2s_rates():
     torch.testing.assert_close(rates, torch.tensor([1e-4, 0.1], dtype=torch.float64))
 
 
+def test_plain_heads_keep_everything_and_the_rest_decay_as_before():
+    """Head 0 of 3 with plain_heads=1 never decays (log a = 0 exactly, where the decayed form is
+    plain linear attention: the test above); heads 1 and 2 decay as without the option; the
+    layer still streams exactly."""
+    torch.manual_seed(0)
+    kw = dict(d_model=16, n_heads=3, head_dim=8, chunk=8, decay="mamba2")
+    mixed = CausalLinearAttention(plain_heads=1, **kw).double()
+    decayed = CausalLinearAttention(**kw).double()
+    decayed.load_state_dict(mixed.state_dict())
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    log_a = mixed.log_decay(x)
+    assert torch.equal(log_a[:, 0], torch.zeros_like(log_a[:, 0]))
+    torch.testing.assert_close(log_a[:, 1:], decayed.log_decay(x)[:, 1:], rtol=0, atol=0)
+    streamed, whole, _ = streamed_and_whole(mixed)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=TOL)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(decay="gla"), "decay must be one of"),
+    (dict(decay="mamba2", plain_heads=2), r"plain_heads must be in \[0, n_heads − 1 = 1\]"),
+    (dict(plain_heads=1), "needs decay 'mamba2'"),
     (dict(decay="mamba2", backend="fla"), "runs without a decay"),
     (dict(decay="mamba2", dt_range=(0.1, 1e-3)), "dt_range must be 0 < low"),
 ])

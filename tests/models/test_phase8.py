@@ -23,6 +23,10 @@ def test_plain_linear_attention_has_no_conv_and_no_gate():
     ({"local_window": 8, "local_heads": 0}, "local_heads must be a positive integer"),
     ({"decay": "retnet"}, "decay must be one of"),
     ({"decay": "mamba2", "decay_dt_range": [0.1, 0.0]}, "dt_range must be 0 < low"),
+    ({"decay_plain_heads": 2}, r"decay_plain_heads \(2\) needs decay 'mamba2' and fewer than "
+                               r"n_heads \(2\)"),
+    ({"decay": "none", "decay_plain_heads": 1}, "got decay 'none'"),
+    ({"decay_plain_heads": -1}, "decay_plain_heads must be an integer ≥ 0"),
 ])
 def test_bad_config_names_the_value(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -46,7 +46,8 @@ case $mode in
           --results "$OUT/results" \
           -p no:cacheprovider "$@" 2>&1 | tail -40 | tee "$OUT/gate.txt" ;;
   mqar) python3 scripts/mqar.py --device cuda --out "$OUT/mqar" "$@" 2>&1 | tee "$OUT/mqar.txt" ;;
-  fla) python3 -m pytest -m gpu tests/layers/test_hebbian_cuda.py tests/models/test_fla_peers.py \
+  fla) python3 -m pytest -m gpu tests/layers/test_hebbian_cuda.py \
+         tests/layers/test_linear_attention_cuda.py tests/models/test_fla_peers.py \
          -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/fla-tests.txt"
        python3 scripts/fla_smoke.py 2>&1 | tee "$OUT/fla.txt" ;;
   *) echo "mode must be screen, screens, gate, mqar or fla, got '$mode'" >&2; exit 2 ;;

@@ -17,9 +17,11 @@ one more value column. `linear_attention_naive` is the per-token definition the 
 
 Backends: "torch" is the chunked form and runs everywhere; "fla" runs the numerator through
 flash-linear-attention's `chunk_simple_gla` (CUDA, Triton) and the normaliser as a cumulative
-sum here (fla's own normalisation ignores a carried state). "auto" is "torch" until the fla
-path has been checked against it on a GPU (tests/layers/test_linear_attention.py has no CUDA
-run yet); asking for "fla" where it cannot run is an error.
+sum here (fla's own normalisation ignores a carried state); with a decay, the normaliser as a
+value column through the same kernel. "auto" is "torch": fla 0.6 refuses its backward on
+Hopper with Triton < 3.7.1 (fla #640), and its paths are checked against float64 only where
+it runs (tests/layers/test_linear_attention_cuda.py); asking for "fla" where it cannot run is
+an error.
 """
 
 from __future__ import annotations
@@ -124,10 +126,28 @@ def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
     return out, (w[..., :dv], w[..., dv])
 
 
-def linear_attention_fla(q, k, v, state=None, eps: float = EPS):
-    """The chunked contract with fla's kernel for the numerator, in (B, H, N, D) layout."""
+def linear_attention_fla(q, k, v, state=None, eps: float = EPS, log_decay=None):
+    """The chunked contract with fla's simple-GLA kernel, in (B, H, N, D) layout; with
+    `log_decay` (B, H, N) the decayed form's, the normaliser a value column of ones as there.
+    The kernel keeps only q, k, v and the decays for backward."""
     from fla.ops.simple_gla import chunk_simple_gla
 
+    if log_decay is not None:
+        if q.dtype == torch.float16:  # a slow head's sums pass fp16's range (see the torch form)
+            out, state = linear_attention_fla(q.float(), k.float(), v.float(), state, eps,
+                                              log_decay.float())
+            return out.to(v.dtype), state
+        dv = v.shape[-1]
+        v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
+        w0 = None if state is None else torch.cat((state[0], state[1][..., None]), -1).float()
+        y, w = chunk_simple_gla(
+            q.transpose(1, 2), k.transpose(1, 2), v1.transpose(1, 2),
+            g=log_decay.float().transpose(1, 2), scale=1.0, initial_state=w0,
+            output_final_state=True,
+        )
+        y = y.transpose(1, 2).float()
+        out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
+        return out, (w[..., :dv], w[..., dv])
     acc = torch.promote_types(q.dtype, torch.float32)
     s0, z0 = (None, None) if state is None else state
     num, s = chunk_simple_gla(
@@ -182,9 +202,6 @@ class CausalLinearAttention(nn.Module):
             raise ValueError(f"conv must be ≥ 0 (0: none), got {conv}")
         if decay not in DECAYS:
             raise ValueError(f"linear attention decay must be one of {DECAYS}, got {decay!r}")
-        if decay != "none" and backend == "fla":
-            raise ValueError("linear attention backend 'fla' runs without a decay; a decay runs "
-                             "on backend 'torch' or 'auto'")
         if not 0 <= plain_heads < n_heads:
             raise ValueError(f"linear attention plain_heads must be in [0, n_heads − 1 = "
                              f"{n_heads - 1}], got {plain_heads}")
@@ -247,11 +264,12 @@ class CausalLinearAttention(nn.Module):
         q, k = elu_feature(q), elu_feature(k)
         carried = None if state is None else (state["s"], state["z"])
         self.ran_backend = resolve_backend(self.backend, x.device)
-        if self.gamma is not None:
+        if self.ran_backend == "fla":
+            y, (s, z) = linear_attention_fla(
+                q, k, v, carried, log_decay=None if self.gamma is None else self.log_decay(x))
+        elif self.gamma is not None:
             y, (s, z) = decayed_linear_attention(q, k, v, self.log_decay(x), carried,
                                                  chunk=self.chunk)
-        elif self.ran_backend == "fla":
-            y, (s, z) = linear_attention_fla(q, k, v, carried)
         else:
             y, (s, z) = linear_attention_chunked(q, k, v, carried, chunk=self.chunk)
         y = y.transpose(1, 2)  # (B, N, H, Dh)

@@ -14,8 +14,8 @@ what the en-prose gate rewarded; the `-linear` presets leave it out).
 
 Streaming: `init_state(B)` and `forward(ids, state)` carry each block's S (Dk × Dv), z (Dk), conv
 tail and window keys and values across segments, exactly. `backend` picks the kernel: "torch"
-(chunked, anywhere), "fla" (CUDA with flash-linear-attention), "auto" (fla where it runs, else
-torch); the backend a forward ran shows in each mixer's repr.
+(chunked, anywhere), "fla" (CUDA with flash-linear-attention), "auto" (= "torch", see
+layers.linear_attention); the backend a forward ran shows in each mixer's repr.
 """
 
 from __future__ import annotations

@@ -194,7 +194,6 @@ def test_plain_heads_keep_everything_and_the_rest_decay_as_before():
     (dict(decay="gla"), "decay must be one of"),
     (dict(decay="mamba2", plain_heads=2), r"plain_heads must be in \[0, n_heads − 1 = 1\]"),
     (dict(plain_heads=1), "needs decay 'mamba2'"),
-    (dict(decay="mamba2", backend="fla"), "runs without a decay"),
     (dict(decay="mamba2", dt_range=(0.1, 1e-3)), "dt_range must be 0 < low"),
 ])
 def test_bad_decay_options_are_errors(kwargs, match):

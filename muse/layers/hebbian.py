@@ -22,12 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from muse.layers.cast import autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.local_attention import rotary_local_attention
-from muse.layers.norm import rms_normalize
+from muse.layers.norm import gated_out, rms_normalize
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 from muse.ops.delta_rule import delta_rule_chunked
@@ -149,19 +148,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla"
 
 
-def _gated_out(y, gain, g):
-    """The output gate: each head's read-out y (B, N, H, D_h) over its RMS, times the per-head
-    gain, times SiLU of the gate's projection g (B, N, H·D_h)."""
-    return (rms_normalize(y) * gain).reshape(*g.shape) * F.silu(g)
-
-
-def gated_out(y: torch.Tensor, gain: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """rms_normalize(y) · gain · SiLU(g), (B, N, H·D_h), with the values and gradients of that
-    composition; while grad is on it keeps y, gain and g only and forms the chain again in
-    backward (elementwise and a mean over D_h), not its float32 copies and products."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, gain, g)):
-        return checkpoint(_gated_out, y, gain, g, use_reentrant=False, preserve_rng_state=False)
-    return _gated_out(y, gain, g)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

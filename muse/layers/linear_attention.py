@@ -29,10 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.hebbian import fla_available, hebbian_chunked
-from muse.layers.norm import rms_normalize
+from muse.layers.cast import autocast_read
+from muse.layers.norm import gated_out
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
@@ -121,9 +123,18 @@ def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
     v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
     w0 = None if state is None else torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)
     y, w = hebbian_chunked(q, k, v1, log_decay.to(acc), state=w0, chunk=chunk)
-    y = y.to(acc)
-    out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
-    return out, (w[..., :dv], w[..., dv])
+    if torch.is_grad_enabled() and y.requires_grad:  # keeps y, not its float32 copy
+        out = checkpoint(_normalised, y, acc, eps, use_reentrant=False, preserve_rng_state=False)
+    else:
+        out = _normalised(y, acc, eps)
+    return out.to(v.dtype), (w[..., :dv], w[..., dv])
+
+
+def _normalised(y: torch.Tensor, acc: torch.dtype, eps: float) -> torch.Tensor:
+    """The numerator columns of y over its last (the normaliser), in `acc`, returned in y's
+    dtype."""
+    wide = y.to(acc)
+    return (wide[..., :-1] / (wide[..., -1:] + eps)).to(y.dtype)
 
 
 def linear_attention_fla(q, k, v, state=None, eps: float = EPS, log_decay=None):
@@ -243,7 +254,7 @@ class CausalLinearAttention(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """log a_t per head, (B, H, N), in float32 at least."""
-        gate = self.gamma(x)
+        gate = self.gamma(autocast_read(x))
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         rate = torch.exp(self.a_log.float())
         if self.plain_heads:
@@ -254,7 +265,7 @@ class CausalLinearAttention(nn.Module):
         """x (B, N, D) → y; with `state` (from `init_state`), (y, the state after x)."""
         bsz, n, _ = x.shape
         new = {}
-        p = self.qkv(x)
+        p = self.qkv(autocast_read(x))
         if self.conv is not None:
             if state is None:
                 p = self.conv(p)
@@ -274,7 +285,7 @@ class CausalLinearAttention(nn.Module):
             y, (s, z) = linear_attention_chunked(q, k, v, carried, chunk=self.chunk)
         y = y.transpose(1, 2)  # (B, N, H, Dh)
         if self.gate is not None:
-            y = (rms_normalize(y) * self.head_gain).reshape(bsz, n, -1) * F.silu(self.gate(x))
+            y = gated_out(y, self.head_gain, self.gate(autocast_read(x)))
         y = self.out(y.reshape(bsz, n, -1))
         if state is None:
             return y

@@ -232,10 +232,11 @@ def _previous_form(monkeypatch):
     the output gate and the conv + SiLU by autograd op by op, the plain heads' q, k, v handed
     over as strided head slices (the delta rule's own cuts: tests/ops/test_delta_rule.py)."""
     import muse.layers.hebbian as hebbian
+    import muse.layers.norm as norm
     import muse.layers.short_conv as short_conv
 
     monkeypatch.setattr(hebbian, "autocast_read", lambda t: t)
-    monkeypatch.setattr(hebbian, "gated_out", hebbian._gated_out)
+    monkeypatch.setattr(hebbian, "gated_out", norm._gated_out)
     monkeypatch.setattr(short_conv, "conv_silu", short_conv._conv_silu)
     monkeypatch.setattr(hebbian, "_contiguous", lambda t: t)
 
@@ -295,7 +296,7 @@ def test_the_projections_keep_one_bf16_copy_of_x(monkeypatch):
 def test_the_one_node_output_gate_equals_the_composition(dtype):
     """gated_out against autograd through rms_normalize · gain · SiLU(g): output, ∂y, ∂gain,
     ∂g bit for bit, in float64 and under bf16 autocast (y, g in bf16, the gain float32)."""
-    from muse.layers.hebbian import _gated_out, gated_out
+    from muse.layers.norm import _gated_out, gated_out
 
     g_ = torch.Generator().manual_seed(7)
     y0 = torch.randn(2, 9, 3, 8, generator=g_, dtype=torch.float64).to(dtype) * 5
@@ -317,7 +318,7 @@ def test_the_one_node_output_gate_equals_the_composition(dtype):
 def test_the_output_gate_keeps_y_the_gain_and_g_only():
     """Per token and head of D_h = 8 in bf16: y (16 bytes) and g (16), not also y's float32
     copy (32), the normed y (16), the float32 product with the gain (32) and SiLU(g) (16)."""
-    from muse.layers.hebbian import _gated_out, gated_out
+    from muse.layers.norm import _gated_out, gated_out
 
     y = torch.randn(1, 10, 3, 8, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(1, 10, 24, dtype=torch.bfloat16, requires_grad=True)

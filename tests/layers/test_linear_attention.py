@@ -224,3 +224,51 @@ def test_fla_missing_is_an_error_naming_the_package(monkeypatch):
         la.resolve_backend("fla", torch.device("cuda"))
     # "auto" on CUDA without fla is the chunked form, and says so
     assert la.resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
+def _without_recompute(monkeypatch):
+    """The forms before the saved-activation cuts: the normaliser's division and the output
+    gate by autograd op by op, every projection casting x itself."""
+    import muse.layers.linear_attention as la
+    import muse.layers.norm as norm
+
+    monkeypatch.setattr(la, "checkpoint", lambda fn, *args, **_: fn(*args))
+    monkeypatch.setattr(la, "gated_out", norm._gated_out)
+    monkeypatch.setattr(la, "autocast_read", lambda t: t)
+
+
+def _kept_bytes_and_grads(layer, x):
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    leaf = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(leaf * 1)  # not a leaf, as a LayerNorm's output: autocast caches no cast of it
+    y.float().square().sum().backward()
+    grads = [leaf.grad, *(p.grad for p in layer.parameters())]
+    layer.zero_grad(set_to_none=True)
+    return sum(n for p, n in kept.items() if p not in weights), y, grads
+
+
+def test_the_cuts_keep_less_and_change_nothing_under_bf16_autocast(monkeypatch):
+    """The decayed layer under bf16 autocast: output and every gradient bit for bit as the
+    op-by-op forms give them, while backward keeps one bf16 copy of x instead of three, y not
+    its float32 copy, and the gate's y, g instead of its float32 chain."""
+    torch.manual_seed(0)
+    layer = CausalLinearAttention(d_model=32, n_heads=2, head_dim=16, chunk=8, decay="mamba2")
+    x = torch.randn(2, 40, 32)
+    new_bytes, new_y, new_grads = _kept_bytes_and_grads(layer, x)
+    _without_recompute(monkeypatch)
+    old_bytes, old_y, old_grads = _kept_bytes_and_grads(layer, x)
+    assert torch.equal(new_y, old_y)
+    for a, b in zip(new_grads, old_grads, strict=True):
+        assert torch.equal(a, b)
+    per_token = (old_bytes - new_bytes) / (2 * 40)
+    # two more bf16 copies of x (2·32·2); y's float32 copy and divisor for y in bf16 (2 heads ·
+    # (17·4 + 4 − 17·2)); of the gate's float32 chain at least 2·32·4
+    assert per_token >= 2 * 32 * 2 + 2 * (17 * 4 + 4 - 17 * 2) + 2 * 32 * 4, per_token

@@ -18,7 +18,7 @@ device_facts "$0 $mode $*"
 # before the fla wheels go in: fla's tests autotune for minutes (the fla mode runs them)
 python3 -m pytest -m gpu tests/layers/test_local_attention_cuda.py \
   tests/layers/test_hebbian_cuda.py tests/layers/test_linear_attention_cuda.py \
-  tests/models/test_families_cuda.py \
+  tests/ops/test_delta_rule_cuda.py tests/models/test_families_cuda.py \
   -q -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

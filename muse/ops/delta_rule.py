@@ -151,9 +151,19 @@ class _ScaledProduct(torch.autograd.Function):
         return grad_s, grad_m, None, *grad_xs
 
 
+def _on_triton(*ts: torch.Tensor) -> bool:
+    """The chunk steps run as one Triton walk (muse.ops.matrix_scan) where it takes them: CUDA,
+    float32, Dk ∈ {16, 32, 64, 128}; elsewhere as a loop of batched multiply-adds."""
+    if not all(t.is_cuda and t.dtype == torch.float32 for t in ts):
+        return False
+    from muse.ops.matrix_scan import fits
+
+    return fits(ts[0])
+
+
 class _AffineScan(torch.autograd.Function):
-    """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (one batched multiply-add per
-    chunk) as one autograd node → the state entering every chunk (BH, M, Dk, Dv) and the
+    """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (on CUDA one Triton walk,
+    muse.ops.matrix_scan; elsewhere one batched multiply-add per chunk) as one autograd node → the state entering every chunk (BH, M, Dk, Dv) and the
     state after the last. Each entering state is kept once (autograd through the loop would keep
     it by its multiply-add and again in the stack for the read-out). Backward runs the same
     products in reverse (the gradient reaching a state from the next step and from the read-out
@@ -161,11 +171,16 @@ class _AffineScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, step, push, w):
-        entering = []
-        for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
-            entering.append(w)
-            w = torch.baddbmm(push_c, step_c, w)
-        entering = torch.stack(entering, dim=1)
+        if _on_triton(step, push, w):
+            from muse.ops.matrix_scan import matrix_scan
+
+            entering, w = matrix_scan(step, push, w)
+        else:
+            entering = []
+            for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
+                entering.append(w)
+                w = torch.baddbmm(push_c, step_c, w)
+            entering = torch.stack(entering, dim=1)
         ctx.save_for_backward(step, entering)
         return entering, w
 
@@ -174,6 +189,14 @@ class _AffineScan(torch.autograd.Function):
     def backward(ctx, grad_entering, grad_last):
         step, entering = ctx.saved_tensors
         need_step, need_push, need_w = ctx.needs_input_grad
+        if _on_triton(step, grad_entering, grad_last):
+            from muse.ops.matrix_scan import matrix_scan
+
+            # the gradient reaching each push, then W₀'s, in one reverse walk
+            grad_push, d = matrix_scan(step, grad_entering, grad_last, reverse=True,
+                                       transpose=True)
+            grad_step = grad_push @ entering.transpose(-1, -2) if need_step else None
+            return grad_step, grad_push if need_push else None, d if need_w else None
         grad_step, grad_push = [], []
         d = grad_last
         for c in range(step.shape[1] - 1, -1, -1):

@@ -163,8 +163,8 @@ def _on_triton(*ts: torch.Tensor) -> bool:
 
 class _AffineScan(torch.autograd.Function):
     """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (on CUDA one Triton walk,
-    muse.ops.matrix_scan; elsewhere one batched multiply-add per chunk) as one autograd node → the state entering every chunk (BH, M, Dk, Dv) and the
-    state after the last. Each entering state is kept once (autograd through the loop would keep
+    muse.ops.matrix_scan; elsewhere one batched multiply-add per chunk) as one autograd node →
+    the state entering every chunk (BH, M, Dk, Dv) and the state after the last. Each entering state is kept once (autograd through the loop would keep
     it by its multiply-add and again in the stack for the read-out). Backward runs the same
     products in reverse (the gradient reaching a state from the next step and from the read-out
     added as autograd adds them), so values and gradients are those of the loop."""

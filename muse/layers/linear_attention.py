@@ -130,6 +130,10 @@ def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
     return out.to(v.dtype), (w[..., :dv], w[..., dv])
 
 
+def _decayed_output(q, k, v, log_decay, chunk: int) -> torch.Tensor:
+    return decayed_linear_attention(q, k, v, log_decay, chunk=chunk)[0]
+
+
 def _normalised(y: torch.Tensor, acc: torch.dtype, eps: float) -> torch.Tensor:
     """The numerator columns of y over its last (the normaliser), in `acc`, returned in y's
     dtype."""
@@ -199,12 +203,13 @@ class CausalLinearAttention(nn.Module):
     "mamba2" forgets: S and z decay by a_t = exp(−A·softplus(w·x_t + b)) per head, softplus(b)
     log-uniform in `dt_range` at init (QUALITY.md's gated decay; "none": no decay), except on
     the first `plain_heads` heads, which keep everything written (a memory as long as the input,
-    beside heads that forget)."""
+    beside heads that forget). `recompute` keeps only q, k, v and the decays of the decayed
+    form for backward and forms its chunk products again there (matmuls: opt-in)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, chunk: int = 64,
                  backend: str = "auto", conv: int = 4, out_gate: bool = True,
                  decay: str = "none", dt_range: tuple[float, float] = (1e-3, 0.1),
-                 plain_heads: int = 0):
+                 plain_heads: int = 0, recompute: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"linear attention backend must be one of {BACKENDS}, "
@@ -226,6 +231,7 @@ class CausalLinearAttention(nn.Module):
                 self.gamma.bias.copy_(mamba2_bias(n_heads, dt_range))
             self.a_log = nn.Parameter(mamba2_a_log(n_heads))
         self.n_heads, self.head_dim, self.chunk, self.backend = n_heads, head_dim, chunk, backend
+        self.recompute = recompute
         inner = n_heads * head_dim
         self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
         self.conv = ShortConv(3 * inner, conv) if conv else None
@@ -278,6 +284,10 @@ class CausalLinearAttention(nn.Module):
         if self.ran_backend == "fla":
             y, (s, z) = linear_attention_fla(
                 q, k, v, carried, log_decay=None if self.gamma is None else self.log_decay(x))
+        elif self.gamma is not None and self.recompute and state is None and (
+                torch.is_grad_enabled()):
+            y = checkpoint(_decayed_output, q, k, v, self.log_decay(x), self.chunk,
+                           use_reentrant=False, preserve_rng_state=False)
         elif self.gamma is not None:
             y, (s, z) = decayed_linear_attention(q, k, v, self.log_decay(x), carried,
                                                  chunk=self.chunk)

@@ -53,6 +53,9 @@ class Phase8Config(FFNConfig):
     decay: str = "mamba2"
     decay_dt_range: tuple[float, float] = (1e-5, 0.1)
     decay_plain_heads: int = 0  # the first h heads keep all they write (layers.linear_attention)
+    # keep only q, k, v and the decays of the decayed form for backward, its chunk products
+    # formed again there (matmuls recomputed: opt-in, like phase7's recompute_dot)
+    recompute_chunks: bool = False
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)
     checkpointing: bool = False
@@ -90,7 +93,7 @@ class Phase8Block(nn.Module):
             d_model=d, n_heads=config.n_heads, head_dim=config.head_dim, chunk=config.chunk,
             backend=config.backend, conv=config.conv, out_gate=config.out_gate,
             decay=config.decay, dt_range=tuple(config.decay_dt_range),
-            plain_heads=config.decay_plain_heads,
+            plain_heads=config.decay_plain_heads, recompute=config.recompute_chunks,
         )
         window = config.local_window
         self.ln_local = nn.LayerNorm(d) if window else None

@@ -272,3 +272,23 @@ def test_the_cuts_keep_less_and_change_nothing_under_bf16_autocast(monkeypatch):
     # two more bf16 copies of x (2·32·2); y's float32 copy and divisor for y in bf16 (2 heads ·
     # (17·4 + 4 − 17·2)); of the gate's float32 chain at least 2·32·4
     assert per_token >= 2 * 32 * 2 + 2 * (17 * 4 + 4 - 17 * 2) + 2 * 32 * 4, per_token
+
+
+def test_recompute_keeps_less_with_the_same_values_and_gradients():
+    """`recompute`: float64 outputs and gradients as without it, and under bf16 autocast
+    backward keeps fewer bytes (the chunk products are formed again)."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, n_heads=2, head_dim=16, chunk=8, decay="mamba2")
+    plain = CausalLinearAttention(**kw).double()
+    again = CausalLinearAttention(recompute=True, **kw).double()
+    again.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    runs = []
+    for layer in (plain, again):
+        leaf = x.clone().requires_grad_()
+        layer(leaf).square().sum().backward()
+        runs.append([leaf.grad, *(p.grad for p in layer.parameters())])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    kept = [_kept_bytes_and_grads(layer.float(), x.float())[0] for layer in (plain, again)]
+    assert kept[1] < kept[0] * 0.8, kept

@@ -1,0 +1,96 @@
+"""The fixed-tokens training step (bench/test_throughput.py's protocol: bf16 autocast, fused
+AdamW, a fixed number of tokens a step) of model variants with config overrides, which the
+bench's --model cannot take: tokens/s and the step's peak memory a variant, to keep a memory or
+speed lever only if its numbers say so. CUDA only (the peak is the allocator's).
+
+    python scripts/step_variants.py --seq 4096 65536 --loss-chunk 4096 --out $OUT/variants \
+        transformer:small phase8:small 'phase8:small {"recompute_chunks": true}'
+
+Each argument is a spec, optionally followed by a JSON object of overrides. Prints one line a
+(variant, seq) and a table last; writes <out>.json (the rows, the environment, the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from muse.harness.results import environment_facts
+from muse.measure.memory import free_device_memory
+from muse.measure.phases import fixed_tokens_step
+from muse.measure.timing import time_with_peak
+from muse.models import registry
+
+
+def parse_variants(args: list[str]) -> list[tuple[str, dict]]:
+    """'spec' or 'spec {json}' strings, or a spec followed by a JSON argument."""
+    variants: list[tuple[str, dict]] = []
+    for arg in args:
+        if arg.lstrip().startswith("{"):
+            if not variants:
+                raise ValueError(f"overrides {arg!r} follow no model spec")
+            spec, over = variants.pop()
+            variants.append((spec, {**over, **json.loads(arg)}))
+            continue
+        spec, _, rest = arg.partition(" ")
+        variants.append((spec, json.loads(rest) if rest.strip() else {}))
+    for spec, over in variants:
+        name, preset = registry.resolve(spec)
+        registry.config(name, preset, **over)  # a bad override is named before any run
+    return variants
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="+", help="model:preset, optionally '{json}'")
+    parser.add_argument("--seq", type=int, nargs="+", required=True)
+    parser.add_argument("--tokens-per-step", type=int, default=65536)
+    parser.add_argument("--loss-chunk", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", required=True, help="path stem of the .json written")
+    args = parser.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants)
+        if any(s < 1 or args.tokens_per_step % s for s in args.seq):
+            raise ValueError(f"every --seq must be a positive divisor of --tokens-per-step "
+                             f"{args.tokens_per_step}, got {args.seq}")
+        if not torch.cuda.is_available():
+            raise ValueError("step_variants measures the CUDA allocator's peak: no CUDA here")
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"step_variants: {exc}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    rows = []
+    for spec, over in variants:
+        name, preset = registry.resolve(spec)
+        for seq in args.seq:
+            torch.manual_seed(0)
+            model = registry.build(name, preset, **over).to(device)
+            step = fixed_tokens_step(model, args.tokens_per_step, seq, device, args.loss_chunk)
+            stats, peak = time_with_peak(step, device, 3, args.rounds)
+            loss = step.last_loss.item()
+            rows.append(dict(spec=spec, overrides=over, seq=seq, batch=step.ids.shape[0],
+                             median_s=stats.median_s, iqr_s=stats.iqr_s,
+                             tokens_per_s=args.tokens_per_step / stats.median_s,
+                             peak_bytes=peak, loss=loss))
+            print(f"{spec} {json.dumps(over)} seq {seq}: {rows[-1]['tokens_per_s']:,.0f} "
+                  f"tokens/s, peak {peak / 1e9:.2f} GB, loss {loss:.3f}", flush=True)
+            del step, model
+            free_device_memory()
+    with open(f"{args.out}.json", "w") as f:
+        json.dump(dict(command=" ".join(sys.argv), environment=environment_facts(),
+                       tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
+                       rows=rows), f, indent=1)
+    print(f"\n{'variant':58s} {'seq':>6s} {'tokens/s':>11s} {'peak GB':>8s}")
+    for r in rows:
+        label = f"{r['spec']} {json.dumps(r['overrides'])}" if r["overrides"] else r["spec"]
+        print(f"{label[:58]:58s} {r['seq']:6d} {r['tokens_per_s']:11,.0f} "
+              f"{r['peak_bytes'] / 1e9:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

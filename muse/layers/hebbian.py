@@ -148,8 +148,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla"
 
 
-
-
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     """t laid out densely in its own order (a copy where it is a strided view)."""
     return t.contiguous()

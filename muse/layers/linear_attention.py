@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from muse.layers.cast import autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.hebbian import fla_available, hebbian_chunked
-from muse.layers.cast import autocast_read
 from muse.layers.norm import gated_out
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time

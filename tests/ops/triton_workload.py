@@ -43,6 +43,9 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         w0 = torch.randn(2, 16, 20)
         matrix_scan(steps, pushes, w0)
         matrix_scan(steps, pushes, w0, reverse=True, transpose=True)
+        # the shape phase2's delta rule runs (heads of 64)
+        head = torch.randn(1, n, 64, 64)
+        matrix_scan(head / 8, head, torch.randn(1, 64, 64))
         after_each(f"matrix scan {n}")
 
 

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from muse.layers.cast import autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
-from muse.layers.hebbian import fla_available, hebbian_chunked
+from muse.layers.hebbian import fla_available, hebbian_chunked, hebbian_fla
 from muse.layers.norm import gated_out
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
@@ -108,21 +108,27 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
 
 
 def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
-                             eps: float = EPS):
+                             eps: float = EPS, backend: str = "torch"):
     """`linear_attention_naive`'s contract with log_decay (B, H, N) ≤ 0, in chunks: the
-    numerator and the normaliser (a value column of ones) through `hebbian_chunked`, the state
-    (S | z) carried as one (Dk × Dv + 1) matrix in float32 at least."""
+    numerator and the normaliser (a value column of ones) through `hebbian_chunked` (backend
+    "torch") or fla's kernel for the same recurrence (`hebbian_fla`, backend "fla", which keeps
+    only q, k, v and the decays for backward), the state (S | z) carried as one (Dk × Dv + 1)
+    matrix in float32 at least."""
     if q.dtype == torch.float16:
         # a slow head's state sums ~1/(1 − a) writes: past fp16's range, as without a decay
         with torch.autocast(q.device.type, enabled=False):
             out, state = decayed_linear_attention(q.float(), k.float(), v.float(),
-                                                  log_decay.float(), state, chunk, eps)
+                                                  log_decay.float(), state, chunk, eps, backend)
         return out.to(v.dtype), state
     dv = v.shape[-1]
     acc = torch.promote_types(torch.promote_types(q.dtype, log_decay.dtype), torch.float32)
     v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
     w0 = None if state is None else torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)
-    y, w = hebbian_chunked(q, k, v1, log_decay.to(acc), state=w0, chunk=chunk)
+    if backend == "fla":
+        y, w = hebbian_fla(*(t.transpose(1, 2) for t in (q, k, v1, log_decay)), state=w0)
+        y = y.transpose(1, 2)
+    else:
+        y, w = hebbian_chunked(q, k, v1, log_decay.to(acc), state=w0, chunk=chunk)
     if torch.is_grad_enabled() and y.requires_grad:  # keeps y, not its float32 copy
         out = checkpoint(_normalised, y, acc, eps, use_reentrant=False, preserve_rng_state=False)
     else:
@@ -141,28 +147,10 @@ def _normalised(y: torch.Tensor, acc: torch.dtype, eps: float) -> torch.Tensor:
     return (wide[..., :-1] / (wide[..., -1:] + eps)).to(y.dtype)
 
 
-def linear_attention_fla(q, k, v, state=None, eps: float = EPS, log_decay=None):
-    """The chunked contract with fla's simple-GLA kernel, in (B, H, N, D) layout; with
-    `log_decay` (B, H, N) the decayed form's, the normaliser a value column of ones as there.
-    The kernel keeps only q, k, v and the decays for backward."""
+def linear_attention_fla(q, k, v, state=None, eps: float = EPS):
+    """The chunked contract with fla's kernel for the numerator, in (B, H, N, D) layout."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    if log_decay is not None:
-        if q.dtype == torch.float16:  # a slow head's sums pass fp16's range (see the torch form)
-            out, state = linear_attention_fla(q.float(), k.float(), v.float(), state, eps,
-                                              log_decay.float())
-            return out.to(v.dtype), state
-        dv = v.shape[-1]
-        v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
-        w0 = None if state is None else torch.cat((state[0], state[1][..., None]), -1).float()
-        y, w = chunk_simple_gla(
-            q.transpose(1, 2), k.transpose(1, 2), v1.transpose(1, 2),
-            g=log_decay.float().transpose(1, 2), scale=1.0, initial_state=w0,
-            output_final_state=True,
-        )
-        y = y.transpose(1, 2).float()
-        out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
-        return out, (w[..., :dv], w[..., dv])
     acc = torch.promote_types(q.dtype, torch.float32)
     s0, z0 = (None, None) if state is None else state
     num, s = chunk_simple_gla(
@@ -281,16 +269,15 @@ class CausalLinearAttention(nn.Module):
         q, k = elu_feature(q), elu_feature(k)
         carried = None if state is None else (state["s"], state["z"])
         self.ran_backend = resolve_backend(self.backend, x.device)
-        if self.ran_backend == "fla":
-            y, (s, z) = linear_attention_fla(
-                q, k, v, carried, log_decay=None if self.gamma is None else self.log_decay(x))
-        elif self.gamma is not None and self.recompute and state is None and (
-                torch.is_grad_enabled()):
+        if self.gamma is not None and self.recompute and self.ran_backend == "torch" and (
+                state is None and torch.is_grad_enabled()):
             y = checkpoint(_decayed_output, q, k, v, self.log_decay(x), self.chunk,
                            use_reentrant=False, preserve_rng_state=False)
         elif self.gamma is not None:
             y, (s, z) = decayed_linear_attention(q, k, v, self.log_decay(x), carried,
-                                                 chunk=self.chunk)
+                                                 chunk=self.chunk, backend=self.ran_backend)
+        elif self.ran_backend == "fla":
+            y, (s, z) = linear_attention_fla(q, k, v, carried)
         else:
             y, (s, z) = linear_attention_chunked(q, k, v, carried, chunk=self.chunk)
         y = y.transpose(1, 2)  # (B, N, H, Dh)

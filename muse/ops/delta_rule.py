@@ -156,18 +156,19 @@ def _on_triton(*ts: torch.Tensor) -> bool:
     float32, Dk ∈ {16, 32, 64, 128}; elsewhere as a loop of batched multiply-adds."""
     if not all(t.is_cuda and t.dtype == torch.float32 for t in ts):
         return False
-    from muse.ops.matrix_scan import fits
+    from muse.ops.matrix_scan import DK_SIZES
 
-    return fits(ts[0])
+    return ts[0].shape[-1] in DK_SIZES
 
 
 class _AffineScan(torch.autograd.Function):
     """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (on CUDA one Triton walk,
     muse.ops.matrix_scan; elsewhere one batched multiply-add per chunk) as one autograd node →
-    the state entering every chunk (BH, M, Dk, Dv) and the state after the last. Each entering state is kept once (autograd through the loop would keep
-    it by its multiply-add and again in the stack for the read-out). Backward runs the same
-    products in reverse (the gradient reaching a state from the next step and from the read-out
-    added as autograd adds them), so values and gradients are those of the loop."""
+    the state entering every chunk (BH, M, Dk, Dv) and the state after the last. Each entering
+    state is kept once (autograd through the loop would keep it by its multiply-add and again
+    in the stack for the read-out). Backward walks the same steps in reverse for the gradient
+    reaching each push (from the next step and from the read-out, added as autograd adds
+    them); the steps' gradients are then one batched product with the entering states."""
 
     @staticmethod
     def forward(ctx, step, push, w):
@@ -189,21 +190,17 @@ class _AffineScan(torch.autograd.Function):
     def backward(ctx, grad_entering, grad_last):
         step, entering = ctx.saved_tensors
         need_step, need_push, need_w = ctx.needs_input_grad
+        # the gradient reaching each push, then W₀'s, in one reverse walk
         if _on_triton(step, grad_entering, grad_last):
             from muse.ops.matrix_scan import matrix_scan
 
-            # the gradient reaching each push, then W₀'s, in one reverse walk
             grad_push, d = matrix_scan(step, grad_entering, grad_last, reverse=True,
                                        transpose=True)
-            grad_step = grad_push @ entering.transpose(-1, -2) if need_step else None
-            return grad_step, grad_push if need_push else None, d if need_w else None
-        grad_step, grad_push = [], []
-        d = grad_last
-        for c in range(step.shape[1] - 1, -1, -1):
-            grad_push.append(d)
-            if need_step:
-                grad_step.append(d.bmm(entering[:, c].transpose(1, 2)))
-            d = step[:, c].transpose(1, 2).bmm(d) + grad_entering[:, c]
-        return (torch.stack(grad_step[::-1], dim=1) if need_step else None,
-                torch.stack(grad_push[::-1], dim=1) if need_push else None,
-                d if need_w else None)
+        else:
+            grad_push, d = [], grad_last
+            for c in range(step.shape[1] - 1, -1, -1):
+                grad_push.append(d)
+                d = step[:, c].transpose(1, 2).bmm(d) + grad_entering[:, c]
+            grad_push = torch.stack(grad_push[::-1], dim=1)
+        grad_step = grad_push @ entering.transpose(-1, -2) if need_step else None
+        return grad_step, grad_push if need_push else None, d if need_w else None

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 BLOCK_V = 32  # W's columns a program: Dv = 64 gives two programs a sequence-head
+DK_SIZES = (16, 32, 64, 128)  # the powers of two tl.dot takes for A's side
 
 
 @triton.jit
@@ -43,12 +44,6 @@ def _matrix_scan_kernel(a_ptr, p_ptr, w0_ptr, before_ptr, last_ptr, m, dv,
         # IEEE float32 products: the loop it replaces multiplies without TF32
         w = tl.dot(a, w, input_precision="ieee") + p
     tl.store(last_ptr + seq * DK * dv + tile, w, mask=ok)
-
-
-def fits(a: torch.Tensor) -> bool:
-    """Whether the kernel takes A (S, M, Dk, Dk): float32 on CUDA with Dk a power of two that
-    tl.dot takes (16 … 128)."""
-    return a.is_cuda and a.dtype == torch.float32 and a.shape[-1] in (16, 32, 64, 128)
 
 
 def matrix_scan(a: torch.Tensor, p: torch.Tensor, w0: torch.Tensor, reverse: bool = False,

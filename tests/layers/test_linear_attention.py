@@ -292,3 +292,24 @@ def test_recompute_keeps_less_with_the_same_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     kept = [_kept_bytes_and_grads(layer.float(), x.float())[0] for layer in (plain, again)]
     assert kept[1] < kept[0] * 0.8, kept
+
+
+def test_the_fla_backend_hands_fla_its_layout_and_the_state(monkeypatch):
+    """backend "fla" with fla's kernel stood in for by the chunked form in fla's (B, N, H, D)
+    layout: the decayed form's outputs and final state, carried state and all, as backend
+    "torch" gives them (the kernel itself is checked on CUDA, test_linear_attention_cuda.py)."""
+    import muse.layers.linear_attention as la
+    from muse.layers.hebbian import hebbian_chunked
+
+    def stand_in(q, k, v, log_decay, state=None):
+        y, w = hebbian_chunked(*(t.transpose(1, 2) for t in (q, k, v, log_decay)), state=state)
+        return y.transpose(1, 2), w
+
+    monkeypatch.setattr(la, "hebbian_fla", stand_in)
+    q, k, v = qkv(45)
+    log_decay = -torch.rand(2, 3, 45, dtype=torch.float64) * 0.2
+    state = (torch.rand(2, 3, 5, 4, dtype=torch.float64), torch.rand(2, 3, 5, dtype=torch.float64))
+    want = la.decayed_linear_attention(q, k, v, log_decay, state, chunk=64)
+    got = la.decayed_linear_attention(q, k, v, log_decay, state, backend="fla")
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)

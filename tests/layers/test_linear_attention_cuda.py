@@ -6,11 +6,7 @@ import pytest
 import torch
 
 from muse.layers.hebbian import fla_available
-from muse.layers.linear_attention import (
-    decayed_linear_attention,
-    elu_feature,
-    linear_attention_fla,
-)
+from muse.layers.linear_attention import decayed_linear_attention, elu_feature
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,10 +37,7 @@ def test_cuda_path_matches_float64_with_gradients(dtype, bound, carried, path):
     ref = [t.detach().cpu().double().requires_grad_() for t in cuda]
     ref_state = None if state is None else tuple(s.cpu().double() for s in state)
     grad_y = torch.randn(b, h, n, d, device="cuda", generator=g)
-    if path == "fla":
-        y, final = linear_attention_fla(*cuda[:3], state=state, log_decay=cuda[3])
-    else:
-        y, final = decayed_linear_attention(*cuda, state=state, chunk=64)
+    y, final = decayed_linear_attention(*cuda, state=state, chunk=64, backend=path)
     try:
         (y.float() * grad_y).sum().backward()
     except RuntimeError as exc:  # fla 0.6's backward on Hopper with Triton < 3.7.1 (fla #640)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from muse.ops.affine_walk import affine_walk, sequential_walk
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
 
 
@@ -151,20 +152,18 @@ class _ScaledProduct(torch.autograd.Function):
         return grad_s, grad_m, None, *grad_xs
 
 
-def _on_triton(*ts: torch.Tensor) -> bool:
-    """The chunk steps run as one Triton walk (muse.ops.matrix_scan) where it takes them: CUDA,
-    float32, Dk ∈ {16, 32, 64, 128}; elsewhere as a loop of batched multiply-adds."""
-    if not all(t.is_cuda and t.dtype == torch.float32 for t in ts):
-        return False
-    from muse.ops.matrix_scan import DK_SIZES
-
-    return ts[0].shape[-1] in DK_SIZES
+def _walk(step, push, w, reverse=False):
+    """The two-level walk on CUDA, where each of the loop's M launches costs more than its
+    arithmetic; the loop elsewhere."""
+    if step.is_cuda:
+        return affine_walk(step, push, w, reverse)
+    return sequential_walk(step, push, w, reverse)
 
 
 class _AffineScan(torch.autograd.Function):
-    """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (on CUDA one Triton walk,
-    muse.ops.matrix_scan; elsewhere one batched multiply-add per chunk) as one autograd node →
-    the state entering every chunk (BH, M, Dk, Dv) and the state after the last. Each entering
+    """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (muse.ops.affine_walk) as one
+    autograd node → the state entering every chunk (BH, M, Dk, Dv) and the state after the
+    last. Each entering
     state is kept once (autograd through the loop would keep it by its multiply-add and again
     in the stack for the read-out). Backward walks the same steps in reverse for the gradient
     reaching each push (from the next step and from the read-out, added as autograd adds
@@ -172,16 +171,7 @@ class _AffineScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, step, push, w):
-        if _on_triton(step, push, w):
-            from muse.ops.matrix_scan import matrix_scan
-
-            entering, w = matrix_scan(step, push, w)
-        else:
-            entering = []
-            for step_c, push_c in zip(step.unbind(1), push.unbind(1), strict=True):
-                entering.append(w)
-                w = torch.baddbmm(push_c, step_c, w)
-            entering = torch.stack(entering, dim=1)
+        entering, w = _walk(step, push, w)
         ctx.save_for_backward(step, entering)
         return entering, w
 
@@ -191,16 +181,6 @@ class _AffineScan(torch.autograd.Function):
         step, entering = ctx.saved_tensors
         need_step, need_push, need_w = ctx.needs_input_grad
         # the gradient reaching each push, then W₀'s, in one reverse walk
-        if _on_triton(step, grad_entering, grad_last):
-            from muse.ops.matrix_scan import matrix_scan
-
-            grad_push, d = matrix_scan(step, grad_entering, grad_last, reverse=True,
-                                       transpose=True)
-        else:
-            grad_push, d = [], grad_last
-            for c in range(step.shape[1] - 1, -1, -1):
-                grad_push.append(d)
-                d = step[:, c].transpose(1, 2).bmm(d) + grad_entering[:, c]
-            grad_push = torch.stack(grad_push[::-1], dim=1)
+        grad_push, d = _walk(step.transpose(-1, -2), grad_entering, grad_last, reverse=True)
         grad_step = grad_push @ entering.transpose(-1, -2) if need_step else None
         return grad_step, grad_push if need_push else None, d if need_w else None

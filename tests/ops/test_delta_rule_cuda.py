@@ -1,6 +1,6 @@
-"""The delta rule's chunked form on CUDA (float32, its chunk steps walked by the Triton matrix
-scan) against the same form in float64 on the CPU: outputs, the final state and every
-gradient."""
+"""The delta rule's chunked form on CUDA (float32, its chunk steps by the two-level walk,
+muse.ops.affine_walk) against the same form in float64 on the CPU: outputs, the final state and
+every gradient."""
 
 import pytest
 import torch
@@ -22,9 +22,9 @@ def test_cuda_path_matches_float64(n, carried, monkeypatch):
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     walked = []
-    real = delta_rule._on_triton
-    monkeypatch.setattr(delta_rule, "_on_triton",
-                        lambda *ts: walked.append(real(*ts)) or walked[-1])
+    real = delta_rule.affine_walk
+    monkeypatch.setattr(delta_rule, "affine_walk",
+                        lambda *a, **k: walked.append(a[0].device.type) or real(*a, **k))
     args = inputs(n, seed=n, b=2, h=4, dk=64, dv=64)
     state = torch.randn(2, 4, 64, 64, dtype=torch.float64) / 8 if carried else None
     ups = (torch.randn(2, 4, n, 64, dtype=torch.float64),
@@ -36,7 +36,7 @@ def test_cuda_path_matches_float64(n, carried, monkeypatch):
         y, w = delta_rule.delta_rule_chunked(*leaves, state=s0, chunk=64)
         ((y * ups[0].to(device, dtype)).sum() + (w * ups[1].to(device, dtype)).sum()).backward()
         runs.append([y, w, *(t.grad for t in leaves), *([] if s0 is None else [s0.grad])])
-    assert walked and all(walked[len(walked) // 2:]), "the CUDA run did not take the Triton walk"
+    assert walked and set(walked) == {"cuda"}, "the CUDA run did not take the two-level walk"
     for got, want in zip(runs[1], runs[0], strict=True):
         err = float((got.detach().cpu().double() - want.detach()).norm() / want.detach().norm())
         assert err < 1e-4, err

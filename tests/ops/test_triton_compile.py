@@ -48,7 +48,6 @@ KNOWN = {
       for k in ("_chunk_totals", "_group_totals", "_scan_totals", "_chunk_outputs")),
     ("muse.ops.decayed_scan.triton", "_scan_kernel"),
     ("muse.ops.complex_scan.triton", "_scan_kernel"),
-    ("muse.ops.matrix_scan", "_matrix_scan_kernel"),
 }
 
 

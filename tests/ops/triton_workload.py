@@ -19,7 +19,6 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.bk_core.triton import causal_backward_triton, causal_forward_triton
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
-    from muse.ops.matrix_scan import matrix_scan
 
     for n in lengths:
         torch.manual_seed(n)
@@ -38,15 +37,6 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         planar = torch.randn(2, n, 2 * 40, requires_grad=True)
         complex_decayed_cumsum_triton(planar, -torch.rand(40), torch.rand(40)).sum().backward()
         after_each(f"complex scan {n}")
-        # n chunks; 20 columns leave the second block of 32 mostly masked
-        steps, pushes = torch.randn(2, n, 16, 16) / 4, torch.randn(2, n, 16, 20)
-        w0 = torch.randn(2, 16, 20)
-        matrix_scan(steps, pushes, w0)
-        matrix_scan(steps, pushes, w0, reverse=True, transpose=True)
-        # the shape phase2's delta rule runs (heads of 64)
-        head = torch.randn(1, n, 64, 64)
-        matrix_scan(head / 8, head, torch.randn(1, 64, 64))
-        after_each(f"matrix scan {n}")
 
 
 def _arg_type(value) -> str:

@@ -21,7 +21,7 @@ Streaming: `init_state(B)` and `forward(ids, state)` carry each block's window k
 Kept for backward (scripts/saved_activations.py counts it): the seven projections reading LN x
 share one autocast copy of it (layers.cast), the mix by the gate is one node keeping P(|Im G|)
 rather than g and 1 − g (`gated_mix`), and the window attention keeps q, k, v and its dot
-products (layers.hyperbolic; `recompute_dot` forms those again in backward).
+products formed again in backward (layers.hyperbolic, `recompute_dot`).
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class Phase7Config(FFNConfig):
     curvature: float = 1.0  # c of the Poincaré ball (curvature −c)
     beta_init: float = 1.0  # β per head at init (learned, > 0)
     # the local attention forms its key–query dot products again in backward rather than keep
-    # them: 2·w·H bytes a token and layer less (bf16), one more batched matmul in backward
-    recompute_dot: bool = False
+    # them: 2·w·H bytes a token and layer less (bf16), one more batched matmul in backward,
+    # which the H200 did not see in tokens/s (reports/results/sixth-session/variants)
+    recompute_dot: bool = True
     rope_base: float = 10000.0
     ar_ssm_rank: int = 32
     # λ spread over this range at init: λ^16384 = 0.85 at 0.99999, so the global path can carry

@@ -25,7 +25,7 @@ def test_plain_linear_attention_has_no_conv_and_no_gate():
     ({"decay": "mamba2", "decay_dt_range": [0.1, 0.0]}, "dt_range must be 0 < low"),
     ({"decay_plain_heads": 2}, r"decay_plain_heads \(2\) needs decay 'mamba2' and fewer than "
                                r"n_heads \(2\)"),
-    ({"decay": "none", "decay_plain_heads": 1}, "got decay 'none'"),
+    ({"decay": "none"}, "got decay 'none'"),
     ({"decay_plain_heads": -1}, "decay_plain_heads must be an integer ≥ 0"),
 ])
 def test_bad_config_names_the_value(overrides, match):
@@ -41,7 +41,9 @@ def test_the_default_decays_the_plain_presets_do_not_and_it_streams_exactly():
     assert models.build("phase8", "tiny-plain", vocab_size=97).blocks[0].attn.gamma is None
     torch.manual_seed(0)
     m = models.build("phase8", "tiny", vocab_size=97).double().eval()
-    assert m.blocks[0].attn.gamma is not None and m.config.decay_dt_range == (1e-5, 0.1)
+    assert m.blocks[0].attn.gamma is not None and m.config.decay_dt_range == (1e-3, 0.1)
+    assert m.blocks[0].attn.plain_heads == 1
+    assert models.build("phase8", "tiny-longdecay").blocks[0].attn.plain_heads == 0
     ids = torch.randint(0, 97, (2, 45))
     whole = m(ids)
     state = m.init_state(2)

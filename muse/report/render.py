@@ -42,7 +42,10 @@ TABLES = (
           "forward_speedup_vs_transformer", "train_step_speedup_vs_transformer",
           "fixed_step_tokens_per_s", "fixed_step_speedup_vs_transformer",
           "fixed_step_peak_bytes", "graphed_step_tokens_per_s",
-          "graphed_step_speedup_vs_transformer", "cuda_graph_gain")),
+          "graphed_step_speedup_vs_transformer", "cuda_graph_gain"),
+         # --cuda-graphs only: the graphed step at --batch sequences
+         ("graphed_batch_step_tokens_per_s", "graphed_batch_step_speedup_vs_transformer",
+          "batch_cuda_graph_gain")),
     Spec("scaling", "Scaling with sequence length", "scaling",
          ("forward_time_s", "train_step_time_s", "forward_linear_r2", "forward_loglog_slope_top",
           "train_step_linear_r2", "train_step_loglog_slope_top"),
@@ -78,6 +81,10 @@ LABELS = {
     "graphed_step_tokens_per_s": "train step, CUDA graph",
     "graphed_step_speedup_vs_transformer": "×transformer, CUDA graph",
     "cuda_graph_gain": "CUDA graph ÷ eager",
+    # and at --batch sequences a step (--cuda-graphs)
+    "graphed_batch_step_tokens_per_s": "train step at --batch, CUDA graph",
+    "graphed_batch_step_speedup_vs_transformer": "×transformer at --batch, CUDA graph",
+    "batch_cuda_graph_gain": "CUDA graph ÷ eager at --batch",
     "forward_time_s": "forward time",
     "train_step_time_s": "train-step time",
     "forward_linear_r2": "forward R²",

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from torch._dynamo.exc import TorchDynamoException
+
 from muse import models
 from muse.harness.summary import describe
 from muse.measure.graphs import GraphCaptureError
@@ -115,14 +117,14 @@ class FixedStep:
 
 
 def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0,
-               graphed: bool = False) -> FixedStep:
-    """`case`'s model under the fixed-tokens protocol (`graphed`: captured in a CUDA graph),
-    measured once per session and seq: a baseline's figures serve every model matched to it,
-    and its own test."""
-    key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk, graphed)
+               graphed: bool = False, compiled: str | None = None) -> FixedStep:
+    """`case`'s model under the fixed-tokens protocol (`graphed`: captured in a CUDA graph;
+    `compiled`: under torch.compile with that backend), measured once per session and seq: a
+    baseline's figures serve every model matched to it, and its own test."""
+    key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk, graphed, compiled)
     if key not in cache:
         step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device,
-                                 loss_chunk, graphed)
+                                 loss_chunk, graphed, compiled)
         stats, peak = time_with_peak(step, case.device, WARMUP, ROUNDS)
         if graphed and peak is not None:  # replays reuse the pool that capture filled
             peak = max(peak, step.capture_peak_bytes)
@@ -144,10 +146,11 @@ def record_step(at, prefix: str, own: FixedStep, facts: dict, record):
 
 
 def record_ratio_to_baseline(case, at, prefix: str, own: FixedStep, tokens: int, cache: dict,
-                             chunk: int, record, graphed: bool = False) -> None:
-    """`<prefix>_speedup_vs_transformer`: against the matched transformer measured the same way.
-    The baseline's own limit (out of memory, or a step a graph cannot hold) leaves the ratio
-    INCONCLUSIVE; it never fails the model."""
+                             chunk: int, record, **variant) -> None:
+    """`<prefix>_speedup_vs_transformer`: against the matched transformer measured the same way
+    (`variant`: fixed_step's graphed or compiled). The baseline's own limit (out of memory, a
+    step a graph cannot hold, a compile that fails) leaves the ratio INCONCLUSIVE; it never
+    fails the model."""
     base_name, base_preset = models.baseline_for(case.model, case.preset)
     if (base_name, base_preset) == (case.model, case.preset):
         return  # the baseline itself: its ratio is 1 by definition
@@ -155,8 +158,8 @@ def record_ratio_to_baseline(case, at, prefix: str, own: FixedStep, tokens: int,
     base_spec = f"{base_name}:{base_preset}"
     try:
         base = fixed_step(replace(case, model=base_name, preset=base_preset), tokens, cache,
-                          chunk, **({"graphed": True} if graphed else {}))
-    except (torch.OutOfMemoryError, GraphCaptureError) as exc:
+                          chunk, **variant)
+    except (torch.OutOfMemoryError, GraphCaptureError, TorchDynamoException) as exc:
         message = str(exc).splitlines()[0]
         why = (f"{base_spec} ran out of memory: {message}"
                if isinstance(exc, torch.OutOfMemoryError) else f"{base_spec}: {message}")
@@ -221,3 +224,33 @@ def test_train_step_captured_in_a_cuda_graph(case, budget, record, muse_session,
     record(at, gain, own.tokens_per_s / eager.tokens_per_s, "1",
            extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
     record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record, graphed=True)
+
+
+def test_train_step_compiled(case, record, muse_session, pytestconfig):
+    """With --compile BACKEND: the fixed-tokens step with the model under torch.compile (every
+    model and its matched transformer alike), its gain over the same step uncompiled, and its
+    ratio to the matched transformer's compiled step. Compiling is not timed (warm-up)."""
+    backend = pytestconfig.getoption("compile")
+    if backend is None:
+        pytest.skip("--compile not given: the compiled step is not measured")
+    tokens = pytestconfig.getoption("tokens_per_step")
+    if case.seq > tokens:
+        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
+    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
+    eager = fixed_step(case, tokens, cache, chunk)
+    try:
+        own = fixed_step(case, tokens, cache, chunk, compiled=backend)
+    except TorchDynamoException as exc:
+        pytest.fail(f"torch.compile(backend={backend!r}) failed: "
+                    f"{str(exc).strip().splitlines()[0]}", pytrace=False)
+    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
+    facts = {"protocol": f"{FIXED_STEP_PROTOCOL}, the model under torch.compile "
+                         f"(backend {backend})",
+             "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
+             "rounds": own.stats.rounds, "loss": own.loss}
+    record_step(at, "compiled_step", own, facts, record)
+    record(at, "compile_gain", own.tokens_per_s / eager.tokens_per_s, "1",
+           extra={"eager_tokens_per_s": eager.tokens_per_s, "backend": backend, "summary": True})
+    record_ratio_to_baseline(case, at, "compiled_step", own, tokens, cache, chunk, record,
+                             compiled=backend)

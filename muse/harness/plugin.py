@@ -99,6 +99,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "only) of every model and its O(N²) controls",
     )
     group.addoption(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=("inductor", "aot_eager", "eager"),
+        metavar="BACKEND",
+        help="throughput: also time the fixed-tokens step with the model under torch.compile "
+        "(BACKEND inductor by default, which fuses kernels; aot_eager and eager only trace), "
+        "every model and its matched transformer alike",
+    )
+    group.addoption(
         "--device",
         choices=("auto", "cuda", "cpu"),
         default="auto",

@@ -142,15 +142,23 @@ def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
 
 
 def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
-                      device: torch.device | str, loss_chunk: int = 0, graphed: bool = False):
+                      device: torch.device | str, loss_chunk: int = 0, graphed: bool = False,
+                      compiled: str | None = None):
     """The protocol's training step of `model` on seeded random ids at `seq`; with
     `loss_chunk` > 0 its loss's logits are made that many positions at a time; `graphed`:
-    captured in a CUDA graph (muse.measure.graphs), else a `TrainStep`."""
+    captured in a CUDA graph (muse.measure.graphs), else a `TrainStep`; `compiled`: the model
+    under torch.compile with that backend ("inductor" fuses kernels; launched op by op, so not
+    with `graphed`)."""
     batch = fixed_tokens_batch(tokens_per_step, seq)
     ids = random_ids(model.config.vocab_size, batch, seq, device, seed=seq)
     dtype = torch_dtype(FIXED_STEP_DTYPE)
+    if graphed and compiled:
+        raise ValueError("a step is either captured in a CUDA graph or compiled, not both")
     if graphed:
         from muse.measure.graphs import GraphedTrainStep
 
         return GraphedTrainStep(model, ids, dtype, loss_chunk=loss_chunk)
+    if compiled:
+        # dynamic=False: the protocol's one shape, compiled once and never re-traced
+        model = torch.compile(model.to(dtype=torch.float32), backend=compiled, dynamic=False)
     return TrainStep(model, ids, dtype, fused=True, loss_chunk=loss_chunk)

@@ -43,9 +43,11 @@ TABLES = (
           "fixed_step_tokens_per_s", "fixed_step_speedup_vs_transformer",
           "fixed_step_peak_bytes", "graphed_step_tokens_per_s",
           "graphed_step_speedup_vs_transformer", "cuda_graph_gain"),
-         # --cuda-graphs only: the graphed step at --batch sequences
+         # with --cuda-graphs: the graphed step at --batch sequences; with --compile: the
+         # fixed-tokens step compiled
          ("graphed_batch_step_tokens_per_s", "graphed_batch_step_speedup_vs_transformer",
-          "batch_cuda_graph_gain")),
+          "batch_cuda_graph_gain", "compiled_step_tokens_per_s",
+          "compiled_step_speedup_vs_transformer", "compile_gain")),
     Spec("scaling", "Scaling with sequence length", "scaling",
          ("forward_time_s", "train_step_time_s", "forward_linear_r2", "forward_loglog_slope_top",
           "train_step_linear_r2", "train_step_loglog_slope_top"),
@@ -85,6 +87,10 @@ LABELS = {
     "graphed_batch_step_tokens_per_s": "train step at --batch, CUDA graph",
     "graphed_batch_step_speedup_vs_transformer": "×transformer at --batch, CUDA graph",
     "batch_cuda_graph_gain": "CUDA graph ÷ eager at --batch",
+    # the fixed-tokens step under torch.compile (--compile)
+    "compiled_step_tokens_per_s": "train step, compiled",
+    "compiled_step_speedup_vs_transformer": "×transformer, compiled",
+    "compile_gain": "compiled ÷ eager",
     "forward_time_s": "forward time",
     "train_step_time_s": "train-step time",
     "forward_linear_r2": "forward R²",

@@ -93,3 +93,35 @@ def test_tokens_per_step_must_be_a_positive_integer(pytester):
                                 "0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "argument --tokens-per-step: '0' is not a positive integer" in result.stderr.str()
+
+
+@pytest.mark.slow  # torch.compile traces the tiny model and its transformer
+def test_the_compiled_step_is_recorded_with_its_gain_and_ratio(pytester):
+    shutil.copy(REPO / "bench" / "test_throughput.py", pytester.path / "test_throughput.py")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "compiled", "--results",
+                                str(pytester.path / "results"), "--device", "cpu", "--seq", "64",
+                                "--model", "phase8:tiny", "--tokens-per-step", "128",
+                                "--compile", "aot_eager")
+    result.assert_outcomes(passed=1)
+    records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    got = {r["metric"]: r for r in records}
+    assert set(got) == {"compiled_step_tokens_per_s", "compile_gain",
+                        "compiled_step_speedup_vs_transformer"}
+    own = got["compiled_step_tokens_per_s"]
+    assert "torch.compile (backend aot_eager)" in own["extra"]["protocol"]
+    assert own["value"] == pytest.approx(128 / own["extra"]["median_s"])
+    gain = got["compile_gain"]
+    assert gain["value"] == pytest.approx(own["value"] / gain["extra"]["eager_tokens_per_s"])
+    assert got["compiled_step_speedup_vs_transformer"]["extra"]["baseline"] == "transformer:tiny"
+
+
+def test_without_compile_the_compiled_step_is_skipped_and_a_bad_backend_is_named(pytester):
+    shutil.copy(REPO / "bench" / "test_throughput.py", pytester.path / "test_throughput.py")
+    args = ("-p", "no:cacheprovider", "-k", "compiled", "--no-results", "--device", "cpu",
+            "--seq", "64", "--model", "phase8:tiny", "-rs")
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*--compile not given: the compiled step is not measured*"])
+    result = pytester.runpytest(*args, "--compile", "tvm")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "argument --compile: invalid choice: 'tvm'" in result.stderr.str()

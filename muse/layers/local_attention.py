@@ -44,6 +44,11 @@ def _band(window: int, past: int, device: torch.device) -> torch.Tensor:
         return torch.stack((first, band))
 
 
+def _pairs(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, H, M + 1, w, D) → (B, H, M, 2w, D): blocks c and c + 1 side by side."""
+    return torch.cat((blocks[:, :, :-1], blocks[:, :, 1:]), dim=3)
+
+
 def local_attention(q, k, v, window: int, past: int = 0):
     """q (B, H, N, D), k and v (B, H, P + N, D): the P ≤ w − 1 tokens just before this segment
     first, then the segment's own → (B, H, N, D). No positions are added here."""
@@ -55,8 +60,11 @@ def local_attention(q, k, v, window: int, past: int = 0):
     m = -(-n // window)
     # w slots in front (the carried keys at their end, zeros before), padding behind to M·w + w
     front, back = window - past, m * window - n
-    kp = F.pad(k, (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
-    vp = F.pad(v, (0, 0, front, back)).unfold(2, 2 * window, window).transpose(-1, -2)
+    # each block's 2w keys as two neighbouring blocks side by side: the same values as
+    # unfold(2, 2w, w), whose overlapping backward torch.compile's inductor gets wrong
+    # (pytorch #172064)
+    kp, vp = (_pairs(F.pad(t, (0, 0, front, back)).view(bsz, heads, m + 1, window, d))
+              for t in (k, v))
     qp = F.pad(q, (0, 0, 0, back)).view(bsz, heads, m, window, d)
     band = _band(window, past, q.device)
     mask = torch.cat((band[:1], band[1:].expand(m - 1, -1, -1)))  # (M, w, 2w)

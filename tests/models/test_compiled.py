@@ -1,7 +1,8 @@
 """A training step under torch.compile (inductor, the backend `pytest bench --compile` uses)
-computes what the eager step computes: the loss and every parameter's gradient, float32 on the
-CPU, to 1e-4 of each gradient's norm (inductor reorders float32 sums). Only the families with
-the sliding window: its overlapping unfold had a backward inductor got wrong (pytorch #172064)."""
+computes what the eager step computes: the loss and every parameter's gradient in float32, to
+1e-4 of each gradient's norm (inductor reorders float32 sums; TF32 off on CUDA). On the CPU
+the families with the sliding window, whose overlapping unfold had a backward inductor got
+wrong (pytorch #172064); on CUDA every family the bench compiles."""
 
 import shutil
 
@@ -10,11 +11,7 @@ import torch
 
 from muse import models
 
-pytestmark = [
-    pytest.mark.slow,  # inductor compiles C++ kernels for each model
-    pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                       reason="inductor on the CPU needs a C++ compiler (c++ or g++)"),
-]
+NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
 
 
 def loss_and_grads(model, ids):
@@ -25,14 +22,30 @@ def loss_and_grads(model, ids):
                            for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["phase3", "phase8"])
-def test_the_compiled_step_has_the_eager_gradients(family):
+def check_compiled_step(family, device):
     torch.manual_seed(0)
-    model = models.build(family, "tiny", vocab_size=97)
-    ids = torch.randint(0, 97, (2, 64))
+    model = models.build(family, "tiny", vocab_size=97).to(device)
+    ids = torch.randint(0, 97, (2, 64), device=device)
     loss, grads = loss_and_grads(model, ids)
     got_loss, got = loss_and_grads(torch.compile(model, dynamic=False), ids)
     assert torch.allclose(got_loss, loss, rtol=1e-5, atol=0)
     assert got.keys() == grads.keys()
     errors = {n: float((got[n] - g).norm() / g.norm()) for n, g in grads.items() if g.norm() > 0}
     assert max(errors.values()) < 1e-4, max(errors.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels for each model
+@pytest.mark.skipif(NO_CXX, reason="inductor on the CPU needs a C++ compiler (c++ or g++)")
+@pytest.mark.parametrize("family", ["phase3", "phase8"])
+def test_the_compiled_step_has_the_eager_gradients(family):
+    check_compiled_step(family, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["phase1", "phase2", "phase3", "phase7", "phase8",
+                                    "transformer"])
+def test_the_compiled_step_has_the_eager_gradients_on_cuda(family, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    check_compiled_step(family, "cuda")

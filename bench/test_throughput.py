@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-
 from torch._dynamo.exc import TorchDynamoException
 
 from muse import models
@@ -190,6 +189,31 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
     record_ratio_to_baseline(case, at, "fixed_step", own, tokens, cache, chunk, record)
 
 
+def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record, muse_session,
+                    pytestconfig, **variant) -> None:
+    """The fixed-tokens step at `tokens` a step as `variant` (fixed_step's graphed or
+    compiled): `<prefix>_tokens_per_s` and its peak, `<gain>` over the same step launched op by
+    op, and the ratio to the matched transformer run the same way. A variant the model cannot
+    run fails the test with the reason."""
+    if case.seq > tokens:
+        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
+    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
+    eager = fixed_step(case, tokens, cache, chunk)
+    try:
+        own = fixed_step(case, tokens, cache, chunk, **variant)
+    except (GraphCaptureError, TorchDynamoException) as exc:
+        pytest.fail(f"{how}: {str(exc).strip().splitlines()[0]}", pytrace=False)
+    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
+    facts = {"protocol": f"{FIXED_STEP_PROTOCOL}, {how}",
+             "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
+             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
+             "rounds": own.stats.rounds, "loss": own.loss}
+    record_step(at, prefix, own, facts, record)
+    record(at, gain, own.tokens_per_s / eager.tokens_per_s, "1",
+           extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
+    record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record, **variant)
+
+
 # the graphed step at --tokens-per-step, and at --batch sequences (the batch-1 protocol's
 # shape, where launch overhead weighs most), under the fixed-tokens protocol's bf16 and AdamW
 GRAPHED_BUDGETS = {"tokens_per_step": ("graphed_step", "cuda_graph_gain"),
@@ -206,24 +230,8 @@ def test_train_step_captured_in_a_cuda_graph(case, budget, record, muse_session,
         pytest.skip(f"a CUDA graph needs CUDA; this run is on {case.device}")
     tokens = (pytestconfig.getoption("tokens_per_step") if budget == "tokens_per_step"
               else case.batch * case.seq)
-    if case.seq > tokens:
-        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
-    prefix, gain = GRAPHED_BUDGETS[budget]
-    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
-    eager = fixed_step(case, tokens, cache, chunk)
-    try:
-        own = fixed_step(case, tokens, cache, chunk, graphed=True)
-    except GraphCaptureError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
-    facts = {"protocol": FIXED_STEP_PROTOCOL + ", captured in a CUDA graph",
-             "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
-             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
-             "rounds": own.stats.rounds, "loss": own.loss}
-    record_step(at, prefix, own, facts, record)
-    record(at, gain, own.tokens_per_s / eager.tokens_per_s, "1",
-           extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
-    record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record, graphed=True)
+    measure_variant(case, tokens, *GRAPHED_BUDGETS[budget], "captured in a CUDA graph", record,
+                    muse_session, pytestconfig, graphed=True)
 
 
 def test_train_step_compiled(case, record, muse_session, pytestconfig):
@@ -233,24 +241,6 @@ def test_train_step_compiled(case, record, muse_session, pytestconfig):
     backend = pytestconfig.getoption("compile")
     if backend is None:
         pytest.skip("--compile not given: the compiled step is not measured")
-    tokens = pytestconfig.getoption("tokens_per_step")
-    if case.seq > tokens:
-        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
-    chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
-    eager = fixed_step(case, tokens, cache, chunk)
-    try:
-        own = fixed_step(case, tokens, cache, chunk, compiled=backend)
-    except TorchDynamoException as exc:
-        pytest.fail(f"torch.compile(backend={backend!r}) failed: "
-                    f"{str(exc).strip().splitlines()[0]}", pytrace=False)
-    at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
-    facts = {"protocol": f"{FIXED_STEP_PROTOCOL}, the model under torch.compile "
-                         f"(backend {backend})",
-             "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
-             "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
-             "rounds": own.stats.rounds, "loss": own.loss}
-    record_step(at, "compiled_step", own, facts, record)
-    record(at, "compile_gain", own.tokens_per_s / eager.tokens_per_s, "1",
-           extra={"eager_tokens_per_s": eager.tokens_per_s, "backend": backend, "summary": True})
-    record_ratio_to_baseline(case, at, "compiled_step", own, tokens, cache, chunk, record,
-                             compiled=backend)
+    measure_variant(case, pytestconfig.getoption("tokens_per_step"), "compiled_step",
+                    "compile_gain", f"the model under torch.compile (backend {backend})",
+                    record, muse_session, pytestconfig, compiled=backend)

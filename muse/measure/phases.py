@@ -160,5 +160,5 @@ def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
         return GraphedTrainStep(model, ids, dtype, loss_chunk=loss_chunk)
     if compiled:
         # dynamic=False: the protocol's one shape, compiled once and never re-traced
-        model = torch.compile(model.to(dtype=torch.float32), backend=compiled, dynamic=False)
+        model = torch.compile(model, backend=compiled, dynamic=False)
     return TrainStep(model, ids, dtype, fused=True, loss_chunk=loss_chunk)

@@ -58,8 +58,7 @@ class Phase7Config(FFNConfig):
     curvature: float = 1.0  # c of the Poincaré ball (curvature −c)
     beta_init: float = 1.0  # β per head at init (learned, > 0)
     # the local attention forms its key–query dot products again in backward rather than keep
-    # them: 2·w·H bytes a token and layer less (bf16), one more batched matmul in backward,
-    # which the H200 did not see in tokens/s (reports/results/sixth-session/variants)
+    # them: 2·w·H bytes a token and layer less (bf16) for one more batched matmul in backward
     recompute_dot: bool = True
     rope_base: float = 10000.0
     ar_ssm_rank: int = 32

@@ -56,8 +56,8 @@ class Phase8Config(FFNConfig):
     decay_dt_range: tuple[float, float] = (1e-3, 0.1)
     decay_plain_heads: int = 1
     # keep only q, k, v and the decays of the decayed form for backward, its chunk products
-    # formed again there (matmuls recomputed: 22% less peak for 5% fewer tokens/s on the H200,
-    # reports/results/sixth-session/variants: opt-in)
+    # formed again there (opt-in: less peak memory, but it recomputes matmuls, which costs
+    # tokens/s)
     recompute_chunks: bool = False
     backend: str = "auto"  # "auto" (= "torch" for now), "torch" or "fla" (layers.linear_attention)
     init: str = "gpt2"  # "torch" (nn.Linear's own) or "gpt2": N(0, 0.02), residual out / √(2L)

@@ -163,11 +163,11 @@ def _walk(step, push, w, reverse=False):
 class _AffineScan(torch.autograd.Function):
     """The chunk-to-chunk steps W_c = push_c + step_c W_{c−1} (muse.ops.affine_walk) as one
     autograd node → the state entering every chunk (BH, M, Dk, Dv) and the state after the
-    last. Each entering
-    state is kept once (autograd through the loop would keep it by its multiply-add and again
-    in the stack for the read-out). Backward walks the same steps in reverse for the gradient
-    reaching each push (from the next step and from the read-out, added as autograd adds
-    them); the steps' gradients are then one batched product with the entering states."""
+    last. Each entering state is kept once (autograd through the loop would keep it by its
+    multiply-add and again in the stack for the read-out). Backward walks the same steps in
+    reverse for the gradient reaching each push (from the next step and from the read-out,
+    added as autograd adds them); the steps' gradients are then one batched product with the
+    entering states."""
 
     @staticmethod
     def forward(ctx, step, push, w):

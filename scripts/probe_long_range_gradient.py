@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from muse.models import registry
 from muse.measure.gradient import gradient_flow
+from muse.models import registry
 
 
 def main(argv: list[str]) -> int:

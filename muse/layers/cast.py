@@ -41,7 +41,9 @@ def autocast_read(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
         return x
     dtype = torch.get_autocast_dtype(device)
-    if x.is_inference():  # no version counter to tell a stale copy by, and nothing kept for backward
+    # an inference tensor has no version counter to tell a stale copy by, and keeps nothing
+    # for backward
+    if x.is_inference():
         return x.to(dtype)
     entry = _CASTS.get(x)
     if entry is None or entry[0] != x._version or entry[1].dtype != dtype:

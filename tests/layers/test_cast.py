@@ -72,7 +72,7 @@ def test_backward_keeps_one_bf16_copy_for_all_readers():
         layers = _readers()
         kept = {}
 
-        def pack(t):
+        def pack(t, kept=kept):
             if t.dtype == torch.bfloat16 and t.untyped_storage().nbytes() == n * d * 2:
                 kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t

@@ -45,11 +45,11 @@ def test_cuda_path_matches_float64_with_gradients(dtype, bound, carried, path):
             raise
         pytest.skip(f"fla refuses its backward here: {str(exc)[:160]}")
     want, want_final = decayed_linear_attention(*ref, state=ref_state, chunk=64)
-    for got, expect in zip(final, want_final):
+    for got, expect in zip(final, want_final, strict=True):
         err = float((got.detach().cpu().double() - expect).norm() / expect.norm())
         assert err < bound, f"final state: relative error {err:.2e} (bound {bound:.0e})"
     (want * grad_y.cpu().double()).sum().backward()
-    for got, expect, what in [(y, want, "y"), *((a.grad, r.grad, f"grad {i}")
-                                               for i, (a, r) in enumerate(zip(cuda, ref)))]:
+    grads = [(a.grad, r.grad, f"grad {i}") for i, (a, r) in enumerate(zip(cuda, ref, strict=True))]
+    for got, expect, what in [(y, want, "y"), *grads]:
         err = float((got.detach().cpu().double() - expect).norm() / expect.norm())
         assert err < bound, f"{what}: relative error {err:.2e} (bound {bound:.0e})"

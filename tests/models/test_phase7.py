@@ -167,7 +167,7 @@ def test_the_gated_mix_keeps_p_loc_and_glob_not_g():
     for fn in (gated_mix, _plain_mix):
         kept = {}
 
-        def pack(t):
+        def pack(t, kept=kept):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 

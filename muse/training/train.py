@@ -70,6 +70,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+
 class ConfigError(MuseError):
     """A training config that names an unknown key or holds a value of the wrong type."""
 
@@ -77,6 +78,10 @@ class ConfigError(MuseError):
 class Terminated(BaseException):
     """SIGTERM during training, raised in the main thread as KeyboardInterrupt is for SIGINT,
     so both end in the same emergency save."""
+
+
+# torch.compile's own modes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -98,6 +103,9 @@ class TrainConfig(StrictConfig):
     dtype: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (fp16 adds loss scaling)
     checkpointing: bool = False  # activation checkpointing (a model override)
     compile: bool = False  # torch.compile the model
+    # torch.compile's mode; "reduce-overhead" replays the step's kernels as CUDA graphs (fixed
+    # shapes), what lifts a small batch off the launch overhead
+    compile_mode: str = "default"
     loss_chunk: int = 0  # > 0: the loss's logits made this many positions at a time (layers.head)
     seed: int = 0
     eval_every: int = 100  # validation every K steps (and at the end); 0: only at the end
@@ -111,7 +119,8 @@ class TrainConfig(StrictConfig):
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
-        for key in ("model", "corpus", "tokenizer", "out_dir", "dtype", "device", "parallel"):
+        for key in ("model", "corpus", "tokenizer", "out_dir", "dtype", "device", "parallel",
+                    "compile_mode"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
         if not isinstance(self.model_overrides, dict):
@@ -143,6 +152,11 @@ class TrainConfig(StrictConfig):
         for key in ("checkpointing", "compile", "wandb", "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
+                              f"{self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile=true")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not is_device_name(self.device):
@@ -550,10 +564,10 @@ class Trainer:
         if c.ckpt is not None:
             load_weights(self.raw_model, c.ckpt, resume)  # before FSDP shards the parameters
         self.wrapped = distributed.wrap(self.raw_model, ranks, self.device)
-        self.model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.model = self._compiled(self.wrapped)
         # with DDP, validation needs no other rank: the module under the wrapper
-        self.eval_model = self.model if not ranks.several or ranks.fsdp else (
-            torch.compile(self.raw_model) if cfg.compile else self.raw_model)
+        self.eval_model = (self.model if not ranks.several or ranks.fsdp
+                           else self._compiled(self.raw_model))
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device, fused=not ranks.fsdp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -565,6 +579,11 @@ class Trainer:
         if ranks.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a checkpoint saves
             torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank + self.step)
         self.wandb_run = _wandb_run(cfg, self.out) if cfg.wandb and ranks.main else None
+
+    def _compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.cfg.compile:
+            return module
+        return torch.compile(module, mode=self.cfg.compile_mode)
 
     def resume(self, ckpt: dict[str, Any]) -> None:
         """Optimizer, scaler, data generator, RNG, step, best and history from a checkpoint
@@ -588,6 +607,9 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
+            if cfg.compile and cfg.compile_mode == "reduce-overhead":
+                # a new step: the graphs may overwrite the last one's outputs, all consumed
+                torch.compiler.cudagraph_mark_step_begin()
             x = sample_batch(self.train_ids, cfg.batch_size, cfg.seq_len, self.gen,
                              ranks).to(device)
             with distributed.grad_sync(self.wrapped, ranks, micro == cfg.grad_accum - 1):

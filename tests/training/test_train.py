@@ -244,3 +244,25 @@ def test_the_chunked_loss_trains_as_the_full_logits_do(corpus, tmp_path):
 def test_a_negative_loss_chunk_is_refused():
     with pytest.raises(ConfigError, match="loss_chunk must be ≥ 0, got -1"):
         TrainConfig(loss_chunk=-1)
+
+
+def test_compile_mode_reaches_torch_compile_and_marks_each_step(corpus, tmp_path, monkeypatch):
+    # torch.compile itself is stood in for: what is checked is what the trainer asks of it
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    train(tiny(corpus, tmp_path / "run", steps=3, grad_accum=2, eval_every=0, compile=True,
+               compile_mode="reduce-overhead"))
+    assert modes == ["reduce-overhead"]  # one rank: validation runs the same compiled module
+    assert len(marks) == 3 * 2  # before each micro-batch's forward
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"compile": True, "compile_mode": "fast"},
+     "compile_mode must be one of default, reduce-overhead, max-autotune, "
+     "max-autotune-no-cudagraphs, got 'fast'"),
+    ({"compile_mode": "reduce-overhead"}, "compile_mode='reduce-overhead' needs compile=true"),
+])
+def test_a_bad_compile_mode_is_refused_naming_the_valid_ones(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)

@@ -607,7 +607,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            if cfg.compile and cfg.compile_mode == "reduce-overhead":
+            if cfg.compile_mode == "reduce-overhead":  # the config holds it only with compile
                 # a new step: the graphs may overwrite the last one's outputs, all consumed
                 torch.compiler.cudagraph_mark_step_begin()
             x = sample_batch(self.train_ids, cfg.batch_size, cfg.seq_len, self.gen,

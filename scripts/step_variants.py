@@ -1,7 +1,8 @@
 """The fixed-tokens training step (bench/test_throughput.py's protocol: bf16 autocast, fused
 AdamW, a fixed number of tokens a step) of model variants with config overrides, which the
 bench's --model cannot take: tokens/s and the step's peak memory a variant, to keep a memory or
-speed lever only if its numbers say so. CUDA only (the peak is the allocator's).
+speed lever only if its numbers say so (`--compile BACKEND`: every variant under torch.compile).
+CUDA only (the peak is the allocator's).
 
     python scripts/step_variants.py --seq 4096 65536 --loss-chunk 4096 --out $OUT/variants \
         transformer:small phase8:small 'phase8:small {"recompute_chunks": true}'
@@ -50,6 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--loss-chunk", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--compile", choices=("inductor", "aot_eager", "eager"), default=None,
+                        help="each variant's step under torch.compile with this backend")
     parser.add_argument("--out", required=True, help="path stem of the .json written")
     args = parser.parse_args(argv)
     try:
@@ -69,7 +72,8 @@ def main(argv: list[str]) -> int:
         for seq in args.seq:
             torch.manual_seed(0)
             model = registry.build(name, preset, **over).to(device)
-            step = fixed_tokens_step(model, args.tokens_per_step, seq, device, args.loss_chunk)
+            step = fixed_tokens_step(model, args.tokens_per_step, seq, device, args.loss_chunk,
+                                     compiled=args.compile)
             stats, peak = time_with_peak(step, device, 3, args.rounds)
             loss = step.last_loss.item()
             rows.append(dict(spec=spec, overrides=over, seq=seq, batch=step.ids.shape[0],
@@ -83,7 +87,7 @@ def main(argv: list[str]) -> int:
     with open(f"{args.out}.json", "w") as f:
         json.dump(dict(command=" ".join(sys.argv), environment=environment_facts(),
                        tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
-                       rows=rows), f, indent=1)
+                       compile=args.compile, rows=rows), f, indent=1)
     print(f"\n{'variant':58s} {'seq':>6s} {'tokens/s':>11s} {'peak GB':>8s}")
     for r in rows:
         label = f"{r['spec']} {json.dumps(r['overrides'])}" if r["overrides"] else r["spec"]

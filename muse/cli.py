@@ -225,26 +225,51 @@ def profile(args: argparse.Namespace) -> int:
     from muse.measure.phases import torch_dtype
     from muse.measure.profile import format_rows, profile_step
 
+    fixed = args.tokens_per_step is not None
+    if fixed:
+        given = [f"{o} {v}" for o, v in (("--batch", args.batch), ("--dtype", args.dtype),
+                                         ("--phase", args.phase)) if v is not None]
+        if given:
+            raise MuseError(f"--tokens-per-step profiles the bench's fixed-tokens train step "
+                            f"(bf16, batch = tokens // seq); drop {', '.join(given)}")
+        if args.seq > args.tokens_per_step:
+            raise MuseError(f"--seq {args.seq} is longer than --tokens-per-step "
+                            f"{args.tokens_per_step}: no whole sequence fits a step")
+    phase, batch, dtype_name = args.phase or "train", args.batch or 1, args.dtype or "fp16"
     device = resolve_device(args.device, option="--device")
     try:
         model = models.build(args.model)
-        dtype = torch_dtype(args.dtype)
+        dtype = torch_dtype(dtype_name)
     except (KeyError, ValueError) as exc:
         raise MuseError(str(exc)) from None
     try:
         step_s, sublayers, kernels = profile_step(
-            model, args.seq, phase=args.phase, dtype=dtype, batch=args.batch, device=device
+            model, args.seq, phase=phase, dtype=dtype, batch=batch, device=device,
+            tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
+            compiled=args.compile,
         )
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not _out_of_memory(exc):
             raise
-        raise MuseError(f"{args.model} at --seq {args.seq} --batch {args.batch} ({args.dtype}, "
-                        f"{args.phase}) does not fit in {device} memory: {_fit_note(exc)}; try a "
-                        "shorter --seq or a smaller --batch") from None
-    print(f"{args.model} {args.phase} seq {args.seq} batch {args.batch} {args.dtype} on {device}:"
-          f" {step_s * 1e3:.3f} ms per step (median of timed rounds)")
-    for line in format_rows("sublayers (forward, summed over blocks)", sublayers, args.rows):
-        print(line)
+        shape = (f"--tokens-per-step {args.tokens_per_step}" if fixed
+                 else f"--batch {batch} ({dtype_name}, {phase})")
+        raise MuseError(f"{args.model} at --seq {args.seq} {shape} does not fit in {device} "
+                        f"memory: {_fit_note(exc)}; try a shorter --seq or fewer tokens a step"
+                        ) from None
+    if fixed:
+        what = (f"fixed-tokens train step seq {args.seq} batch {args.tokens_per_step // args.seq}"
+                f" bf16 fused AdamW")
+    else:
+        what = f"{phase} seq {args.seq} batch {batch} {dtype_name}"
+    how = "".join((f", loss chunk {args.loss_chunk}" if args.loss_chunk else "",
+                   f", torch.compile ({args.compile})" if args.compile else ""))
+    print(f"{args.model} {what}{how} on {device}: {step_s * 1e3:.3f} ms per step (median of "
+          "timed rounds)")
+    if args.compile:
+        print("sublayers: not labelled under torch.compile (its fused kernels cross them)")
+    else:
+        for line in format_rows("sublayers (forward, summed over blocks)", sublayers, args.rows):
+            print(line)
     for line in format_rows("self time (forward and backward)", kernels, args.rows):
         print(line)
     return 0
@@ -397,9 +422,16 @@ def main(argv: list[str] | None = None) -> int:
                        " and kernel")
     p.add_argument("model", help="registry spec, name[:preset]")
     p.add_argument("--seq", type=positive_int, required=True)
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--phase", choices=("train", "forward"), default="train")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--batch", type=positive_int, default=None, help="default 1")
+    p.add_argument("--phase", choices=("train", "forward"), default=None, help="default train")
+    p.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
+                   help="default fp16")
+    p.add_argument("--tokens-per-step", type=positive_int, default=None,
+                   help="the bench's fixed-tokens train step: bf16, fused AdamW, batch = N // seq")
+    p.add_argument("--loss-chunk", type=nonnegative_int, default=0,
+                   help="the loss's logits N positions at a time (0: whole)")
+    p.add_argument("--compile", choices=("inductor", "aot_eager", "eager"), default=None,
+                   help="the model under torch.compile with this backend (compiling untimed)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--rows", type=positive_int, default=20)
     p.set_defaults(func=profile)

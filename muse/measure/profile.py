@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from muse.measure.phases import TrainStep, forward_fn, random_ids, synchronize
+from muse.measure.phases import (TrainStep, fixed_tokens_step, forward_fn, random_ids,
+                                 synchronize)
 from muse.measure.timing import time_callable
 
 PHASES = ("train", "forward")
@@ -64,16 +65,31 @@ def _label_sublayers(model: nn.Module) -> list:
 
 
 def profile_step(model: nn.Module, seq: int, *, phase: str = "train", dtype=torch.float16,
-                 batch: int = 1, device="cuda", steps: int = 3, warmup: int = 3):
-    """→ (median step seconds, sublayer rows, kernel rows), times per step."""
+                 batch: int = 1, device="cuda", steps: int = 3, warmup: int = 3,
+                 tokens_per_step: int | None = None, loss_chunk: int = 0,
+                 compiled: str | None = None):
+    """→ (median step seconds, sublayer rows, kernel rows), times per step. `tokens_per_step`:
+    the bench's fixed-tokens train step instead (muse.measure.phases.fixed_tokens_step: bf16,
+    fused AdamW, batch = tokens_per_step // seq; `dtype` and `batch` unused), with `loss_chunk`;
+    `compiled`: the model under torch.compile with that backend, whose fused kernels carry no
+    sublayer labels (the sublayer rows are then empty)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if tokens_per_step is not None and phase != "train":
+        raise ValueError(f"the fixed-tokens step is a train step, not phase {phase!r}")
     device = torch.device(device)
     model = model.to(device)
-    ids = random_ids(model.config.vocab_size, batch, seq, device)
-    fn = TrainStep(model, ids, dtype) if phase == "train" else forward_fn(model, ids, dtype)
+    if tokens_per_step is not None:
+        fn = fixed_tokens_step(model, tokens_per_step, seq, device, loss_chunk,
+                               compiled=compiled)
+    else:
+        ids = random_ids(model.config.vocab_size, batch, seq, device)
+        run = torch.compile(model, backend=compiled, dynamic=False) if compiled else model
+        fn = (TrainStep(run, ids, dtype, loss_chunk=loss_chunk) if phase == "train"
+              else forward_fn(run, ids, dtype))
     step_s = time_callable(fn, device, warmup=warmup, rounds=max(steps, 5)).median_s
-    handles = _label_sublayers(model)
+    # hooks added to a compiled model would only force it to compile again
+    handles = [] if compiled else _label_sublayers(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     try:

@@ -31,3 +31,31 @@ def test_cli_prints_both_tables(capsys):
                  "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "muse::BKMixer [kernels]" in out and "self time" in out
+
+
+def test_the_fixed_tokens_step_is_the_benchs(capsys):
+    assert main(["profile", "phase8:tiny", "--seq", "16", "--tokens-per-step", "32",
+                 "--loss-chunk", "8", "--device", "cpu", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fixed-tokens train step seq 16 batch 2 bf16 fused AdamW, loss chunk 8" in out
+    assert "muse::CausalLinearAttention [kernels]" in out
+
+
+def test_a_compiled_step_has_kernels_but_no_sublayer_labels(capsys):
+    # the eager backend: torch.compile's path without inductor's C++ build
+    assert main(["profile", "transformer:tiny", "--seq", "16", "--compile", "eager",
+                 "--device", "cpu", "--dtype", "fp32", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile (eager)" in out and "not labelled" in out
+    assert "muse::" not in out and "self time" in out
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--batch", "2"], "--batch 2"), (["--dtype", "fp16"], "--dtype fp16"),
+    (["--phase", "forward"], "--phase forward"), (["--seq", "64"], "--seq 64"),
+])
+def test_the_fixed_tokens_step_refuses_what_it_fixes(extra, named, capsys):
+    args = ["profile", "phase8:tiny", "--seq", "16", "--tokens-per-step", "32",
+            "--device", "cpu", *extra]
+    assert main(args) == 2
+    assert named in capsys.readouterr().err

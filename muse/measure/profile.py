@@ -19,8 +19,7 @@ import torch.nn as nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from muse.measure.phases import (TrainStep, fixed_tokens_step, forward_fn, random_ids,
-                                 synchronize)
+from muse.measure.phases import TrainStep, fixed_tokens_step, forward_fn, random_ids, synchronize
 from muse.measure.timing import time_callable
 
 PHASES = ("train", "forward")

@@ -4,6 +4,7 @@
 # under $OUT/train-<mode>; the last lines are a table of median tokens/s (steps after the
 # first 10, so compiling is not counted), peak memory and the losses at steps 1 and the last.
 #   bash scripts/device_train_compile.sh MODEL SEQ BATCH STEPS CORPUS
+# MODES (default "eager default reduce-overhead") picks the runs.
 set -uo pipefail
 source "$(dirname "$0")/device_facts.sh"
 model=${1:?model} seq=${2:?seq} batch=${3:?batch} steps=${4:?steps} corpus=${5:?corpus}
@@ -13,7 +14,7 @@ printf 'model = "%s"\ncorpus = "%s"\nseq_len = %s\nbatch_size = %s\nsteps = %s\n
 printf 'dtype = "bf16"\nwarmup_steps = 10\neval_every = 0\neval_tokens = 8192\nprogress = false\n' \
   >> "$OUT/train.toml"
 status=0
-for mode in eager default reduce-overhead; do
+for mode in ${MODES:-eager default reduce-overhead}; do
   args=(--set "out_dir=\"$OUT/train-$mode\"")
   [ "$mode" != eager ] && args+=(--set compile=true --set "compile_mode=\"$mode\"")
   start=$(date +%s)

@@ -88,21 +88,20 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
     acc = torch.promote_types(q.dtype, torch.float32)
     m = -(-n // chunk)
     pad = m * chunk - n  # zero keys at the end add nothing to the state
-    # the normaliser is the numerator's computation with value 1: one more value column
-    v1 = torch.cat((v, v.new_ones(bsz, heads, n, 1)), dim=-1)
+    v1 = with_normaliser_column(v)
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v1))
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(above_diagonal(chunk, q.device), 0.0)
     intra = scores @ vc  # (B, H, M, T, Dv + 1)
     added = (kc.transpose(-1, -2) @ vc).to(acc)  # what each chunk adds: (B, H, M, Dk, Dv + 1)
     if state is None:
-        start = added.new_zeros(bsz, heads, 1, dk, dv + 1)
+        start = added.new_zeros(bsz, heads, 1, dk, v1.shape[-1])
     else:
-        start = torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)[:, :, None]
+        start = state_with_normaliser(state, v1.shape[-1]).to(acc)[:, :, None]
     ends = start + torch.cumsum(added, dim=2)  # the state after each chunk
     entering = torch.cat((start, ends[:, :, :-1]), dim=2)
     y = intra.to(acc) + qc.to(acc) @ entering
-    y = y.reshape(bsz, heads, m * chunk, dv + 1)[:, :, :n]
-    out = (y[..., :dv] / (y[..., dv:] + eps)).to(v.dtype)
+    y = y.reshape(bsz, heads, m * chunk, v1.shape[-1])[:, :, :n]
+    out = (y[..., :dv] / (y[..., dv:dv + 1] + eps)).to(v.dtype)
     last = ends[:, :, -1]
     return out, (last[..., :dv], last[..., dv])
 
@@ -122,17 +121,18 @@ def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
         return out.to(v.dtype), state
     dv = v.shape[-1]
     acc = torch.promote_types(torch.promote_types(q.dtype, log_decay.dtype), torch.float32)
-    v1 = torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
-    w0 = None if state is None else torch.cat((state[0], state[1][..., None]), dim=-1).to(acc)
+    v1 = with_normaliser_column(v)
+    w0 = None if state is None else state_with_normaliser(state, v1.shape[-1]).to(acc)
     if backend == "fla":
         y, w = hebbian_fla(*(t.transpose(1, 2) for t in (q, k, v1, log_decay)), state=w0)
         y = y.transpose(1, 2)
     else:
         y, w = hebbian_chunked(q, k, v1, log_decay.to(acc), state=w0, chunk=chunk)
     if torch.is_grad_enabled() and y.requires_grad:  # keeps y, not its float32 copy
-        out = checkpoint(_normalised, y, acc, eps, use_reentrant=False, preserve_rng_state=False)
+        out = checkpoint(_normalised, y, dv, acc, eps, use_reentrant=False,
+                         preserve_rng_state=False)
     else:
-        out = _normalised(y, acc, eps)
+        out = _normalised(y, dv, acc, eps)
     return out.to(v.dtype), (w[..., :dv], w[..., dv])
 
 
@@ -140,11 +140,34 @@ def _decayed_output(q, k, v, log_decay, chunk: int) -> torch.Tensor:
     return decayed_linear_attention(q, k, v, log_decay, chunk=chunk)[0]
 
 
-def _normalised(y: torch.Tensor, acc: torch.dtype, eps: float) -> torch.Tensor:
-    """The numerator columns of y over its last (the normaliser), in `acc`, returned in y's
-    dtype."""
+def _normalised(y: torch.Tensor, dv: int, acc: torch.dtype, eps: float) -> torch.Tensor:
+    """The numerator columns y[..., :dv] over column dv (the normaliser), in `acc`, returned
+    in y's dtype."""
     wide = y.to(acc)
-    return (wide[..., :-1] / (wide[..., -1:] + eps)).to(y.dtype)
+    return (wide[..., :dv] / (wide[..., dv:dv + 1] + eps)).to(y.dtype)
+
+
+# value rows padded to this many elements: a 65-column bf16 row is 130 bytes, which only the
+# unaligned (align1) GEMM kernels take
+ALIGN = 8
+
+
+def with_normaliser_column(v: torch.Tensor) -> torch.Tensor:
+    """v (…, Dv) → (…, Dv + 1 + pad): the normaliser is the numerator's computation with value
+    1, one more value column; zero columns after it bring the width to a multiple of ALIGN."""
+    pad = -(v.shape[-1] + 1) % ALIGN
+    ones = v.new_ones(*v.shape[:-1], 1)
+    if not pad:
+        return torch.cat((v, ones), dim=-1)
+    return torch.cat((v, ones, v.new_zeros(*v.shape[:-1], pad)), dim=-1)
+
+
+def state_with_normaliser(state, width: int) -> torch.Tensor:
+    """(S (…, Dk, Dv), z (…, Dk)) → the carried (…, Dk, width) matrix S | z | zeros."""
+    s, z = state
+    pad = width - s.shape[-1] - 1
+    parts = (s, z[..., None].to(s.dtype)) + ((s.new_zeros(*z.shape, pad),) if pad else ())
+    return torch.cat(parts, dim=-1)
 
 
 def linear_attention_fla(q, k, v, state=None, eps: float = EPS):

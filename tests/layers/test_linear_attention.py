@@ -11,6 +11,8 @@ from muse.layers.linear_attention import (
     linear_attention_chunked,
     linear_attention_naive,
     resolve_backend,
+    state_with_normaliser,
+    with_normaliser_column,
 )
 
 TOL = 1e-10
@@ -313,3 +315,15 @@ def test_the_fla_backend_hands_fla_its_layout_and_the_state(monkeypatch):
     got = la.decayed_linear_attention(q, k, v, log_decay, state, backend="fla")
     for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("dv, width", [(64, 72), (7, 8), (8, 16), (15, 16)])
+def test_the_normaliser_column_pads_rows_to_aligned_widths(dv, width):
+    v = torch.randn(2, 3, 5, dv, dtype=torch.bfloat16)
+    v1 = with_normaliser_column(v)
+    assert v1.shape[-1] == width and torch.equal(v1[..., :dv], v)
+    assert torch.all(v1[..., dv] == 1) and torch.all(v1[..., dv + 1:] == 0)
+    s, z = torch.randn(2, 3, 4, dv), torch.randn(2, 3, 4)
+    w = state_with_normaliser((s, z), width)
+    assert torch.equal(w[..., :dv], s) and torch.equal(w[..., dv], z)
+    assert torch.all(w[..., dv + 1:] == 0)

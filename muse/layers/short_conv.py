@@ -34,8 +34,8 @@ def causal_depthwise(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     acc = torch.promote_types(padded.dtype, torch.float32)
     w = weight[:, 0].to(acc)  # (C, K)
     y = padded[:, k - 1:] * w[:, k - 1]
-    for j in range(k - 1):
-        y = y + padded[:, j:j + n] * w[:, j]
+    for j in range(k - 1):  # in place: one float32 (B, N, C) alive, not a product beside it
+        y.addcmul_(padded[:, j:j + n], w[:, j])
     return y.to(padded.dtype)
 
 

@@ -120,7 +120,14 @@ def profile_step(model: nn.Module, seq: int, *, phase: str = "train", dtype=torc
     sublayers = sorted(rows(sub, total), key=lambda r: -r.time_ms)
     kernels = sorted(rows([e for e in events if not e.key.startswith("muse::")], self_total),
                      key=lambda r: -r.time_ms)
-    return step_s, sublayers, [r for r in kernels if r.time_ms > 0]
+    return step_s, sublayers, once_by_name([r for r in kernels if r.time_ms > 0])
+
+
+def once_by_name(rows: list[Row]) -> list[Row]:
+    """The first row of each name: a Triton kernel is listed twice, as the host op that
+    launched it and as the kernel itself, with the same device time."""
+    seen: set[str] = set()
+    return [r for r in rows if not (r.name in seen or seen.add(r.name))]
 
 
 def format_rows(title: str, rows: list[Row], limit: int) -> list[str]:

@@ -59,3 +59,11 @@ def test_the_fixed_tokens_step_refuses_what_it_fixes(extra, named, capsys):
             "--device", "cpu", *extra]
     assert main(args) == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_kernel_listed_as_its_launch_and_itself_counts_once():
+    from muse.measure.profile import Row, once_by_name
+
+    rows = [Row("triton_red_fused_0", 15, 5.0, 0.1), Row("triton_red_fused_0", 15, 5.0, 0.1),
+            Row("aten::mm", 96, 4.0, 0.08)]
+    assert once_by_name(rows) == [rows[0], rows[2]]

@@ -91,8 +91,8 @@ def linear_attention_chunked(q, k, v, state=None, chunk: int = 64, eps: float = 
     v1 = with_normaliser_column(v)
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v1))
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(above_diagonal(chunk, q.device), 0.0)
-    intra = scores @ vc  # (B, H, M, T, Dv + 1)
-    added = (kc.transpose(-1, -2) @ vc).to(acc)  # what each chunk adds: (B, H, M, Dk, Dv + 1)
+    intra = scores @ vc  # (B, H, M, T, width): Dv, the normaliser's column, padding
+    added = (kc.transpose(-1, -2) @ vc).to(acc)  # what each chunk adds: (B, H, M, Dk, width)
     if state is None:
         start = added.new_zeros(bsz, heads, 1, dk, v1.shape[-1])
     else:

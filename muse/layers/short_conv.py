@@ -27,8 +27,7 @@ def causal_depthwise(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """(B, K−1 + N, C) left-padded input, a depthwise Conv1d weight (C, 1, K) → (B, N, C):
     y_t = Σ_j w_j ⊙ padded_{t+j}, as conv1d, summed in float32 at least and returned in the
     input's dtype. K shifted multiply-adds in the (B, N, C) layout: no transposes, and
-    torch.compile fuses them with the SiLU into one pass (cuDNN's depthwise kernel moved a
-    tenth of the bandwidth, plus two layout copies)."""
+    torch.compile fuses them with the SiLU into one pass."""
     k = weight.shape[-1]
     n = padded.shape[1] - k + 1
     acc = torch.promote_types(padded.dtype, torch.float32)

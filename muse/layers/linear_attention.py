@@ -111,8 +111,8 @@ def decayed_linear_attention(q, k, v, log_decay, state=None, chunk: int = 64,
     """`linear_attention_naive`'s contract with log_decay (B, H, N) ≤ 0, in chunks: the
     numerator and the normaliser (a value column of ones) through `hebbian_chunked` (backend
     "torch") or fla's kernel for the same recurrence (`hebbian_fla`, backend "fla", which keeps
-    only q, k, v and the decays for backward), the state (S | z) carried as one (Dk × Dv + 1)
-    matrix in float32 at least."""
+    only q, k, v and the decays for backward), the state (S | z | zero padding) carried as one
+    (Dk × `with_normaliser_column`'s width) matrix in float32 at least."""
     if q.dtype == torch.float16:
         # a slow head's state sums ~1/(1 − a) writes: past fp16's range, as without a decay
         with torch.autocast(q.device.type, enabled=False):

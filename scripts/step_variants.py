@@ -26,24 +26,6 @@ from muse.measure.timing import time_with_peak
 from muse.models import registry
 
 
-def parse_variants(args: list[str]) -> list[tuple[str, dict]]:
-    """'spec' or 'spec {json}' strings, or a spec followed by a JSON argument."""
-    variants: list[tuple[str, dict]] = []
-    for arg in args:
-        if arg.lstrip().startswith("{"):
-            if not variants:
-                raise ValueError(f"overrides {arg!r} follow no model spec")
-            spec, over = variants.pop()
-            variants.append((spec, {**over, **json.loads(arg)}))
-            continue
-        spec, _, rest = arg.partition(" ")
-        variants.append((spec, json.loads(rest) if rest.strip() else {}))
-    for spec, over in variants:
-        name, preset = registry.resolve(spec)
-        registry.config(name, preset, **over)  # a bad override is named before any run
-    return variants
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", help="model:preset, optionally '{json}'")
@@ -56,7 +38,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="path stem of the .json written")
     args = parser.parse_args(argv)
     try:
-        variants = parse_variants(args.variants)
+        variants = registry.parse_variants(args.variants)
         if any(s < 1 or args.tokens_per_step % s for s in args.seq):
             raise ValueError(f"every --seq must be a positive divisor of --tokens-per-step "
                              f"{args.tokens_per_step}, got {args.seq}")

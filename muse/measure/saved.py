@@ -65,3 +65,30 @@ def saved_bytes_by_sublayer(model: nn.Module, ids: torch.Tensor, dtype: torch.dt
             h.remove()
     del loss
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+COMPILED = "(compiled: every sublayer)"
+
+
+def saved_bytes_compiled(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype,
+                         loss_chunk: int = 0, backend: str = "inductor") -> dict[str, int]:
+    """{COMPILED: bytes saved for backward} by one training forward of `model` under
+    torch.compile (compiled and run once untimed first): what its partitioner keeps, which
+    recomputes cheap ops rather than saving them. No sublayers: fused kernels cross them."""
+    weights = {_storage(p)[0] for p in model.parameters()}
+    run = torch.compile(model.train(), backend=backend, dynamic=False)
+    with autocast(ids.device, dtype):
+        training_loss(run, ids, loss_chunk).backward()
+    model.zero_grad(set_to_none=True)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage(t)
+        if ptr not in weights and nbytes:
+            seen[ptr] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(ids.device, dtype):
+        loss = training_loss(run, ids, loss_chunk)
+    del loss
+    return {COMPILED: sum(seen.values())}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,3 +91,23 @@ def baseline_for(name: str, preset: str, vocab_size: int | None = None) -> tuple
     if vocab_size is None:
         vocab_size = config(name, preset).vocab_size
     return "transformer", family(name).baseline(preset, vocab_size)
+
+
+def parse_variants(args: list[str]) -> list[tuple[str, dict]]:
+    """Command-line model variants: 'spec', 'spec {json overrides}', or a spec followed by a
+    JSON argument → [(spec, overrides)]; a bad spec or override is named before any run
+    (KeyError, TypeError or ValueError, json's included)."""
+    variants: list[tuple[str, dict]] = []
+    for arg in args:
+        if arg.lstrip().startswith("{"):
+            if not variants:
+                raise ValueError(f"overrides {arg!r} follow no model spec")
+            spec, over = variants.pop()
+            variants.append((spec, {**over, **json.loads(arg)}))
+            continue
+        spec, _, rest = arg.partition(" ")
+        variants.append((spec, json.loads(rest) if rest.strip() else {}))
+    for spec, over in variants:
+        name, preset = resolve(spec)
+        config(name, preset, **over)
+    return variants

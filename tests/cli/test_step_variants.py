@@ -31,5 +31,7 @@ def test_a_seq_that_does_not_divide_the_step_is_named(capsys, tmp_path):
 
 
 def test_overrides_as_their_own_argument_join_the_spec_before_them():
-    assert step_variants.parse_variants(["phase8:small", '{"recompute_chunks": true}', "phase7"]) \
+    from muse.models.registry import parse_variants
+
+    assert parse_variants(["phase8:small", '{"recompute_chunks": true}', "phase7"]) \
         == [("phase8:small", {"recompute_chunks": True}), ("phase7", {})]

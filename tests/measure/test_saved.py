@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from muse.measure.saved import OUTSIDE, saved_bytes_by_sublayer
+from muse.measure.saved import COMPILED, OUTSIDE, saved_bytes_by_sublayer, saved_bytes_compiled
 
 
 class Square(nn.Module):
@@ -40,3 +40,17 @@ def test_hooks_are_removed_after_counting():
     model = Toy()
     saved_bytes_by_sublayer(model, torch.randint(0, 32, (1, 4)), torch.float32)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_compiled_count_is_one_total_without_the_weights():
+    """aot_eager: torch.compile's autograd graph without inductor's C++ build. The compiled
+    forward keeps at least the Linear's input and never a weight."""
+    torch.manual_seed(0)
+    n, d = 6, 8
+    model = Toy(d=d)
+    ids = torch.randint(0, 32, (1, n))
+    saved = saved_bytes_compiled(model, ids, torch.float32, backend="aot_eager")
+    assert list(saved) == [COMPILED]
+    assert n * d * 4 <= saved[COMPILED] <= sum(saved_bytes_by_sublayer(model, ids,
+                                                                       torch.float32).values())
+    assert all(p.grad is None for p in model.parameters())  # the warm-up's gradients dropped

@@ -52,3 +52,15 @@ def autocast_read(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _Read.apply(x, entry[1])
     return entry[1]
+
+
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the dtype a matmul or conv under autocast would run them in (autocast's
+    casts, each an autograd node whose backward returns the gradient in the original dtype),
+    for code that then runs with autocast off; as they are where autocast is off."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    # autocast leaves float64 as it is and casts every other floating dtype
+    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)

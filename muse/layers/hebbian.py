@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.layers.cast import autocast_read
+from muse.layers.cast import autocast_operands, autocast_read
 from muse.layers.decay import mamba2_a_log, mamba2_bias
 from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import gated_out, rms_normalize
@@ -58,14 +58,9 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     pad = m * chunk - n
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
     b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
-    # b_t − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
-    above = above_diagonal(chunk, q.device)
-    lag = (b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf)
-    # the decay factors are in [0, 1] and b is kept wide (float32 under autocast): each factor
-    # is cast to the products' dtype only when formed, so fp16 weights work without autocast
-    scores = (qc @ kc.transpose(-1, -2)) * torch.exp(lag).to(qc.dtype)
-    # (η is applied only when it is not 1: on a GPU at batch 1 every op is a launch)
-    intra = scores @ vc if eta == 1.0 else eta * (scores @ vc)  # (B, H, M, T, Dv)
+    intra = intra_chunk(qc, kc, vc, b)  # (B, H, M, T, Dv)
+    if eta != 1.0:  # (only when not 1: on a GPU at batch 1 every op is a launch)
+        intra = eta * intra
     # what each chunk adds to the state at its end: η Σ_j e^{b_end − b_j} k_j v_jᵀ
     tail = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)
     added = (kc * tail).transpose(-1, -2) @ vc  # (B, H, M, Dk, Dv)
@@ -88,6 +83,51 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     inter = torch.exp(b)[..., None].to(qc.dtype) * (qc @ entering.to(qc.dtype))
     y = (intra + inter).reshape(bsz, heads, m * chunk, dv)[:, :, :n]
     return y, w
+
+
+def intra_chunk(qc, kc, vc, b):
+    """Within each chunk, y_i = Σ_{j≤i} e^{b_i − b_j} (q_i·k_j) v_j: qc, kc (…, T, Dk), vc
+    (…, T, Dv), b (…, T) the log-decays summed from the chunk's start (kept wide: float32
+    under autocast) → (…, T, Dv) in the products' dtype (autocast's, where it is on).
+    Backward keeps only the inputs, which the chunked form holds anyway, and forms the
+    (T × T) scores again: none of the chunk's T × T products is kept."""
+    qc, kc, vc = autocast_operands(qc, kc, vc)
+    with torch.autocast(qc.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qc, kc, vc, b)):
+            return _IntraChunk.apply(qc, kc, vc, b)
+        return _intra_scores(qc, kc, b)[0] @ vc
+
+
+def _intra_scores(qc, kc, b):
+    """(scores (q_i·k_j) e^{b_i − b_j} below the diagonal, 0 above, in qc's dtype; q·k; the
+    decay factors, wide)."""
+    # b_i − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
+    lag = (b[..., :, None] - b[..., None, :]).masked_fill(above_diagonal(b.shape[-1], b.device),
+                                                          -torch.inf)
+    # the factors are in [0, 1]: cast to the products' dtype only when formed, so fp16 works
+    decay = torch.exp(lag)
+    qk = qc @ kc.transpose(-1, -2)
+    return qk * decay.to(qk.dtype), qk, decay
+
+
+class _IntraChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qc, kc, vc, b):
+        ctx.save_for_backward(qc, kc, vc, b)
+        return _intra_scores(qc, kc, b)[0] @ vc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        qc, kc, vc, b = ctx.saved_tensors
+        scores, qk, decay = _intra_scores(qc, kc, b)
+        dy = dy.to(vc.dtype)
+        d_scores = dy @ vc.transpose(-1, -2)
+        d_qk = d_scores * decay.to(qk.dtype)
+        # ∂lag = ∂decay · decay (0 above the diagonal); b_i enters with +, b_j with −
+        d_lag = (d_scores * qk).to(decay.dtype) * decay
+        return (d_qk @ kc, d_qk.transpose(-1, -2) @ qc, scores.transpose(-1, -2) @ dy,
+                (d_lag.sum(-1) - d_lag.sum(-2)).to(b.dtype))
 
 
 def _carry_scan(added, log_through, w0):

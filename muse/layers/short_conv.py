@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from muse.layers.cast import autocast_operands
+
 
 def conv_silu(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`_conv_silu` keeping only its inputs for backward while grad is on."""
@@ -61,7 +63,7 @@ class ShortConv(nn.Module):
             padded = F.pad(x, (0, 0, keep, 0))
         else:
             padded = torch.cat((tail.to(x.dtype), x), dim=1)
-        operands = _conv_operands(padded, self.conv.weight)
+        operands = autocast_operands(padded, self.conv.weight)
         if self.activation:
             # the conv's output formed again in backward (K multiply-adds an element), not kept
             # for SiLU's backward
@@ -72,13 +74,3 @@ class ShortConv(nn.Module):
             return y
         return y, padded[:, padded.shape[1] - keep:]
 
-
-def _conv_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and the weight in the dtype a conv1d under autocast would run in (autocast's casts,
-    each an autograd node whose backward returns the gradient in the original dtype)."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x, weight
-    dtype = torch.get_autocast_dtype(device)
-    # autocast leaves float64 as it is and casts every other floating dtype
-    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in (x, weight))

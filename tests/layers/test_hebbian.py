@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from muse.layers.hebbian import DissipativeHebbian, hebbian_chunked, hebbian_naive
+from muse.layers.hebbian import DissipativeHebbian, hebbian_chunked, hebbian_naive, intra_chunk
 
 
 def inputs(n, seed=0, b=2, h=3, dk=4, dv=5):
@@ -366,3 +366,62 @@ def test_the_delta_rule_keeps_v_as_the_projections_hold_it(monkeypatch):
     monkeypatch.setattr(hebbian, "delta_rule_chunked", lambda q, k, v, *a, **kw: rule(
         q, k, v.to(torch.float32, memory_format=torch.contiguous_format), *a, **kw))
     assert total() - now == 64 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("n, chunk", [(17, 4), (64, 16), (100, 64)])
+def test_chunked_gradients_equal_the_per_token_definitions(n, chunk):
+    """∂q, ∂k, ∂v, ∂log-decay and ∂state of the chunked form (its intra-chunk backward written
+    out, the rest by autograd) against autograd through the per-token loop, float64."""
+    grads = []
+    for fn in (hebbian_naive, lambda *a, **kw: hebbian_chunked(*a, **kw, chunk=chunk)):
+        q, k, v, ld = (x.requires_grad_() for x in inputs(n, seed=n))
+        state = torch.randn(2, 3, 4, 5, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1)).requires_grad_()
+        up = torch.randn(2, 3, n, 5, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
+        y, w = fn(q, k, v, ld, eta=0.7, state=state)
+        ((y * up).sum() + w.square().sum()).backward()
+        grads.append([t.grad for t in (q, k, v, ld, state)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def _intra_composed(qc, kc, vc, b):
+    """The intra-chunk products by autograd, op by op (the form that kept its T × T products)."""
+    chunk = b.shape[-1]
+    above = torch.ones(chunk, chunk, dtype=torch.bool).triu(1)
+    lag = (b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf)
+    return ((qc @ kc.transpose(-1, -2)) * torch.exp(lag).to(qc.dtype)) @ vc
+
+
+def test_the_intra_chunk_backward_equals_autograd_under_bf16_autocast():
+    """bf16 operands and float32 log-decays as phase8 trains them: output and every gradient
+    as autograd through the composed form, to bf16's rounding of the T × T products."""
+    g = torch.Generator().manual_seed(4)
+    qc, kc, vc = (torch.randn(2, 3, 16, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    b = torch.cumsum(-torch.rand(2, 3, 16, generator=g) * 0.3, -1)
+    up = torch.randn(2, 3, 16, 8, generator=g)
+    runs = []
+    for fn in (intra_chunk, _intra_composed):
+        leaves = [t.clone().requires_grad_() for t in (qc, kc, vc, b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(*leaves)
+        (y.float() * up).sum().backward()
+        runs.append([y] + [t.grad for t in leaves])
+    for mine, ref in zip(*runs, strict=True):
+        assert mine.dtype == ref.dtype
+        torch.testing.assert_close(mine.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_the_intra_chunk_products_keep_only_their_inputs():
+    qc, kc, vc = (torch.randn(1, 2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    b = torch.cumsum(-torch.rand(1, 2, 4, 16), -1).requires_grad_()
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        intra_chunk(qc, kc, vc, b)
+    assert kept == {t.untyped_storage().data_ptr() for t in (qc, kc, vc, b)}

@@ -44,8 +44,27 @@ EPS = 1e-6  # added to the normaliser φ(q)·z, which is > 0 already (the paper'
 
 
 def elu_feature(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x) + 1, positive everywhere."""
+    """φ(x) = elu(x) + 1, positive everywhere. Backward keeps φ(x), not x: φ' is 1 where
+    φ > 1 and φ itself elsewhere (e^x), and φ(x) is kept by the products that read it anyway,
+    while x is a view of the whole q | k | v projection. Under torch.compile the partitioner
+    picks what to keep (the node would only force φ to be kept beside what it keeps)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _EluFeature.apply(x)
     return F.elu(x) + 1
+
+
+class _EluFeature(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = F.elu(x) + 1
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * torch.where(y > 1, torch.ones_like(y), y)
 
 
 def linear_attention_naive(q, k, v, state=None, eps: float = EPS, log_decay=None):

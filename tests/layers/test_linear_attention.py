@@ -327,3 +327,20 @@ def test_the_normaliser_column_pads_rows_to_aligned_widths(dv, width):
     w = state_with_normaliser((s, z), width)
     assert torch.equal(w[..., :dv], s) and torch.equal(w[..., dv], z)
     assert torch.all(w[..., dv + 1:] == 0)
+
+
+def test_the_feature_map_keeps_its_output_and_has_elus_gradient():
+    """φ = elu + 1 as one node: its gradient is autograd's through elu (float64, both signs and
+    0), and backward keeps φ(x) only, never x."""
+    x = torch.tensor([-30.0, -2.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = elu_feature(x)
+    assert len(kept) == 1 and torch.equal(kept[0], y)
+    (g,) = torch.autograd.grad(y, x, torch.arange(1.0, 7.0, dtype=torch.float64))
+    x2 = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(torch.nn.functional.elu(x2) + 1, x2,
+                                  torch.arange(1.0, 7.0, dtype=torch.float64))
+    # e^x against (e^x − 1) + 1, φ's own value: one float64 rounding of a number near 1 apart
+    torch.testing.assert_close(g, want, rtol=1e-14, atol=1e-15)
+    assert torch.autograd.gradcheck(elu_feature, (x[1:3].detach().clone().requires_grad_(),))

@@ -99,15 +99,16 @@ def intra_chunk(qc, kc, vc, b):
 
 
 def _intra_scores(qc, kc, b):
-    """(scores (q_i·k_j) e^{b_i − b_j} below the diagonal, 0 above, in qc's dtype; q·k; the
-    decay factors, wide)."""
+    """(scores (q_i·k_j) e^{b_i − b_j} below the diagonal, 0 above; q·k; the decay factors
+    in the products' dtype; the same, wide)."""
     # b_i − b_j, with −∞ above the diagonal so that exp gives the causal mask itself
     lag = (b[..., :, None] - b[..., None, :]).masked_fill(above_diagonal(b.shape[-1], b.device),
                                                           -torch.inf)
     # the factors are in [0, 1]: cast to the products' dtype only when formed, so fp16 works
-    decay = torch.exp(lag)
+    wide = torch.exp(lag)
     qk = qc @ kc.transpose(-1, -2)
-    return qk * decay.to(qk.dtype), qk, decay
+    decay = wide.to(qk.dtype)
+    return qk * decay, qk, decay, wide
 
 
 class _IntraChunk(torch.autograd.Function):
@@ -120,12 +121,12 @@ class _IntraChunk(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         qc, kc, vc, b = ctx.saved_tensors
-        scores, qk, decay = _intra_scores(qc, kc, b)
+        scores, qk, decay, wide = _intra_scores(qc, kc, b)
         dy = dy.to(vc.dtype)
         d_scores = dy @ vc.transpose(-1, -2)
-        d_qk = d_scores * decay.to(qk.dtype)
+        d_qk = d_scores * decay
         # ∂lag = ∂decay · decay (0 above the diagonal); b_i enters with +, b_j with −
-        d_lag = (d_scores * qk).to(decay.dtype) * decay
+        d_lag = (d_scores * qk).to(wide.dtype) * wide
         return (d_qk @ kc, d_qk.transpose(-1, -2) @ qc, scores.transpose(-1, -2) @ dy,
                 (d_lag.sum(-1) - d_lag.sum(-2)).to(b.dtype))
 

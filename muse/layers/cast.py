@@ -41,6 +41,8 @@ def autocast_read(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
         return x
     dtype = torch.get_autocast_dtype(device)
+    if torch.compiler.is_compiling():  # the graph shares one cast itself; the cache would split it
+        return x.to(dtype)
     # an inference tensor has no version counter to tell a stale copy by, and keeps nothing
     # for backward
     if x.is_inference():

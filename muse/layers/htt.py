@@ -68,12 +68,13 @@ class HTTEmbedding(nn.Module):
         return count_params(self)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
-        # Checked on CPU only: on an accelerator min()/max() would force a host sync every
-        # step. There an id in [V, v1·v2) silently reads a padding slot of the cores, and an id
-        # ≥ v1·v2 fails in the gather with a device-side assert.
+        # Checked on CPU only, outside torch.compile (the read would split the graph): on an
+        # accelerator min()/max() would force a host sync every step. There an id in
+        # [V, v1·v2) silently reads a padding slot of the cores, and an id ≥ v1·v2 fails in the
+        # gather with a device-side assert.
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.device.type == "cpu" and ids.numel() > 0:
+        if ids.device.type == "cpu" and ids.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}), "

@@ -175,6 +175,17 @@ def _scores(q, k, beta, lay: _Layout, c: float, dot_dtype, w_dtype, dot=None):
     return weights, dot
 
 
+def _window_forward(q, k, v, beta, lay: _Layout, c: float, dot_dtype, y_dtype):
+    """(the output (B, H, N, d), the padded values, the dot products), autocast off and its
+    dtypes applied by hand."""
+    with torch.autocast(q.device.type, enabled=False):
+        weights, dot = _scores(q, k, beta, lay, c, dot_dtype, v.dtype)
+        vp = lay.keys(v)
+        y = weights.to(y_dtype) @ lay.blocks(vp).to(y_dtype)
+    bsz, heads, _, d = q.shape
+    return y.view(bsz, heads, lay.m * lay.window, d)[:, :, :lay.n], vp, dot
+
+
 class _PoincareWindow(torch.autograd.Function):
     """The attention from the rotated tangent q, k and the values to the output as one autograd
     node, so backward keeps what it chooses: q and k as given (the ball map, its norms and
@@ -189,14 +200,10 @@ class _PoincareWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, lay: _Layout, c: float, dot_dtype, y_dtype,
                 recompute_dot: bool):
-        with torch.autocast(q.device.type, enabled=False):
-            weights, dot = _scores(q, k, beta, lay, c, dot_dtype, v.dtype)
-            vp = lay.keys(v)
-            y = weights.to(y_dtype) @ lay.blocks(vp).to(y_dtype)
+        out, vp, dot = _window_forward(q, k, v, beta, lay, c, dot_dtype, y_dtype)
         ctx.lay, ctx.c, ctx.dtypes = lay, c, (dot_dtype, y_dtype)
         ctx.save_for_backward(q, k, vp, beta, None if recompute_dot else dot)
-        bsz, heads, _, d = q.shape
-        return y.view(bsz, heads, lay.m * lay.window, d)[:, :, :lay.n]
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -244,6 +251,10 @@ def poincare_local_attention(q, k, v, window: int, c: float, beta: torch.Tensor,
     wide = torch.promote_types(q.dtype, torch.float32)
     dot_dtype = _autocast_dtype(wide, q.device)
     y_dtype = _autocast_dtype(v.dtype, q.device)
+    # under torch.compile inductor picks what to keep, and the node's autograd.grad would
+    # split the graph
+    if torch.compiler.is_compiling():
+        return _window_forward(q, k, v, beta.to(wide), lay, c, dot_dtype, y_dtype)[0]
     return _PoincareWindow.apply(q, k, v, beta.to(wide), lay, c, dot_dtype, y_dtype,
                                  recompute_dot)
 

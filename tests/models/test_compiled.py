@@ -49,3 +49,20 @@ def test_the_compiled_step_has_the_eager_gradients_on_cuda(family, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     check_compiled_step(family, "cuda")
+
+
+# fla's peers run fla's own Triton kernels, which need a GPU
+@pytest.mark.parametrize("family", [n for n in models.registry.names() if not n.startswith("fla-")])
+@pytest.mark.parametrize("loss_chunk", [0, 32])
+def test_the_training_forward_is_one_graph(family, loss_chunk):
+    """A graph break would split the compiled step into pieces run between eager code (slower)
+    and, under compile_mode=reduce-overhead, leave torch.utils.checkpoint regions running as
+    eager checkpoints around CUDA graphs, which cudagraph trees cannot replay."""
+    torch._dynamo.reset()  # each case traced afresh, not against another's recompile count
+    torch.manual_seed(0)
+    model = models.build(family, "tiny", vocab_size=97).train()
+    step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 97, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = step(ids, loss_chunk=loss_chunk) if loss_chunk else step(ids)
+    assert torch.isfinite(out.float()).all()

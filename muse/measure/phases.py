@@ -131,6 +131,13 @@ FIXED_STEP_PROTOCOL = (
 )
 
 
+def compile_whole(model: nn.Module, backend: str) -> nn.Module:
+    """`model` under torch.compile with `backend`, for the protocol's one shape (dynamic=False:
+    compiled once, never re-traced) and as one graph: a graph break fails here, naming its
+    cause, instead of measuring a step run in pieces with eager code between them."""
+    return torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+
+
 def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
     """The protocol's batch: as many whole sequences of `seq` tokens as fit `tokens_per_step`."""
     if tokens_per_step < 1 or seq < 1:
@@ -159,6 +166,5 @@ def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
 
         return GraphedTrainStep(model, ids, dtype, loss_chunk=loss_chunk)
     if compiled:
-        # dynamic=False: the protocol's one shape, compiled once and never re-traced
-        model = torch.compile(model, backend=compiled, dynamic=False)
+        model = compile_whole(model, compiled)
     return TrainStep(model, ids, dtype, fused=True, loss_chunk=loss_chunk)

@@ -23,6 +23,7 @@ from muse.measure.phases import (
     FIXED_STEP_DTYPE,
     FIXED_STEP_PROTOCOL,
     PHASES,
+    dynamo_graphs,
     fixed_tokens_step,
     make_phase,
     synchronize,
@@ -109,6 +110,7 @@ class FixedStep:
     stats: TimingStats
     peak_bytes: int | None  # None off CUDA
     loss: float
+    graphs: int | None = None  # compiled: the graphs torch.compile made of the model
 
     @property
     def tokens_per_s(self) -> float:
@@ -122,12 +124,15 @@ def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0,
     baseline's figures serve every model matched to it, and its own test."""
     key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk, graphed, compiled)
     if key not in cache:
+        graphs_before = dynamo_graphs()
         step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device,
                                  loss_chunk, graphed, compiled)
         stats, peak = time_with_peak(step, case.device, WARMUP, ROUNDS)
         if graphed and peak is not None:  # replays reuse the pool that capture filled
             peak = max(peak, step.capture_peak_bytes)
-        cache[key] = FixedStep(step.ids.shape[0], case.seq, stats, peak, step.last_loss.item())
+        graphs = dynamo_graphs() - graphs_before if compiled else None
+        cache[key] = FixedStep(step.ids.shape[0], case.seq, stats, peak, step.last_loss.item(),
+                               graphs)
         del step
         free_device_memory()
     return cache[key]
@@ -208,7 +213,11 @@ def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record,
              "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk,
              "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
              "rounds": own.stats.rounds, "loss": own.loss}
+    if own.graphs is not None:
+        facts["graphs"] = own.graphs
     record_step(at, prefix, own, facts, record)
+    if own.graphs is not None:  # 1 is the whole step; more, pieces with eager code between
+        record(at, f"{prefix}_graphs", own.graphs, "graphs", extra={**facts, "summary": True})
     record(at, gain, own.tokens_per_s / eager.tokens_per_s, "1",
            extra={"eager_tokens_per_s": eager.tokens_per_s, "summary": True})
     record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record, **variant)

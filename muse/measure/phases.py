@@ -131,11 +131,19 @@ FIXED_STEP_PROTOCOL = (
 )
 
 
-def compile_whole(model: nn.Module, backend: str) -> nn.Module:
-    """`model` under torch.compile with `backend`, for the protocol's one shape (dynamic=False:
-    compiled once, never re-traced) and as one graph: a graph break fails here, naming its
-    cause, instead of measuring a step run in pieces with eager code between them."""
-    return torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+def compile_once(model: nn.Module, backend: str) -> nn.Module:
+    """`model` under torch.compile with `backend` for the protocol's one shape (dynamic=False:
+    compiled once, never re-traced)."""
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has made in this process so far: the difference across a compiled
+    model's first run is its graph count, and more than one means graph breaks (the step runs
+    in pieces with eager code between them)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def fixed_tokens_batch(tokens_per_step: int, seq: int) -> int:
@@ -166,5 +174,5 @@ def fixed_tokens_step(model: nn.Module, tokens_per_step: int, seq: int,
 
         return GraphedTrainStep(model, ids, dtype, loss_chunk=loss_chunk)
     if compiled:
-        model = compile_whole(model, compiled)
+        model = compile_once(model, compiled)
     return TrainStep(model, ids, dtype, fused=True, loss_chunk=loss_chunk)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from muse.measure.phases import (
     TrainStep,
-    compile_whole,
+    compile_once,
     fixed_tokens_step,
     forward_fn,
     random_ids,
@@ -90,7 +90,7 @@ def profile_step(model: nn.Module, seq: int, *, phase: str = "train", dtype=torc
                                compiled=compiled)
     else:
         ids = random_ids(model.config.vocab_size, batch, seq, device)
-        run = compile_whole(model, compiled) if compiled else model
+        run = compile_once(model, compiled) if compiled else model
         fn = (TrainStep(run, ids, dtype, loss_chunk=loss_chunk) if phase == "train"
               else forward_fn(run, ids, dtype))
     step_s = time_callable(fn, device, warmup=warmup, rounds=max(steps, 5)).median_s

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from muse.measure.phases import autocast, compile_whole, training_loss
+from muse.measure.phases import autocast, compile_once, training_loss
 
 OUTSIDE = "(outside the blocks)"
 
@@ -76,7 +76,7 @@ def saved_bytes_compiled(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
     torch.compile (compiled and run once untimed first): what its partitioner keeps, which
     recomputes cheap ops rather than saving them. No sublayers: fused kernels cross them."""
     weights = {_storage(p)[0] for p in model.parameters()}
-    run = compile_whole(model.train(), backend)
+    run = compile_once(model.train(), backend)
     with autocast(ids.device, dtype):
         training_loss(run, ids, loss_chunk).backward()
     model.zero_grad(set_to_none=True)

@@ -52,7 +52,7 @@ from muse.devices import DEVICES, is_device_name, resolve_device
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
-from muse.measure.phases import DTYPES, autocast, lm_loss, synchronize, torch_dtype
+from muse.measure.phases import DTYPES, autocast, dynamo_graphs, lm_loss, synchronize, torch_dtype
 from muse.models.config import StrictConfig, check_keys
 from muse.training import distributed
 from muse.training.checkpoint import load_checkpoint, load_weights
@@ -601,6 +601,7 @@ class Trainer:
         self.start_state = (self.gen.get_state(), rng_states())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        graphs_before = dynamo_graphs() if cfg.compile else 0
         t0 = time.perf_counter()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -643,6 +644,9 @@ class Trainer:
                                    if device.type == "cuda" else None),  # rank 0's device
                 "ranks": ranks.world,
             }
+            if cfg.compile and dynamo_graphs() > graphs_before:
+                # the first step's count is the model's (1: no graph break); later, recompiles
+                entry["graphs_compiled"] = dynamo_graphs() - graphs_before
             if callable(getattr(raw_model, "diagnostics", None)):
                 with torch.no_grad():
                     diagnostics = raw_model.diagnostics()

@@ -257,6 +257,17 @@ def test_compile_mode_reaches_torch_compile_and_marks_each_step(corpus, tmp_path
     assert len(marks) == 3 * 2  # before each micro-batch's forward
 
 
+def test_the_history_says_how_many_graphs_compiling_made(corpus, tmp_path, monkeypatch):
+    # dynamo's own tracing, without inductor's C++ build: the graph count is dynamo's
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: real(m, backend="eager"))
+    torch._dynamo.reset()
+    history = train(tiny(corpus, tmp_path / "run", steps=3, eval_every=0, compile=True)).history
+    rows = [row for row in history if "loss" in row]
+    assert rows[0]["graphs_compiled"] == 1  # the whole training forward, no graph break
+    assert all("graphs_compiled" not in row for row in rows[1:])  # nothing compiled again
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"compile": True, "compile_mode": "fast"},
      "compile_mode must be one of default, reduce-overhead, max-autotune, "

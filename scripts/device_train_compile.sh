@@ -26,7 +26,7 @@ python3 - "$OUT" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print(f"{'mode':16} {'tokens/s':>12} {'peak GB':>8} {'loss@1':>8} {'loss@end':>9}")
+print(f"{'mode':16} {'tokens/s':>12} {'peak GB':>8} {'loss@1':>8} {'loss@end':>9} {'graphs':>6}")
 for mode in ("eager", "default", "reduce-overhead"):
     path = out / f"train-{mode}" / "history.json"
     if not path.exists():
@@ -35,6 +35,8 @@ for mode in ("eager", "default", "reduce-overhead"):
     rows = [r for r in rows if "tokens_per_s" in r]
     speed = statistics.median(r["tokens_per_s"] for r in rows[10:]) if len(rows) > 10 else float("nan")
     peak = max((r["peak_mem_bytes"] or 0) for r in rows) / 1e9
-    print(f"{mode:16} {speed:12,.0f} {peak:8.2f} {rows[0]['loss']:8.4f} {rows[-1]['loss']:9.4f}")
+    graphs = rows[0].get("graphs_compiled", "-")  # torch.compile's graphs of the model
+    print(f"{mode:16} {speed:12,.0f} {peak:8.2f} {rows[0]['loss']:8.4f} {rows[-1]['loss']:9.4f} "
+          f"{graphs:>6}")
 PY
 exit "$status"

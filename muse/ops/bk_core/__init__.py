@@ -24,35 +24,57 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return x.is_cuda and x.dtype == torch.complex64
 
 
-class _CausalBK(torch.autograd.Function):
+# Custom ops, so torch.compile keeps BK-Core as one opaque node of the graph (the Triton
+# launches are not traced, and no graph break splits a compiled step around them). Outputs are
+# contiguous, as the fake ones that compiling plans with.
+@torch.library.custom_op("muse::bk_causal", mutates_args=())
+def _bk_causal(a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
     """g for α = a − z; the Triton path subtracts z as it loads a (one pass fewer)."""
+    if _use_triton(a, backend):
+        from muse.ops.bk_core.triton import causal_forward_triton
 
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, backend: str):
-        triton = _use_triton(a, backend)
-        if triton:
-            from muse.ops.bk_core.triton import causal_forward_triton
+        return causal_forward_triton(a, k, z=z).contiguous()
+    return causal_scan(a - z, k).contiguous()
 
-            g = causal_forward_triton(a, k, z=z)
-        else:
-            g = causal_scan(a - z, k)
-        ctx.triton = triton
-        ctx.save_for_backward(g, k)
-        return g
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_g: torch.Tensor):
-        g, k = ctx.saved_tensors
-        if ctx.triton:
-            from muse.ops.bk_core.triton import causal_backward_triton
+@_bk_causal.register_fake
+def _(a, k, z, backend):
+    return a.new_empty(a.shape)
 
-            grad_alpha, grad_k = causal_backward_triton(g, k, grad_g)
-        else:
-            grad_alpha, grad_k = causal_adjoint(g, k, grad_g)
-        # α = a − z is holomorphic in z with derivative −1.
-        grad_z = -grad_alpha.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
-        return grad_alpha, grad_k, grad_z, None
+
+@torch.library.custom_op("muse::bk_causal_adjoint", mutates_args=())
+def _bk_causal_adjoint(g: torch.Tensor, k: torch.Tensor, grad_g: torch.Tensor,
+                       triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂α, ∂L/∂k) from g, k and ∂L/∂g."""
+    if triton:
+        from muse.ops.bk_core.triton import causal_backward_triton
+
+        grad_alpha, grad_k = causal_backward_triton(g, k, grad_g)
+    else:
+        grad_alpha, grad_k = causal_adjoint(g, k, grad_g)
+    return grad_alpha.contiguous(), grad_k.contiguous()
+
+
+@_bk_causal_adjoint.register_fake
+def _(g, k, grad_g, triton):
+    return g.new_empty(g.shape), k.new_empty(k.shape)
+
+
+def _keep_for_adjoint(ctx, inputs, output):
+    a, k, _z, backend = inputs
+    ctx.triton = _use_triton(a, backend)
+    ctx.save_for_backward(output, k)
+
+
+def _adjoint(ctx, grad_g):
+    g, k = ctx.saved_tensors
+    grad_alpha, grad_k = _bk_causal_adjoint(g, k, grad_g, ctx.triton)
+    # α = a − z is holomorphic in z with derivative −1.
+    grad_z = -grad_alpha.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
+    return grad_alpha, grad_k, grad_z, None
+
+
+_bk_causal.register_autograd(_adjoint, setup_context=_keep_for_adjoint)
 
 
 def check_inputs(a: torch.Tensor, k: torch.Tensor, z: torch.Tensor, mode: str) -> None:
@@ -102,10 +124,10 @@ def bk_core(
     wide = torch.float64 in (a.dtype, k.dtype) or torch.complex128 in (a.dtype, z.dtype)
     cdtype, rdtype = (torch.complex128, torch.float64) if wide else (torch.complex64, torch.float32)
     a, z, k = a.to(cdtype), z.to(cdtype), k.to(rdtype)
-    left = _CausalBK.apply(a, k, z, backend)
+    left = _bk_causal(a, k, z, backend)
     if mode == "causal":
         return left
-    right = _CausalBK.apply(a.flip(1), k.flip(1), z, backend).flip(1)
+    right = _bk_causal(a.flip(1), k.flip(1), z, backend).flip(1)
     alpha = a - z
     zero = alpha.new_zeros(alpha.shape[0], 1, alpha.shape[2])
     from_left = torch.cat((zero, k * left[:, :-1]), dim=1)

@@ -67,6 +67,9 @@ def _scan_kernel(u_ptr, h_ptr, log_mag_ptr, angle_ptr, n, tiles, r, stride_b, st
         carry_i = tl.sum(tl.where((rows == edge)[:, None], hi, 0.0), axis=0)
 
 
+# a custom op: torch.compile keeps the launch as one opaque node instead of tracing into
+# Triton, so a compiled step stays one graph
+@torch.library.custom_op("muse::complex_scan", mutates_args=())
 def complex_scan(u: torch.Tensor, log_mag: torch.Tensor, angle: torch.Tensor,
                  reverse: bool = False) -> torch.Tensor:
     """u (B, N, 2R) planar [re | im], log_mag and angle (R,) → h (B, N, 2R) like u with
@@ -83,6 +86,11 @@ def complex_scan(u: torch.Tensor, log_mag: torch.Tensor, angle: torch.Tensor,
                        r, u.stride(0), u.stride(1), REVERSE=reverse, BLOCK_N=BLOCK_N,
                        BLOCK_R=block_r)
     return h
+
+
+@complex_scan.register_fake
+def _(u, log_mag, angle, reverse=False):
+    return u.new_empty(u.shape)
 
 
 def _planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

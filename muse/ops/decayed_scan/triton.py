@@ -70,6 +70,9 @@ def _strides(decay: torch.Tensor, bsz: int, n: int, r: int) -> tuple[int, int, i
                      f"{r}), got {tuple(decay.shape)}")
 
 
+# a custom op: torch.compile keeps the launch as one opaque node instead of tracing into
+# Triton, so a compiled step stays one graph
+@torch.library.custom_op("muse::decayed_scan", mutates_args=())
 def linear_scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     """u (B, N, R), log a (R,), (B, N) or (B, N, R) → s (B, N, R) with s_t = a_t s_{t−1} + u_t
     (reverse: s_t = a_t s_{t+1} + u_t)."""
@@ -85,6 +88,11 @@ def linear_scan(u: torch.Tensor, log_decay: torch.Tensor, reverse: bool = False)
                        *_strides(log_a, bsz, n, r), REVERSE=reverse, BLOCK_N=BLOCK_N,
                        BLOCK_R=block_r)
     return s
+
+
+@linear_scan.register_fake
+def _(u, log_decay, reverse=False):
+    return u.new_empty(u.shape)
 
 
 class LinearScan(torch.autograd.Function):

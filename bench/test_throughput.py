@@ -124,6 +124,8 @@ def fixed_step(case, tokens_per_step: int, cache: dict, loss_chunk: int = 0,
     baseline's figures serve every model matched to it, and its own test."""
     key = ("fixed_step", case.spec, case.seq, tokens_per_step, loss_chunk, graphed, compiled)
     if key not in cache:
+        if compiled:  # a fresh trace: no earlier model's compiles near dynamo's recompile limit
+            torch._dynamo.reset()
         graphs_before = dynamo_graphs()
         step = fixed_tokens_step(case.build(), tokens_per_step, case.seq, case.device,
                                  loss_chunk, graphed, compiled)
@@ -214,6 +216,9 @@ def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record,
              "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
              "rounds": own.stats.rounds, "loss": own.loss}
     if own.graphs is not None:
+        if own.graphs == 0:
+            pytest.fail(f"{how}: torch.compile made no graph, so the step ran uncompiled",
+                        pytrace=False)
         facts["graphs"] = own.graphs
     record_step(at, prefix, own, facts, record)
     if own.graphs is not None:  # 1 is the whole step; more, pieces with eager code between

@@ -222,7 +222,7 @@ def profile(args: argparse.Namespace) -> int:
 
     from muse import models
     from muse.devices import resolve_device
-    from muse.measure.phases import torch_dtype
+    from muse.measure.phases import dynamo_graphs, torch_dtype
     from muse.measure.profile import format_rows, profile_step
 
     fixed = args.tokens_per_step is not None
@@ -242,6 +242,7 @@ def profile(args: argparse.Namespace) -> int:
         dtype = torch_dtype(dtype_name)
     except (KeyError, ValueError) as exc:
         raise MuseError(str(exc)) from None
+    graphs_before = dynamo_graphs()
     try:
         step_s, sublayers, kernels = profile_step(
             model, args.seq, phase=phase, dtype=dtype, batch=batch, device=device,
@@ -266,6 +267,9 @@ def profile(args: argparse.Namespace) -> int:
     print(f"{args.model} {what}{how} on {device}: {step_s * 1e3:.3f} ms per step (median of "
           "timed rounds)")
     if args.compile:
+        graphs = dynamo_graphs() - graphs_before
+        print(f"torch.compile made {graphs} graph{'s' if graphs != 1 else ''} of the model"
+              f"{'' if graphs == 1 else ': graph breaks, eager code runs between them'}")
         print("sublayers: not labelled under torch.compile (its fused kernels cross them)")
     else:
         for line in format_rows("sublayers (forward, summed over blocks)", sublayers, args.rows):

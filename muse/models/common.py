@@ -35,9 +35,9 @@ def check_input_ids(
 ) -> None:
     """The model's entry: integer ids [batch ≥ 1, seq ≥ 1], and with `vocab_size` each id in
     [0, vocab_size). The range check reads the ids, which on a GPU waits for them, so by default
-    (`validate=None`) it runs on CPU tensors only, or everywhere with MUSE_VALIDATE_IDS=1 in
-    the environment, and not under torch.compile (the read would split the graph);
-    `validate=True` forces it, False skips it."""
+    (`validate=None`) it runs on CPU tensors outside torch.compile (there the read would split
+    the graph), or everywhere with MUSE_VALIDATE_IDS=1 in the environment; `validate=True`
+    forces it, False skips it."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
@@ -50,8 +50,8 @@ def check_input_ids(
         raise MuseError(f"input_ids must hold at least one sequence, got batch 0 "
                         f"(shape {tuple(input_ids.shape)})")
     if validate is None:
-        validate = ((input_ids.device.type == "cpu" or os.environ.get("MUSE_VALIDATE_IDS") == "1")
-                    and not torch.compiler.is_compiling())
+        validate = ((input_ids.device.type == "cpu" and not torch.compiler.is_compiling())
+                    or os.environ.get("MUSE_VALIDATE_IDS") == "1")
     if vocab_size is None or not validate:
         return
     bad = (input_ids < 0) | (input_ids >= vocab_size)

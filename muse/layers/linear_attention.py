@@ -290,12 +290,15 @@ class CausalLinearAttention(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """log a_t per head, (B, H, N), in float32 at least."""
-        gate = self.gamma(autocast_read(x))
+        # heads first before softplus: its gradient then arrives in the layout it is made in
+        # (under aot_eager, softplus's backward through the transpose had other strides than
+        # its fake, and the gate's view failed)
+        gate = self.gamma(autocast_read(x)).transpose(1, 2).contiguous()
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         rate = torch.exp(self.a_log.float())
         if self.plain_heads:
             rate = torch.cat((rate.new_zeros(self.plain_heads), rate[self.plain_heads:]))
-        return (-rate * F.softplus(gate)).transpose(1, 2)
+        return -rate[:, None] * F.softplus(gate)
 
     def forward(self, x: torch.Tensor, state: dict | None = None):
         """x (B, N, D) → y; with `state` (from `init_state`), (y, the state after x)."""

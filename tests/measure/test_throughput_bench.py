@@ -108,7 +108,8 @@ def test_the_compiled_step_is_recorded_with_its_gain_and_ratio(pytester):
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     got = {r["metric"]: r for r in records}
     assert set(got) == {"compiled_step_tokens_per_s", "compile_gain",
-                        "compiled_step_speedup_vs_transformer"}
+                        "compiled_step_speedup_vs_transformer", "compiled_step_graphs"}
+    assert got["compiled_step_graphs"]["value"] == 1  # the whole step, no graph break
     own = got["compiled_step_tokens_per_s"]
     assert "torch.compile (backend aot_eager)" in own["extra"]["protocol"]
     assert own["value"] == pytest.approx(128 / own["extra"]["median_s"])

@@ -287,12 +287,16 @@ class DissipativeHebbian(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """−Γ_t·dt per head, (B, N, H), in float32 at least."""
-        gate = self.gamma(autocast_read(x))
+        # softplus on heads-first rows, as its readers lay them out: under aot_eager its
+        # gradient through a transpose had other strides than its fake, and the gate's view failed
+        gate = self.gamma(autocast_read(x)).transpose(1, 2).contiguous()
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         if self.decay == "mamba2":
-            return -torch.exp(self.a_log.float()) * F.softplus(gate) * self.dt
-        log_decay = -F.softplus(gate)
-        return log_decay * self.dt if self.dt != 1.0 else log_decay
+            log_decay = -torch.exp(self.a_log.float())[:, None] * F.softplus(gate) * self.dt
+        else:
+            log_decay = -F.softplus(gate)
+            log_decay = log_decay * self.dt if self.dt != 1.0 else log_decay
+        return log_decay.transpose(1, 2)
 
     def _delta(self, q, k, v, log_decay, beta, state, eta_scale):
         """The delta rule on heads plain_heads… and the plain rule (η, no erasing) on the first

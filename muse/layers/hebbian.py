@@ -287,8 +287,8 @@ class DissipativeHebbian(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """−Γ_t·dt per head, (B, N, H), in float32 at least."""
-        # softplus on heads-first rows, as its readers lay them out: under aot_eager its
-        # gradient through a transpose had other strides than its fake, and the gate's view failed
+        # softplus on heads-first rows, as its readers lay them out: a transposed gradient
+        # into softplus breaks the gate's view in a traced (aot) backward
         gate = self.gamma(autocast_read(x)).transpose(1, 2).contiguous()
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         if self.decay == "mamba2":

@@ -290,9 +290,8 @@ class CausalLinearAttention(nn.Module):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """log a_t per head, (B, H, N), in float32 at least."""
-        # heads first before softplus: its gradient then arrives in the layout it is made in
-        # (under aot_eager, softplus's backward through the transpose had other strides than
-        # its fake, and the gate's view failed)
+        # heads first before softplus, as the output is laid out: a transposed gradient into
+        # softplus breaks the gate's view in a traced (aot) backward
         gate = self.gamma(autocast_read(x)).transpose(1, 2).contiguous()
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         rate = torch.exp(self.a_log.float())

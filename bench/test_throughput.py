@@ -180,11 +180,28 @@ def record_ratio_to_baseline(case, at, prefix: str, own: FixedStep, tokens: int,
         "tokens_per_step": own.batch * own.seq, "loss_chunk": chunk, "summary": True})
 
 
-def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestconfig):
+def step_tokens(case, budget: str, pytestconfig) -> int:
+    """The tokens a step trains on under `budget`; skips a seq longer than --tokens-per-step."""
+    if budget == "batch":
+        return case.batch * case.seq
     tokens = pytestconfig.getoption("tokens_per_step")
     if case.seq > tokens:
         pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}: no whole "
                     "sequence fits a step")
+    return tokens
+
+
+# a step's two budgets: --tokens-per-step (batch = tokens // seq), and --batch sequences (the
+# batch-1 protocol by default, where launch overhead weighs most)
+FIXED_BUDGETS = {"tokens_per_step": "fixed_step", "batch": "fixed_batch_step"}
+
+
+@pytest.mark.parametrize("budget", FIXED_BUDGETS)
+def test_train_step_at_fixed_tokens_per_step(case, budget, record, muse_session, pytestconfig):
+    """The step as people train (bf16 autocast, fused AdamW, --loss-chunk) at `budget`'s tokens:
+    tokens/s, peak memory and the ratio to the matched transformer stepped the same way."""
+    tokens = step_tokens(case, budget, pytestconfig)
+    prefix = FIXED_BUDGETS[budget]
     chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
     own = fixed_step(case, tokens, cache, chunk)
     at = replace(case, batch=own.batch, dtype=FIXED_STEP_DTYPE)
@@ -192,8 +209,8 @@ def test_train_step_at_fixed_tokens_per_step(case, record, muse_session, pytestc
              "loss_chunk": chunk,
              "median_s": own.stats.median_s, "iqr_s": own.stats.iqr_s,
              "rounds": own.stats.rounds, "loss": own.loss}
-    record_step(at, "fixed_step", own, facts, record)
-    record_ratio_to_baseline(case, at, "fixed_step", own, tokens, cache, chunk, record)
+    record_step(at, prefix, own, facts, record)
+    record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record)
 
 
 def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record, muse_session,
@@ -202,8 +219,6 @@ def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record,
     compiled): `<prefix>_tokens_per_s` and its peak, `<gain>` over the same step launched op by
     op, and the ratio to the matched transformer run the same way. A variant the model cannot
     run fails the test with the reason."""
-    if case.seq > tokens:
-        pytest.skip(f"seq {case.seq} is longer than --tokens-per-step {tokens}")
     chunk, cache = pytestconfig.getoption("loss_chunk"), muse_session.cache
     eager = fixed_step(case, tokens, cache, chunk)
     try:
@@ -228,8 +243,6 @@ def measure_variant(case, tokens: int, prefix: str, gain: str, how: str, record,
     record_ratio_to_baseline(case, at, prefix, own, tokens, cache, chunk, record, **variant)
 
 
-# the graphed step at --tokens-per-step, and at --batch sequences (the batch-1 protocol's
-# shape, where launch overhead weighs most), under the fixed-tokens protocol's bf16 and AdamW
 GRAPHED_BUDGETS = {"tokens_per_step": ("graphed_step", "cuda_graph_gain"),
                    "batch": ("graphed_batch_step", "batch_cuda_graph_gain")}
 
@@ -242,19 +255,22 @@ def test_train_step_captured_in_a_cuda_graph(case, budget, record, muse_session,
         pytest.skip("--cuda-graphs not given: the captured step is not measured")
     if case.device.type != "cuda":
         pytest.skip(f"a CUDA graph needs CUDA; this run is on {case.device}")
-    tokens = (pytestconfig.getoption("tokens_per_step") if budget == "tokens_per_step"
-              else case.batch * case.seq)
-    measure_variant(case, tokens, *GRAPHED_BUDGETS[budget], "captured in a CUDA graph", record,
-                    muse_session, pytestconfig, graphed=True)
+    measure_variant(case, step_tokens(case, budget, pytestconfig), *GRAPHED_BUDGETS[budget],
+                    "captured in a CUDA graph", record, muse_session, pytestconfig, graphed=True)
 
 
-def test_train_step_compiled(case, record, muse_session, pytestconfig):
+COMPILED_BUDGETS = {"tokens_per_step": ("compiled_step", "compile_gain"),
+                    "batch": ("compiled_batch_step", "batch_compile_gain")}
+
+
+@pytest.mark.parametrize("budget", COMPILED_BUDGETS)
+def test_train_step_compiled(case, budget, record, muse_session, pytestconfig):
     """With --compile BACKEND: the fixed-tokens step with the model under torch.compile (every
     model and its matched transformer alike), its gain over the same step uncompiled, and its
     ratio to the matched transformer's compiled step. Compiling is not timed (warm-up)."""
     backend = pytestconfig.getoption("compile")
     if backend is None:
         pytest.skip("--compile not given: the compiled step is not measured")
-    measure_variant(case, pytestconfig.getoption("tokens_per_step"), "compiled_step",
-                    "compile_gain", f"the model under torch.compile (backend {backend})",
+    measure_variant(case, step_tokens(case, budget, pytestconfig), *COMPILED_BUDGETS[budget],
+                    f"the model under torch.compile (backend {backend})",
                     record, muse_session, pytestconfig, compiled=backend)

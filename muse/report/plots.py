@@ -28,9 +28,13 @@ from muse.measure.scaling import fit_scaling  # noqa: E402
 PHASES = ("forward", "train_step")
 CONTROL = "transformer-eager"  # the O(N²) negative control of the scaling criterion
 BUCKET = re.compile(r"h0_grad_norm_t(\d+)_(\d+)$")
-SPEEDUP = re.compile(r"(forward|train_step|fixed_step)_speedup_vs_")
 # the throughput protocols (bench/test_throughput.py): line style and marker in the ratio plot
-PROTOCOL_STYLE = {"forward": (":", "^"), "train_step": ("-", "o"), "fixed_step": ("--", "s")}
+PROTOCOL_STYLE = {"forward": (":", "^"), "train_step": ("-", "o"), "fixed_step": ("--", "s"),
+                  "fixed_batch_step": ("--", "D"), "compiled_step": ("-.", "s"),
+                  "compiled_batch_step": ("-.", "D")}
+# the train steps whose ratio records carry their own and their baseline's peak
+STEP_PROTOCOLS = ("fixed_step", "fixed_batch_step", "compiled_step", "compiled_batch_step")
+SPEEDUP = re.compile(rf"({'|'.join(PROTOCOL_STYLE)})_speedup_vs_")
 MEMORY_METRIC = {"forward": "peak_vram_forward_bytes", "train_step": "peak_vram_train_step_bytes"}
 CAPTIONS = {
     "memory": "Peak memory against sequence length",
@@ -226,14 +230,17 @@ def _ratio_axis(ax) -> None:
 
 
 def _protocol_label(protocol: str, records) -> str:
-    """forward / train step at the run's batch (batch 1 by default), or the fixed tokens/step."""
-    if protocol == "fixed_step":
+    """forward / train step at the run's batch (batch 1 by default), or the fixed tokens/step,
+    compiled or not."""
+    if protocol in ("fixed_step", "compiled_step"):
         tokens = sorted({r.extra["tokens_per_step"] for r in records
                          if r.extra.get("tokens_per_step")})
-        return "train step, " + " or ".join(f"{t:,}" for t in tokens) + " tokens/step"
-    batches = sorted({r.batch for r in records if r.batch is not None})
-    name = protocol.replace("_", " ")
-    return f"{name}, batch " + " or ".join(map(str, batches)) if batches else name
+        label = "train step, " + " or ".join(f"{t:,}" for t in tokens) + " tokens/step"
+    else:
+        batches = sorted({r.batch for r in records if r.batch is not None})
+        name = "train step" if protocol in STEP_PROTOCOLS else protocol.replace("_", " ")
+        label = f"{name}, batch " + " or ".join(map(str, batches)) if batches else name
+    return label + ", compiled" if protocol.startswith("compiled") else label
 
 
 def speed_ratios(records: list[Record]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -267,9 +274,10 @@ def memory_ratios(records: list[Record]) -> dict[str, dict[str, list[tuple[int, 
                     out[phase][model][seq] = mine[seq] / theirs[seq]
     for r in records:
         own, base = r.extra.get("peak_bytes"), r.extra.get("baseline_peak_bytes")
-        if r.metric.startswith("fixed_step_speedup_vs_") and r.seq is not None \
+        m = SPEEDUP.match(r.metric)
+        if m and m[1] in STEP_PROTOCOLS and r.seq is not None \
                 and not _is_transformer(r.model) and own and base:
-            out["fixed_step"][f"{r.model}:{r.preset}"][r.seq] = own / base
+            out[m[1]][f"{r.model}:{r.preset}"][r.seq] = own / base
     return {p: {k: sorted(v.items()) for k, v in sorted(d.items())} for p, d in out.items()}
 
 

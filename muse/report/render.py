@@ -43,11 +43,14 @@ TABLES = (
           "fixed_step_tokens_per_s", "fixed_step_speedup_vs_transformer",
           "fixed_step_peak_bytes", "graphed_step_tokens_per_s",
           "graphed_step_speedup_vs_transformer", "cuda_graph_gain"),
-         # with --cuda-graphs: the graphed step at --batch sequences; with --compile: the
-         # fixed-tokens step compiled
-         ("graphed_batch_step_tokens_per_s", "graphed_batch_step_speedup_vs_transformer",
+         # the step at --batch sequences; with --cuda-graphs: graphed; with --compile: compiled
+         ("fixed_batch_step_tokens_per_s", "fixed_batch_step_speedup_vs_transformer",
+          "fixed_batch_step_peak_bytes",
+          "graphed_batch_step_tokens_per_s", "graphed_batch_step_speedup_vs_transformer",
           "batch_cuda_graph_gain", "compiled_step_tokens_per_s",
-          "compiled_step_speedup_vs_transformer", "compile_gain")),
+          "compiled_step_speedup_vs_transformer", "compiled_step_peak_bytes", "compile_gain",
+          "compiled_batch_step_tokens_per_s", "compiled_batch_step_speedup_vs_transformer",
+          "compiled_batch_step_peak_bytes", "batch_compile_gain")),
     Spec("scaling", "Scaling with sequence length", "scaling",
          ("forward_time_s", "train_step_time_s", "forward_linear_r2", "forward_loglog_slope_top",
           "train_step_linear_r2", "train_step_loglog_slope_top"),
@@ -90,7 +93,16 @@ LABELS = {
     # the fixed-tokens step under torch.compile (--compile)
     "compiled_step_tokens_per_s": "train step, compiled",
     "compiled_step_speedup_vs_transformer": "×transformer, compiled",
+    "compiled_step_peak_bytes": "train-step peak, compiled",
     "compile_gain": "compiled ÷ eager",
+    # the step at --batch sequences (the batch-1 protocol), eager and compiled
+    "fixed_batch_step_tokens_per_s": "train step at --batch",
+    "fixed_batch_step_speedup_vs_transformer": "×transformer at --batch",
+    "fixed_batch_step_peak_bytes": "train-step peak at --batch",
+    "compiled_batch_step_tokens_per_s": "train step at --batch, compiled",
+    "compiled_batch_step_speedup_vs_transformer": "×transformer at --batch, compiled",
+    "compiled_batch_step_peak_bytes": "train-step peak at --batch, compiled",
+    "batch_compile_gain": "compiled ÷ eager at --batch",
     "forward_time_s": "forward time",
     "train_step_time_s": "train-step time",
     "forward_linear_r2": "forward R²",

@@ -15,9 +15,10 @@ muse.harness.results.environment_facts()  # see tests/harness/test_plugin.py: tr
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_protocol(pytester, *models, tokens="128"):
+def run_protocol(pytester, *models, tokens="128", budget="not batch"):
     shutil.copy(REPO / "bench" / "test_throughput.py", pytester.path / "test_throughput.py")
-    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "fixed_tokens_per_step",
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k",
+                                f"fixed_tokens_per_step and {budget}",
                                 "-rs", "--results", str(pytester.path / "results"),
                                 "--device", "cpu", "--seq", "64", "256", "--model", *models,
                                 "--tokens-per-step", tokens)
@@ -47,6 +48,21 @@ def test_the_protocol_records_tokens_per_s_and_the_ratio_to_its_transformer(pyte
     assert ratio["extra"]["baseline"] == "transformer:tiny"
     assert ratio["extra"]["baseline_tokens_per_s"] == base["value"]
     assert ratio["value"] == pytest.approx(own["value"] / base["value"])
+
+
+def test_the_batch_budget_steps_batch_sequences_at_every_seq(pytester):
+    result, records = run_protocol(pytester, "transformer:tiny", "phase2:tiny", budget="batch")
+    result.assert_outcomes(passed=4)  # no seq is too long for a step of --batch sequences
+    got = {(r["model"], r["seq"], r["metric"]): r for r in records}
+    assert {m for _, _, m in got} == {"fixed_batch_step_tokens_per_s",
+                                      "fixed_batch_step_speedup_vs_transformer"}
+    for seq in (64, 256):
+        own = got["phase2", seq, "fixed_batch_step_tokens_per_s"]
+        ratio = got["phase2", seq, "fixed_batch_step_speedup_vs_transformer"]
+        base = got["transformer", seq, "fixed_batch_step_tokens_per_s"]
+        assert (own["batch"], own["dtype"], own["extra"]["tokens_per_step"]) == (1, "bf16", seq)
+        assert ratio["extra"]["baseline_tokens_per_s"] == base["value"]
+        assert ratio["value"] == pytest.approx(own["value"] / base["value"])
 
 
 def test_a_baseline_not_under_test_is_measured_for_the_ratio(pytester):
@@ -104,12 +120,18 @@ def test_the_compiled_step_is_recorded_with_its_gain_and_ratio(pytester):
         "-p", "no:cacheprovider", "-k", "compiled", "--results", str(pytester.path / "results"),
         "--device", "cpu", "--seq", "64", "--model", "phase8:tiny", "--tokens-per-step", "128",
         "--compile", "aot_eager")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)  # at --tokens-per-step and at --batch
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     got = {r["metric"]: r for r in records}
     assert set(got) == {"compiled_step_tokens_per_s", "compile_gain",
-                        "compiled_step_speedup_vs_transformer", "compiled_step_graphs"}
-    assert got["compiled_step_graphs"]["value"] == 1  # the whole step, no graph break
+                        "compiled_step_speedup_vs_transformer", "compiled_step_graphs",
+                        "compiled_batch_step_tokens_per_s", "batch_compile_gain",
+                        "compiled_batch_step_speedup_vs_transformer",
+                        "compiled_batch_step_graphs"}
+    # the whole step, no graph break, at either budget
+    assert got["compiled_step_graphs"]["value"] == got["compiled_batch_step_graphs"]["value"] == 1
+    assert got["compiled_step_tokens_per_s"]["batch"] == 2
+    assert got["compiled_batch_step_tokens_per_s"]["batch"] == 1
     own = got["compiled_step_tokens_per_s"]
     assert "torch.compile (backend aot_eager)" in own["extra"]["protocol"]
     assert own["value"] == pytest.approx(128 / own["extra"]["median_s"])
@@ -123,7 +145,7 @@ def test_without_compile_the_compiled_step_is_skipped_and_a_bad_backend_is_named
     args = ("-p", "no:cacheprovider", "-k", "compiled", "--no-results", "--device", "cpu",
             "--seq", "64", "--model", "phase8:tiny", "-rs")
     result = pytester.runpytest(*args)
-    result.assert_outcomes(skipped=1)
+    result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["*--compile not given: the compiled step is not measured*"])
     result = pytester.runpytest(*args, "--compile", "tvm")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

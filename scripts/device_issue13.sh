@@ -5,7 +5,8 @@
 # every model alike.
 #   eager:    the CUDA tests of the compiled step and the custom ops ($OUT/cuda-tests.txt), the
 #             eager steps and the decode criterion
-#   compiled: the same steps under torch.compile (inductor); SEQS narrows the seqs
+#   compiled: the CUDA test of the compiled step's gradients, then the same steps under
+#             torch.compile (inductor); SEQS narrows the seqs
 #   MUSE_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/device_issue13.sh eager|compiled
 set -uo pipefail
 here=$(dirname "$0")
@@ -22,7 +23,11 @@ case "${1:?eager or compiled}" in
     MUSE_BENCH_LIMIT=${MUSE_BENCH_LIMIT:-300} bash "$here/device_bench.sh" \
       -k "fixed_tokens_per_step or decode" "${common[@]}" > /dev/null 2>&1 ;;
   compiled)
-    MUSE_BENCH_LIMIT=${MUSE_BENCH_LIMIT:-540} bash "$here/device_bench.sh" -k compiled \
+    # the compiled step's gradients against float64 on CUDA for the families timed here
+    timeout -s INT 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_compiled.py \
+      -k "cuda and (phase1 or phase2 or transformer)" > "$OUT/cuda-tests.txt" 2>&1
+    tail -1 "$OUT/cuda-tests.txt"
+    MUSE_BENCH_LIMIT=${MUSE_BENCH_LIMIT:-480} bash "$here/device_bench.sh" -k compiled \
       --compile "${common[@]}" > /dev/null 2>&1 ;;
   *) echo "device_issue13.sh: unknown part '$1' (eager or compiled)" >&2; exit 2 ;;
 esac

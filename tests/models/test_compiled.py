@@ -1,9 +1,12 @@
 """A training step under torch.compile (inductor, the backend `pytest bench --compile` uses)
-computes what the eager step computes: the loss and every parameter's gradient in float32, to
-1e-4 of each gradient's norm (inductor reorders float32 sums; TF32 off on CUDA). On the CPU
-the families with the sliding window, whose overlapping unfold had a backward inductor got
-wrong (pytorch #172064); on CUDA every family the bench compiles."""
+computes what the eager step computes: the loss to 1e-5, and every parameter's gradient within
+1e-4 of its norm of the same weights' float64 gradient on the CPU, or at most 2× as far from it
+as the eager float32 step's (TF32 off on CUDA): inductor reorders float32 sums and takes its own
+transcendentals, so where eager float32 itself strays, the compiled step may stray as far. On
+the CPU the families with the sliding window, whose overlapping unfold had a backward inductor
+got wrong (pytorch #172064); on CUDA every family the bench compiles."""
 
+import copy
 import shutil
 
 import pytest
@@ -22,16 +25,26 @@ def loss_and_grads(model, ids):
                            for name, p in model.named_parameters() if p.grad is not None}
 
 
+def relative_errors(grads, ref):
+    return {n: float((grads[n].cpu().double() - g).norm() / g.norm())
+            for n, g in ref.items() if g.norm() > 0}
+
+
 def check_compiled_step(family, device, backend="inductor"):
     torch.manual_seed(0)
-    model = models.build(family, "tiny", vocab_size=97).to(device)
-    ids = torch.randint(0, 97, (2, 64), device=device)
+    model = models.build(family, "tiny", vocab_size=97)
+    ref_model = copy.deepcopy(model).double()
+    model.to(device)
+    ids = torch.randint(0, 97, (2, 64))
+    _, ref = loss_and_grads(ref_model, ids)
+    ids = ids.to(device)
     loss, grads = loss_and_grads(model, ids)
     got_loss, got = loss_and_grads(torch.compile(model, backend=backend, dynamic=False), ids)
     assert torch.allclose(got_loss, loss, rtol=1e-5, atol=0)
-    assert got.keys() == grads.keys()
-    errors = {n: float((got[n] - g).norm() / g.norm()) for n, g in grads.items() if g.norm() > 0}
-    assert max(errors.values()) < 1e-4, max(errors.items(), key=lambda kv: kv[1])
+    assert got.keys() == grads.keys() == ref.keys()
+    eager, compiled = relative_errors(grads, ref), relative_errors(got, ref)
+    worse = {n: (compiled[n], eager[n]) for n in eager if compiled[n] > max(2 * eager[n], 1e-4)}
+    assert not worse, f"compiled against eager float32 error, both to float64: {worse}"
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels for each model

@@ -53,6 +53,11 @@ def hebbian_chunked(q, k, v, log_decay, eta: float = 1.0, state=None, chunk: int
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     bsz, heads, n, dk = q.shape
+    if n == 1:  # decoding: one recurrent step, not one token padded to a chunk
+        acc = torch.promote_types(q.dtype, log_decay.dtype)
+        y, w = hebbian_naive(*(t.to(acc) for t in (q, k, v, log_decay)), eta,
+                             None if state is None else state.to(acc))
+        return y.to(q.dtype), w
     dv = v.shape[-1]
     m = -(-n // chunk)
     pad = m * chunk - n

@@ -54,6 +54,9 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64):
     # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
     # it, and that keeps v in its own dtype (a view of the projections, kept anyway)
     with torch.autocast(q.device.type, enabled=False):
+        if q.shape[2] == 1:  # decoding: one recurrent step, not one token padded to a chunk
+            return delta_rule_naive(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
+                                    None if state is None else state.to(acc))
         qk = (t.to(acc, memory_format=torch.contiguous_format) for t in (q, k))
         return _chunked(*qk, v, *(t.to(acc) for t in (log_decay, beta)),
                         None if state is None else state.to(acc), chunk)

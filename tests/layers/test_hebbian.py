@@ -39,6 +39,31 @@ def test_two_segments_with_the_carried_state_equal_one_run():
     assert torch.allclose(wb, w, rtol=1e-12, atol=1e-12)
 
 
+def test_decoding_token_by_token_equals_one_run():
+    # one token takes the recurrent step, not a chunk padded to T: the same values and state
+    q, k, v, ld = inputs(12)
+    y, w = hebbian_chunked(q, k, v, ld, eta=0.7, chunk=8)
+    state, ys = None, []
+    for t in range(12):
+        y_t, state = hebbian_chunked(*(x[:, :, t:t + 1] for x in (q, k, v)), ld[..., t:t + 1],
+                                     eta=0.7, state=state, chunk=8)
+        ys.append(y_t)
+    assert torch.allclose(torch.cat(ys, dim=2), y, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(state, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 20])
+def test_bf16_inputs_give_bf16_values_and_a_float32_state(n):
+    q, k, v, ld = inputs(n)
+    y, w = hebbian_chunked(*(t.bfloat16() for t in (q, k, v)), ld.float(), chunk=8)
+    ref, ref_w = hebbian_naive(q, k, v, ld)
+    assert (y.dtype, w.dtype) == (torch.bfloat16, torch.float32)
+    # bf16 inputs and products (8 bits of mantissa, 2⁻⁸ ≈ 4e-3): within 2e-2 of the largest
+    # value of the float64 definition
+    for got, want in ((y, ref), (w, ref_w)):
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
 def test_strong_decay_stays_finite():
     q, k, v, ld = inputs(300)
     y, _ = hebbian_chunked(q, k, v, ld * 200.0, chunk=64)  # e^{-100} per step

@@ -216,14 +216,16 @@ class DissipativeHebbian(nn.Module):
     read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first. `delta=True`
     erases before it writes (the gated delta rule, muse.ops.delta_rule) with a write strength
     β_t = η·σ(w_β·x_t) per head; with it, `plain_heads` h keeps the first h heads on the plain
-    rule."""
+    rule, and `recompute` forms the delta rule's chunk products again in backward instead of
+    keeping them."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
                  gamma_init: tuple[float, float] = (-9.0, -3.0), conv: int = 0,
                  qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
                  local_window: int = 0, rope_base: float = 10000.0, delta: bool = False,
-                 dt_range: tuple[float, float] = (1e-3, 0.1), plain_heads: int = 0):
+                 dt_range: tuple[float, float] = (1e-3, 0.1), plain_heads: int = 0,
+                 recompute: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
@@ -246,6 +248,7 @@ class DissipativeHebbian(nn.Module):
         # the first (slowest-decaying) heads write without erasing: a path that keeps what
         # was written long ago, which the delta rule's erasure overwrites within ~D_h/β writes
         self.plain_heads = plain_heads
+        self.recompute = recompute  # the delta rule's chunk form again in backward, not kept
         self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
         self.out_norm = out_norm  # each head's read-out divided by its RMS (see layers.norm)
         self.qk_norm, self.decay, self.local_window, self.rope_base = (
@@ -309,7 +312,8 @@ class DissipativeHebbian(nn.Module):
         h = self.plain_heads
         qh, kh, vh, ld, bh = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
         y, w = delta_rule_chunked(qh[:, h:], kh[:, h:], vh[:, h:], ld[:, h:], bh[:, h:],
-                                  state=None if state is None else state[:, h:], chunk=self.chunk)
+                                  state=None if state is None else state[:, h:], chunk=self.chunk,
+                                  recompute=self.recompute)
         if h:
             keys = kh[:, :h]
             if eta_scale is not None:  # η per head scales the plain heads' writes, as β's

@@ -74,6 +74,9 @@ class Phase2Config(FFNConfig):
     # the first h heads (the slowest decays) write without erasing; the long-range gradient
     # needs such a path: the delta rule overwrites what it wrote within ~head_dim/β writes
     hebbian_plain_heads: int = 0
+    # the delta rule's chunk products formed again in backward, not kept (less memory, one
+    # more forward of that form)
+    hebbian_recompute: bool = False
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
     bk_zero_out: bool = True  # the BK sublayer's output projection starts at 0 (a no-op at init)
@@ -167,6 +170,7 @@ class Phase2Block(nn.Module):
             delta=config.hebbian_delta,
             dt_range=tuple(config.hebbian_dt_range),
             plain_heads=config.hebbian_plain_heads,
+            recompute=config.hebbian_recompute,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

@@ -40,10 +40,13 @@ def delta_rule_naive(q, k, v, log_decay, beta, state=None):
     return torch.stack(out, dim=2), w
 
 
-def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64):
+def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
+                       recompute: bool = False):
     """Same contract as `delta_rule_naive`; O(N·T) work in batched chunk products plus a
     triangular solve per chunk, and N/T sequential (D_k × D_v) state steps. Padding at the end
-    has zero keys and β, log-decay 0: it leaves the final state as it is."""
+    has zero keys and β, log-decay 0: it leaves the final state as it is. With `recompute`,
+    backward keeps only the inputs and forms the chunk products, the solve and the states
+    again (less memory for one more forward of this form)."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     # the triangular solve has no half-precision kernels, and its error grows with T: the whole
@@ -57,9 +60,17 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64):
         if q.shape[2] == 1:  # decoding: one recurrent step, not one token padded to a chunk
             return delta_rule_naive(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
                                     None if state is None else state.to(acc))
-        qk = (t.to(acc, memory_format=torch.contiguous_format) for t in (q, k))
-        return _chunked(*qk, v, *(t.to(acc) for t in (log_decay, beta)),
-                        None if state is None else state.to(acc), chunk)
+        if recompute and torch.is_grad_enabled():  # keeps q and k in their own dtype too
+            return checkpoint(_widened_chunked, q, k, v, log_decay, beta, state, chunk,
+                              use_reentrant=False, preserve_rng_state=False)
+        return _widened_chunked(q, k, v, log_decay, beta, state, chunk)
+
+
+def _widened_chunked(q, k, v, log_decay, beta, state, chunk):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
+                    *(t.to(acc) for t in (log_decay, beta)),
+                    None if state is None else state.to(acc), chunk)
 
 
 def chunk_layout(q, k, v, log_decay, beta, chunk):

@@ -30,3 +30,19 @@ def test_plain_heads_are_fewer_than_the_heads_of_a_delta_rule_block():
         models.build("phase2", "tiny", vocab_size=97, hebbian_plain_heads=2)
     # the presets' plain head stands with the delta rule off too: every head is plain then
     models.build("phase2", "tiny", vocab_size=97, hebbian_delta=False)
+
+
+def test_hebbian_recompute_trains_as_the_default_block():
+    # the same weights with and without the delta rule's recompute: the loss and every
+    # gradient bit for bit (float64)
+    ids = random_ids(97, 2, 40, "cpu")
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = models.build("phase2", "tiny", vocab_size=97, hebbian_recompute=recompute).double()
+        assert all(b.hebbian.recompute == recompute for b in m.blocks)
+        loss = m(ids, loss_chunk=16)
+        loss.backward()
+        runs.append([loss] + [p.grad for p in m.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

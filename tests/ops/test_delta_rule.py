@@ -221,3 +221,34 @@ def test_keeps_q_k_and_the_states_once_and_no_elementwise_products_of_its_inputs
     v_kept = n * h * d * 4 - n * (h + 1) * 3 * d * 2
     assert before - now == (per_token_and_head * n * h + t * t + (n // t) * h * d * d * 4
                             + v_kept)
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_recompute_gives_the_same_values_and_gradients(carried):
+    """`recompute` runs the same form again in backward: y, W and every gradient bit for bit
+    (float64)."""
+    x0, ld0, beta0, up = _projections(37, torch.float64, seed=5)
+    s0 = torch.randn(2, 3, 8, 8, dtype=torch.float64) if carried else None
+    runs = []
+    for recompute in (False, True):
+        x, ld, beta = (t.clone().requires_grad_() for t in (x0, ld0, beta0))
+        state = None if s0 is None else s0.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2)[:, 1:] for t in x.unbind(3))
+        y, w = delta_rule_chunked(q, k, v, ld, beta, state=state, chunk=8, recompute=recompute)
+        ((y * up).sum() + w.square().sum()).backward()
+        runs.append([y, w, x.grad, ld.grad, beta.grad] + ([] if s0 is None else [state.grad]))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_recompute_keeps_only_the_inputs_in_their_own_dtype():
+    """From bf16 head views (N = 256, T = 64, D = 8, 3 heads): with `recompute` backward keeps
+    the bf16 projections q, k and v are views of, and the float32 log-decays and β, nothing
+    of the chunk form: no float32 copy of q or k, no (T × T) products, no states."""
+    n, t, d, h = 256, 64, 8, 3
+    x, ld, beta, _ = _projections(n, torch.bfloat16, seed=1, b=1, h=h, d=d)
+    for z in (x, ld, beta):
+        z.requires_grad_()
+    q, k, v = (u.transpose(1, 2)[:, 1:] for u in x.unbind(3))
+    kept = _saved_bytes(delta_rule_chunked, q, k, v, ld, beta, chunk=t, recompute=True)
+    assert kept == x.numel() * 2 + (ld.numel() + beta.numel()) * 4

@@ -76,10 +76,16 @@ def selective_cumsum(u: torch.Tensor, log_decay: torch.Tensor, chunk: int = 16) 
     return local.reshape(bsz, m * chunk, r)[:, :n]
 
 
-@functools.lru_cache(maxsize=16)
 def above_diagonal(chunk: int, device: torch.device) -> torch.Tensor:
     """(chunk × chunk) True above the diagonal, the causal mask of a chunk: built once per size
-    and device."""
+    and device; under torch.compile a node of the graph, which inductor folds."""
+    if torch.compiler.is_compiling():
+        return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
+    return _cached_above_diagonal(chunk, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_above_diagonal(chunk: int, device: torch.device) -> torch.Tensor:
     # a plain tensor even when first asked for under inference_mode: training reuses it
     with torch.inference_mode(False):
         return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)

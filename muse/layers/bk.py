@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.layers.cast import autocast_read
 from muse.ops.bk_core import bk_core
 
 
@@ -59,7 +60,9 @@ class BKMixer(nn.Module):
 
     def diagonal(self, x: torch.Tensor) -> torch.Tensor:
         """The potential a (B, N, C); Phase 2 overrides this with V − iΓ."""
-        return _wide(self.potential(x)) + _wide(self.a0)
+        # every projection of x reads one autocast copy of it (layers.cast): backward keeps
+        # that one, not one a projection
+        return _wide(self.potential(autocast_read(x))) + _wide(self.a0)
 
     def init_carry(
         self, batch: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -79,11 +82,11 @@ class BKMixer(nn.Module):
         a = self.diagonal(x)
         if carry is None:
             # k_i couples i and i+1 and is computed from x_i, so g_i sees only x_{≤i}.
-            k = F.softplus(_wide(self.coupling(x[:, :-1])))
+            k = F.softplus(_wide(self.coupling(autocast_read(x)[:, :-1])))
             g = bk_core(a, k, self.shift(), backend=self.backend, validate=False)
             return self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
         # the last token's coupling reaches into the next segment, so here it is computed too
-        k_all = F.softplus(_wide(self.coupling(x)))
+        k_all = F.softplus(_wide(self.coupling(autocast_read(x))))
         a = torch.cat((a[:, :1] - carry[:, None], a[:, 1:]), dim=1)
         g = bk_core(a, k_all[:, :-1], self.shift(), backend=self.backend, validate=False)
         out = self.out(torch.cat((g.real, g.imag), dim=-1).to(x.dtype))
@@ -104,7 +107,7 @@ class NonHermitianBKMixer(BKMixer):
         self.gamma_base = gamma_base
 
     def gamma(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softplus(_wide(self.dissipation(x))) + self.gamma_base
+        return F.softplus(_wide(self.dissipation(autocast_read(x)))) + self.gamma_base
 
     def diagonal(self, x: torch.Tensor) -> torch.Tensor:
         return torch.complex(super().diagonal(x), -self.gamma(x))

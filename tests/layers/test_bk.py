@@ -90,3 +90,26 @@ def test_carried_boundary_value_resumes_the_recurrence_exactly():
             out, carry = m(x[:, a:b], carry)
             parts.append(out)
         assert torch.allclose(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-12)
+
+
+def test_the_projections_keep_one_bf16_copy_of_x():
+    """The potential, the coupling and the dissipation read x: under bf16 autocast backward
+    keeps one bf16 copy of it (the coupling a view of that copy), not one a projection."""
+    torch.manual_seed(0)
+    m = NonHermitianBKMixer(d_model=16, channels=4)
+    x = torch.randn(1, 24, 16).requires_grad_()
+    h = x * 1
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        m(h).sum().backward()
+    copies = [t for t in kept.values() if t.dtype == torch.bfloat16
+              and t.untyped_storage().nbytes() == x.numel() * 2]
+    assert len(copies) == 1
+    whole = copies[0].new_empty(0).set_(copies[0].untyped_storage(), 0, x.shape)
+    assert torch.equal(whole, x.detach().to(torch.bfloat16))

@@ -6,11 +6,13 @@
 #   eager:    the CUDA tests of the compiled step and the custom ops ($OUT/cuda-tests.txt), the
 #             eager steps and the decode criterion
 #   compiled: the CUDA test of the compiled step's gradients, then the same steps under
-#             torch.compile (inductor); SEQS narrows the seqs
+#             torch.compile (inductor); SEQS narrows the seqs (phase2:base's compiles take
+#             minutes: one seq a call)
 #   MUSE_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/device_issue13.sh eager|compiled
 set -uo pipefail
 here=$(dirname "$0")
-models=(phase2:base phase1:10gb transformer:base transformer:phase1-10gb)
+# MODELS narrows the pairs (each model's matched transformer is measured for its ratio anyway)
+read -ra models <<< "${MODELS:-phase2:base phase1:10gb transformer:base transformer:phase1-10gb}"
 common=(--model "${models[@]}" --seq ${SEQS:-4096 16384 65536} --loss-chunk 4096
         --ignore bench/test_perplexity.py --ignore bench/test_bk_core.py)
 case "${1:?eager or compiled}" in

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from muse.layers.bk import BKMixer, NonHermitianBKMixer
 from muse.ops.bk_core.naive import bk_core_reference
 
+from .saved import saved_storages
+
 
 def mixer(d=16, c=4, seed=0):
     torch.manual_seed(seed)
@@ -98,17 +100,7 @@ def test_the_projections_keep_one_bf16_copy_of_x():
     torch.manual_seed(0)
     m = NonHermitianBKMixer(d_model=16, channels=4)
     x = torch.randn(1, 24, 16).requires_grad_()
-    h = x * 1
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        m(h).sum().backward()
-    copies = [t for t in kept.values() if t.dtype == torch.bfloat16
+    copies = [t for t in saved_storages(m, x * 1) if t.dtype == torch.bfloat16
               and t.untyped_storage().nbytes() == x.numel() * 2]
     assert len(copies) == 1
     whole = copies[0].new_empty(0).set_(copies[0].untyped_storage(), 0, x.shape)

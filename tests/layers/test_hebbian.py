@@ -7,6 +7,8 @@ import torch
 
 from muse.layers.hebbian import DissipativeHebbian, hebbian_chunked, hebbian_naive, intra_chunk
 
+from .saved import saved_storages
+
 
 def inputs(n, seed=0, b=2, h=3, dk=4, dv=5):
     g = torch.Generator().manual_seed(seed)
@@ -288,19 +290,6 @@ def test_the_layer_equals_its_previous_form(dtype, monkeypatch):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def _saved_storages(fn, *args):
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        fn(*args)
-    return list(kept.values())
-
-
 def test_the_projections_keep_one_bf16_copy_of_x(monkeypatch):
     """qkv, β, Γ and the gate read x: under autocast backward keeps one bf16 copy of it, not
     one a projection (the previous form kept four)."""
@@ -308,7 +297,7 @@ def test_the_projections_keep_one_bf16_copy_of_x(monkeypatch):
     copy = x.detach().to(torch.bfloat16)
 
     def copies():
-        kept = _saved_storages(_phase2_layer(), x * 1)
+        kept = saved_storages(_phase2_layer(), x * 1)
         return sum(t.dtype == torch.bfloat16 and t.numel() == x.numel()
                    and torch.equal(t.reshape(x.shape), copy) for t in kept)
 
@@ -350,7 +339,7 @@ def test_the_output_gate_keeps_y_the_gain_and_g_only():
     gain = torch.ones(8, requires_grad=True)
 
     def per_token(fn):  # the gain (32 bytes) is a weight: left out
-        kept = _saved_storages(fn, y, gain, g)
+        kept = saved_storages(fn, y, gain, g)
         return (sum(t.untyped_storage().nbytes() for t in kept) - 32) / 10
 
     assert per_token(gated_out) == 3 * 16 * 2
@@ -367,7 +356,7 @@ def test_the_plain_heads_keep_no_copies_of_q_k_v_of_their_own(monkeypatch):
     x = torch.randn(1, 64, 16).requires_grad_()
 
     def per_token():
-        kept = _saved_storages(_phase2_layer(), x * 1)
+        kept = saved_storages(_phase2_layer(), x * 1)
         return sum(t.untyped_storage().nbytes() for t in kept) / 64
 
     now = per_token()
@@ -384,7 +373,7 @@ def test_the_delta_rule_keeps_v_as_the_projections_hold_it(monkeypatch):
     x = torch.randn(1, 64, 16).requires_grad_()
 
     def total():
-        return sum(t.untyped_storage().nbytes() for t in _saved_storages(_phase2_layer(), x * 1))
+        return sum(t.untyped_storage().nbytes() for t in saved_storages(_phase2_layer(), x * 1))
 
     now = total()
     rule = hebbian.delta_rule_chunked

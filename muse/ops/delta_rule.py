@@ -52,10 +52,6 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
     # the triangular solve has no half-precision kernels, and its error grows with T: the whole
     # form runs in float32 at least, autocast or not, and returns in that dtype
     acc = torch.promote_types(q.dtype, torch.float32)
-    # q and k laid out (B, H, N, D) once: a head slice of the (B, N, H, D) projections kept its
-    # strides through `.to`, and every batched product then made (and autograd kept) a
-    # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
-    # it, and that keeps v in its own dtype (a view of the projections, kept anyway)
     with torch.autocast(q.device.type, enabled=False):
         if q.shape[2] == 1:  # decoding: one recurrent step, not one token padded to a chunk
             return delta_rule_naive(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
@@ -67,6 +63,10 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
 
 
 def _widened_chunked(q, k, v, log_decay, beta, state, chunk):
+    # q and k laid out (B, H, N, D) once: a head slice of the (B, N, H, D) projections kept its
+    # strides through `.to`, and every batched product then made (and autograd kept) a
+    # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
+    # it, and that keeps v in its own dtype (a view of the projections, kept anyway)
     acc = torch.promote_types(q.dtype, torch.float32)
     return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
                     *(t.to(acc) for t in (log_decay, beta)),

@@ -230,15 +230,16 @@ def _ratio_axis(ax) -> None:
 
 
 def _protocol_label(protocol: str, records) -> str:
-    """forward / train step at the run's batch (batch 1 by default), or the fixed tokens/step,
-    compiled or not."""
+    """forward / train step at the run's batch (batch 1 by default), or the step as trained
+    (bf16, AdamW: "AdamW step") at the fixed tokens/step or at the run's batch, compiled or
+    not."""
     if protocol in ("fixed_step", "compiled_step"):
         tokens = sorted({r.extra["tokens_per_step"] for r in records
                          if r.extra.get("tokens_per_step")})
-        label = "train step, " + " or ".join(f"{t:,}" for t in tokens) + " tokens/step"
+        label = "AdamW step, " + " or ".join(f"{t:,}" for t in tokens) + " tokens/step"
     else:
         batches = sorted({r.batch for r in records if r.batch is not None})
-        name = "train step" if protocol in STEP_PROTOCOLS else protocol.replace("_", " ")
+        name = "AdamW step" if protocol in STEP_PROTOCOLS else protocol.replace("_", " ")
         label = f"{name}, batch " + " or ".join(map(str, batches)) if batches else name
     return label + ", compiled" if protocol.startswith("compiled") else label
 
@@ -279,6 +280,27 @@ def memory_ratios(records: list[Record]) -> dict[str, dict[str, list[tuple[int, 
                 and not _is_transformer(r.model) and own and base:
             out[m[1]][f"{r.model}:{r.preset}"][r.seq] = own / base
     return {p: {k: sorted(v.items()) for k, v in sorted(d.items())} for p, d in out.items()}
+
+
+def ratio_rows(records: list[Record]) -> tuple[list[int], list[tuple[str, str, list[str]]]]:
+    """The ratio plot as a table: the seqs, and per model and protocol a cell a seq, "speed× /
+    memory×" against the matched transformer ("–" where one of them was not measured)."""
+    speed, mem = speed_ratios(records), memory_ratios(records)
+    protocols = [p for p in PROTOCOL_STYLE if p in speed or p in mem]
+    seqs = sorted({seq for d in (*speed.values(), *mem.values()) for pts in d.values()
+                   for seq, _ in pts})
+    rows = []
+    for protocol in protocols:
+        label = _protocol_label(protocol, [r for r in records if r.metric.startswith(
+            f"{protocol}_speedup_vs_") and isinstance(r.extra.get("baseline"), str)])
+        fast, small = speed.get(protocol, {}), mem.get(protocol, {})
+        for model in sorted(set(fast) | set(small)):
+            s, m = dict(fast.get(model, ())), dict(small.get(model, ()))
+            cells = [f"{s[q]:.2f}× / {m[q]:.2f}×" if q in s and q in m
+                     else f"{s[q]:.2f}× / –" if q in s else f"– / {m[q]:.2f}×" if q in m else ""
+                     for q in seqs]
+            rows.append((model, label, cells))
+    return seqs, rows
 
 
 def ratios(records: list[Record]) -> bytes | None:

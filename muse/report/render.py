@@ -481,6 +481,7 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
             about = template.blocks["about"](template.new_context({"table": t}))
             abouts[t.spec.name] = "".join(about).strip().replace("`", "")
     figures = plots.all_figures(records, history)
+    ratio_seqs, ratio_rows = plots.ratio_rows(records)
     for name, png in figures.items():
         files[f"{name}.png"] = (Path("plots") / f"{name}.png", png)
     context = {
@@ -495,6 +496,8 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
         "missing_plots": [c for n, c in plots.CAPTIONS.items() if n not in figures],
         "images": {n: base64.b64encode(png).decode("ascii") for n, png in figures.items()},
         "failed": sum(r.passed is False for r in records),
+        "ratio_seqs": ratio_seqs,
+        "ratio_rows": ratio_rows,
     }
     for name in ("REPORT.md", "report.html"):
         files[name] = (Path(name), _render(env, f"{name}.j2", **context).encode("utf-8"))

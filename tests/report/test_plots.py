@@ -91,3 +91,28 @@ def test_the_ratio_plot_renders_from_a_results_file(tmp_path):
     assert written["ratios.png"].read_bytes().startswith(b"\x89PNG")
     report = (tmp_path / "out" / "REPORT.md").read_text(encoding="utf-8")
     assert "](plots/ratios.png)" in report
+
+
+def test_the_ratio_table_has_a_row_per_model_and_protocol_and_a_cell_per_seq():
+    records = synthetic() + [rec(MODEL, "throughput", "compiled_batch_step_speedup_vs_transformer",
+                                 4096, 0.25, baseline=BASE, peak_bytes=2e9,
+                                 baseline_peak_bytes=1e9, tokens_per_step=4096)]
+    seqs, rows = plots.ratio_rows(records)
+    assert seqs == list(SEQS)
+    got = {(model, protocol): cells for model, protocol, cells in rows}
+    # the transformers (the baseline and the O(N²) control) have no rows of their own
+    assert {m for m, _ in got} == {MODEL}
+    assert got[MODEL, "train step, batch 1"] == ["0.50× / 0.50×", "1.00× / 0.25×",
+                                                 "1.50× / 0.17×"]
+    assert got[MODEL, "AdamW step, 65,536 tokens/step"] == ["0.80× / 0.50×", "1.80× / 0.50×",
+                                                           "2.80× / 0.50×"]
+    assert got[MODEL, "AdamW step, batch 1, compiled"] == ["", "", "0.25× / 2.00×"]
+
+
+def test_the_report_carries_the_ratio_table(tmp_path):
+    doc = {"schema_version": SCHEMA_VERSION, "records": [r.to_dict() for r in synthetic()]}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    written = render([tmp_path / "results.json"], tmp_path / "out")
+    text = written["REPORT.md"].read_text()
+    assert "| phase2:small | AdamW step, 65,536 tokens/step | 0.80× / 0.50× |" in text
+    assert "<td>AdamW step, 65,536 tokens/step</td>" in written["report.html"].read_text()

@@ -244,6 +244,13 @@ def _protocol_label(protocol: str, records) -> str:
     return label + ", compiled" if protocol.startswith("compiled") else label
 
 
+def _protocol_labels(records, protocols) -> dict[str, str]:
+    """protocol → its legend label, from that protocol's ratio records."""
+    return {p: _protocol_label(p, [r for r in records if r.metric.startswith(f"{p}_speedup_vs_")
+                                   and isinstance(r.extra.get("baseline"), str)])
+            for p in protocols}
+
+
 def speed_ratios(records: list[Record]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """protocol → model → sorted (seq, tokens/s ÷ the matched transformer's), as recorded (each
     ratio is timed in the same run, model and transformer alike)."""
@@ -290,9 +297,7 @@ def ratio_rows(records: list[Record]) -> tuple[list[int], list[tuple[str, str, l
     seqs = sorted({seq for d in (*speed.values(), *mem.values()) for pts in d.values()
                    for seq, _ in pts})
     rows = []
-    for protocol in protocols:
-        label = _protocol_label(protocol, [r for r in records if r.metric.startswith(
-            f"{protocol}_speedup_vs_") and isinstance(r.extra.get("baseline"), str)])
+    for protocol, label in _protocol_labels(records, protocols).items():
         fast, small = speed.get(protocol, {}), mem.get(protocol, {})
         for model in sorted(set(fast) | set(small)):
             s, m = dict(fast.get(model, ())), dict(small.get(model, ()))
@@ -311,8 +316,7 @@ def ratios(records: list[Record]) -> bytes | None:
     labels = {k for d in (*speed.values(), *mem.values()) for k in d}
     styles = pair_styles(labels | {pairs[k] for k in labels}, pairs)
     protocols = [p for p in PROTOCOL_STYLE if p in speed or p in mem]
-    by_protocol = {p: [r for r in records if r.metric.startswith(f"{p}_speedup_vs_")
-                       and isinstance(r.extra.get("baseline"), str)] for p in protocols}
+    labels_of = _protocol_labels(records, protocols)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     panels = ((axes[0], speed, "tokens/s ÷ matched transformer (> 1: faster)"),
               (axes[1], mem, "peak memory ÷ matched transformer (< 1: less)"))
@@ -337,7 +341,7 @@ def ratios(records: list[Record]) -> bytes | None:
                bbox_to_anchor=(1.0, 0.97), fontsize=8, title="model ÷ its transformer")
     kinds = [Line2D([], [], color="k", ls=PROTOCOL_STYLE[p][0], marker=PROTOCOL_STYLE[p][1])
              for p in protocols]
-    fig.legend(kinds, [_protocol_label(p, by_protocol[p]) for p in protocols], loc="lower left",
+    fig.legend(kinds, [labels_of[p] for p in protocols], loc="lower left",
                bbox_to_anchor=(1.0, 0.1), fontsize=8, title="protocol")
     return _png(fig)
 

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from muse.ops.affine_walk import affine_walk, sequential_walk
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
+from muse.ops.unit_lower_solve import unit_lower_solve
 
 
 def delta_rule_naive(q, k, v, log_decay, beta, state=None):
@@ -96,12 +97,11 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     # are not kept
     a = checkpoint(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2),
                    use_reentrant=False, preserve_rng_state=False)
-    eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)
     gamma = torch.exp(b)[..., None].to(qc.dtype)
     rhs = torch.cat((checkpoint(_widened_product, bc, vc, use_reentrant=False,
                                 preserve_rng_state=False),
                      bc * gamma * kc), dim=-1)
-    solved = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    solved = unit_lower_solve(a, rhs)
     u0, p = solved[..., :dv], solved[..., dv:]
     qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
     tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j

@@ -4,6 +4,7 @@ REPORT.md and a self-contained report.html with the plots of muse.report.plots e
 from __future__ import annotations
 
 import base64
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -225,16 +226,28 @@ def load(paths) -> tuple[list[Record], list[dict]]:
 
 def latest_results(root: Path = RESULTS) -> list[Path]:
     """Every latest.json under root (the current run of each kind: the bench, the perplexity
-    gate), shallowest first, then in path order: a deeper file's record replaces a shallower's."""
+    gate), shallowest first, then by the time each run started, then in path order: a deeper
+    file's record replaces a shallower's, and at one depth a later run's an earlier's (folder
+    names need not sort by date)."""
     root = Path(root)
     if not root.is_dir():
         raise MuseError(f"no results file given and {str(root)!r} is not a folder; pass "
                         "RESULTS.json files")
-    found = sorted(root.rglob("latest.json"), key=lambda p: (len(p.parts), p.parts))
+    found = sorted(root.rglob("latest.json"),
+                   key=lambda p: (len(p.parts), _started_at(p), p.parts))
     if not found:
         raise MuseError(f"no results file given and no latest.json under {str(root)!r}; pass "
                         "RESULTS.json files")
     return found
+
+
+def _started_at(path: Path) -> str:
+    """The run's start (ISO 8601, UTC, so it sorts as text); "" where the file has none."""
+    try:
+        started = json.loads(path.read_text(encoding="utf-8")).get("started_at")
+    except (OSError, ValueError, AttributeError):
+        return ""  # load() names what is wrong with the file
+    return started if isinstance(started, str) else ""
 
 
 def named_history(docs: list[dict]) -> dict[str, list[dict]] | None:

@@ -46,6 +46,19 @@ def test_every_latest_json_shallowest_first(results):
                                 Path("reports/results/perplexity/latest.json")]
 
 
+def test_at_one_depth_a_later_run_comes_after_an_earlier_one(results):
+    """Folder names that do not sort by date ("eleventh" before "tenth"): the later run's
+    records replace the earlier's."""
+    doc = json.loads(FIXTURE.read_text())
+    for folder, started in (("eleventh", "2026-12-03T17:00:00Z"),
+                            ("tenth", "2026-12-02T17:00:00Z")):
+        (results / folder).mkdir()
+        (results / folder / "latest.json").write_text(json.dumps({**doc, "started_at": started}))
+    found = latest_results()
+    assert found.index(Path("reports/results/tenth/latest.json")) < found.index(
+        Path("reports/results/eleventh/latest.json"))
+
+
 def test_the_default_renders_both_files_and_the_named_history(results, capsys):
     assert main(["report", "--out", "out"]) == 0
     report = Path("out/REPORT.md").read_text(encoding="utf-8")

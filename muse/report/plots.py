@@ -308,6 +308,33 @@ def ratio_rows(records: list[Record]) -> tuple[list[int], list[tuple[str, str, l
     return seqs, rows
 
 
+FLA_PEER = "fla-"  # the registry's prefix of the flash-linear-attention peers
+
+
+def peer_rows(records: list[Record]) -> tuple[list[int], list[tuple[str, str, list[str]]]]:
+    """Each model's tokens/s ratio ÷ the best fla peer's of the same size (the peers matched to
+    the same transformer, each ratio timed against it in its own run) per protocol and seq, the
+    peer named: > 1, faster than the best peer measured there. Only where a peer was measured."""
+    speed, pairs = speed_ratios(records), matched(records)
+    protocols = [p for p in PROTOCOL_STYLE if p in speed]
+    rows, seqs = [], set()
+    for protocol, label in _protocol_labels(records, protocols).items():
+        models = {k: dict(v) for k, v in speed[protocol].items()}
+        for model in sorted(k for k in models if not k.startswith(FLA_PEER)):
+            peers = {k: v for k, v in models.items()
+                     if k.startswith(FLA_PEER) and pairs.get(k) == pairs.get(model)}
+            cells = {}
+            for seq, ratio in models[model].items():
+                best = max(((v[seq], k) for k, v in peers.items() if seq in v), default=None)
+                if best is not None:
+                    cells[seq] = f"{ratio / best[0]:.2f}× ({best[1]})"
+            if cells:
+                rows.append((model, label, cells))
+                seqs |= set(cells)
+    order = sorted(seqs)
+    return order, [(m, label, [c.get(q, "") for q in order]) for m, label, c in rows]
+
+
 def ratios(records: list[Record]) -> bytes | None:
     speed, mem = speed_ratios(records), memory_ratios(records)
     if not speed and not mem:

@@ -495,6 +495,7 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
             abouts[t.spec.name] = "".join(about).strip().replace("`", "")
     figures = plots.all_figures(records, history)
     ratio_seqs, ratio_rows = plots.ratio_rows(records)
+    peer_seqs, peer_rows = plots.peer_rows(records)
     for name, png in figures.items():
         files[f"{name}.png"] = (Path("plots") / f"{name}.png", png)
     context = {
@@ -511,6 +512,8 @@ def render(paths, out, *, history=None, templates: Path | None = None) -> dict[s
         "failed": sum(r.passed is False for r in records),
         "ratio_seqs": ratio_seqs,
         "ratio_rows": ratio_rows,
+        "peer_seqs": peer_seqs,
+        "peer_rows": peer_rows,
     }
     for name in ("REPORT.md", "report.html"):
         files[name] = (Path(name), _render(env, f"{name}.j2", **context).encode("utf-8"))

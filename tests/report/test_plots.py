@@ -116,3 +116,35 @@ def test_the_report_carries_the_ratio_table(tmp_path):
     text = written["REPORT.md"].read_text()
     assert "| phase2:small | AdamW step, 65,536 tokens/step | 0.80× / 0.50× |" in text
     assert "<td>AdamW step, 65,536 tokens/step</td>" in written["report.html"].read_text()
+
+
+def _fixed_step(spec, seq, ratio, base=BASE):
+    return rec(spec, "throughput", "fixed_step_speedup_vs_transformer", seq, ratio, baseline=base,
+               tokens_per_step=65536)
+
+
+def test_the_peer_table_divides_by_the_best_peer_of_the_same_size():
+    """Per seq the fastest fla peer matched to the same transformer, named; a peer of another
+    size (another matched transformer) is not compared, and a seq with no peer has no cell."""
+    records = [_fixed_step(MODEL, 4096, 0.5), _fixed_step(MODEL, 65536, 1.5),
+               _fixed_step(MODEL, 16384, 0.8),
+               _fixed_step("fla-gla:small", 4096, 1.0), _fixed_step("fla-gla:small", 65536, 2.0),
+               _fixed_step("fla-retnet:small", 4096, 1.25),
+               _fixed_step("fla-deltanet:base", 16384, 0.1, base="transformer:base")]
+    seqs, rows = plots.peer_rows(records)
+    assert seqs == [4096, 65536]
+    assert rows == [(MODEL, "AdamW step, 65,536 tokens/step",
+                     ["0.40× (fla-retnet:small)", "0.75× (fla-gla:small)"])]
+
+
+def test_the_report_carries_the_peer_table_only_where_a_peer_was_measured(tmp_path):
+    for peers, shown in (([], False), ([_fixed_step("fla-gla:small", 4096, 1.0)], True)):
+        records = synthetic() + [_fixed_step(MODEL, 4096, 0.5)] + peers
+        doc = {"schema_version": SCHEMA_VERSION, "records": [r.to_dict() for r in records]}
+        (tmp_path / "results.json").write_text(json.dumps(doc))
+        written = render([tmp_path / "results.json"], tmp_path / "out")
+        text = written["REPORT.md"].read_text()
+        assert ("| phase2:small | AdamW step, 65,536 tokens/step | 0.50× (fla-gla:small) |"
+                in text) is shown
+        assert ("<h3>Against the best fla peer</h3>" in written["report.html"].read_text()) \
+            is shown

@@ -33,7 +33,7 @@ class UnitLowerSolve(torch.autograd.Function):
         need_a, need_rhs = ctx.needs_input_grad
         # (I + A) X = R: dR = (I + A)⁻ᵀ dX and dA = −dR Xᵀ, kept strictly below the diagonal
         grad_rhs = inverse.transpose(-1, -2) @ grad_x
-        grad_a = torch.tril(-(grad_rhs @ x.transpose(-1, -2)), -1) if need_a else None
+        grad_a = torch.tril(grad_rhs @ x.transpose(-1, -2), -1).neg_() if need_a else None
         return grad_a, grad_rhs if need_rhs else None
 
 

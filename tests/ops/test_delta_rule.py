@@ -164,9 +164,8 @@ def test_chunked_equals_its_previous_form(dtype, n, chunk, carried, values_only)
     as the previous form's to rounding: an ulp of its own dtype, elementwise, beside 8 ulp of
     the dtype it is summed in times its largest entry (the solve is now an inverse and a
     product, the backward's products lay their operands out otherwise, and a CPU's BLAS may
-    pick another kernel for them). In
-    float64, and from bf16 projections (solved in float32, as under autocast); with
-    `values_only` the log-decays and β take no gradient."""
+    pick another kernel for them). In float64, and from bf16 projections (solved in float32,
+    as under autocast); with `values_only` the log-decays and β take no gradient."""
     x0, ld0, beta0, up = _projections(n, dtype, seed=n + chunk)
     s0 = torch.randn(2, 3, 8, 8, dtype=ld0.dtype) if carried else None
     runs = []

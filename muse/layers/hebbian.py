@@ -29,7 +29,7 @@ from muse.layers.local_attention import rotary_local_attention
 from muse.layers.norm import gated_out, rms_normalize
 from muse.layers.short_conv import ShortConv
 from muse.ops.decayed_scan.chunk import above_diagonal, pad_time
-from muse.ops.delta_rule import delta_rule_chunked
+from muse.ops.delta_rule import STATES, delta_rule_chunked
 
 BACKENDS = ("auto", "fla", "torch")
 
@@ -216,8 +216,8 @@ class DissipativeHebbian(nn.Module):
     read-out by a learned gate σ(W_m x) — both read-outs RMS-normalised first. `delta=True`
     erases before it writes (the gated delta rule, muse.ops.delta_rule) with a write strength
     β_t = η·σ(w_β·x_t) per head; with it, `plain_heads` h keeps the first h heads on the plain
-    rule, and `recompute` forms the delta rule's chunk products again in backward instead of
-    keeping them."""
+    rule, `recompute` forms the delta rule's chunk products again in backward instead of
+    keeping them, and `states` picks its chunk-to-chunk pass (muse.ops.delta_rule.STATES)."""
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int, eta: float = 1.0,
                  dt: float = 1.0, chunk: int = 64, backend: str = "auto", out_norm: bool = True,
@@ -225,8 +225,10 @@ class DissipativeHebbian(nn.Module):
                  qk_norm: str = "k", decay: str = "softplus", out_gate: bool = False,
                  local_window: int = 0, rope_base: float = 10000.0, delta: bool = False,
                  dt_range: tuple[float, float] = (1e-3, 0.1), plain_heads: int = 0,
-                 recompute: bool = False):
+                 recompute: bool = False, states: str = "auto"):
         super().__init__()
+        if states not in STATES:
+            raise ValueError(f"hebbian states must be one of {STATES}, got {states!r}")
         if backend not in BACKENDS:
             raise ValueError(f"hebbian backend must be one of {BACKENDS}, got {backend!r}")
         if decay not in DECAYS:
@@ -249,6 +251,7 @@ class DissipativeHebbian(nn.Module):
         # was written long ago, which the delta rule's erasure overwrites within ~D_h/β writes
         self.plain_heads = plain_heads
         self.recompute = recompute  # the delta rule's chunk form again in backward, not kept
+        self.states = states
         self.eta, self.dt, self.chunk, self.backend = eta, dt, chunk, backend
         self.out_norm = out_norm  # each head's read-out divided by its RMS (see layers.norm)
         self.qk_norm, self.decay, self.local_window, self.rope_base = (
@@ -313,7 +316,7 @@ class DissipativeHebbian(nn.Module):
         qh, kh, vh, ld, bh = (t.transpose(1, 2) for t in (q, k, v, log_decay, beta))
         y, w = delta_rule_chunked(qh[:, h:], kh[:, h:], vh[:, h:], ld[:, h:], bh[:, h:],
                                   state=None if state is None else state[:, h:], chunk=self.chunk,
-                                  recompute=self.recompute)
+                                  recompute=self.recompute, states=self.states)
         if h:
             keys = kh[:, :h]
             if eta_scale is not None:  # η per head scales the plain heads' writes, as β's

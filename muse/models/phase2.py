@@ -36,6 +36,7 @@ import torch.nn as nn
 from muse.layers.bk import NonHermitianBKMixer
 from muse.layers.embedding import dense_embedding
 from muse.layers.hebbian import BACKENDS as HEBBIAN_BACKENDS
+from muse.layers.hebbian import STATES as HEBBIAN_STATES
 from muse.layers.hebbian import DissipativeHebbian, decay_diagnostics
 from muse.layers.moe import make_ffn
 from muse.layers.state_filters import Resonance, check_snr_config, snr_adjustments
@@ -77,6 +78,8 @@ class Phase2Config(FFNConfig):
     # the delta rule's chunk products formed again in backward, not kept (less memory, one
     # more forward of that form)
     hebbian_recompute: bool = False
+    # the delta rule's chunk-to-chunk pass: "auto" (Triton on CUDA), "triton" or "torch"
+    hebbian_states: str = "auto"
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)
     bk_zero_out: bool = True  # the BK sublayer's output projection starts at 0 (a no-op at init)
@@ -112,6 +115,9 @@ class Phase2Config(FFNConfig):
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.hebbian_states not in HEBBIAN_STATES:
+            raise ValueError(f"hebbian_states must be one of {HEBBIAN_STATES}, got "
+                             f"{self.hebbian_states!r}")
         self.require_nonnegative_ints("hebbian_conv", "local_window", "hebbian_plain_heads")
         # without the delta rule every head is plain already (the presets keep one plain head)
         if self.hebbian_delta and self.hebbian_plain_heads >= self.n_heads:
@@ -171,6 +177,7 @@ class Phase2Block(nn.Module):
             dt_range=tuple(config.hebbian_dt_range),
             plain_heads=config.hebbian_plain_heads,
             recompute=config.hebbian_recompute,
+            states=config.hebbian_states,
         )
         self.ln_ffn = nn.LayerNorm(d)
         self.ffn = make_ffn(

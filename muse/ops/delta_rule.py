@@ -41,15 +41,22 @@ def delta_rule_naive(q, k, v, log_decay, beta, state=None):
     return torch.stack(out, dim=2), w
 
 
+STATES = ("auto", "triton", "torch")
+
+
 def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
-                       recompute: bool = False):
+                       recompute: bool = False, states: str = "auto"):
     """Same contract as `delta_rule_naive`; O(N·T) work in batched chunk products plus a
     triangular solve per chunk, and N/T sequential (D_k × D_v) state steps. Padding at the end
     has zero keys and β, log-decay 0: it leaves the final state as it is. With `recompute`,
     backward keeps only the inputs and forms the chunk products, the solve and the states
-    again (less memory for one more forward of this form)."""
+    again (less memory for one more forward of this form). `states` runs the chunk-to-chunk
+    pass as one Triton launch each way ("triton", muse.ops.delta_states) or in batched PyTorch
+    products ("torch"); "auto" takes Triton on CUDA where its tiles fit the shapes."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+    if states not in STATES:
+        raise ValueError(f"states must be one of {', '.join(STATES)}, got {states!r}")
     # the triangular solve has no half-precision kernels, and its error grows with T: the whole
     # form runs in float32 at least, autocast or not, and returns in that dtype
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -58,12 +65,12 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
             return delta_rule_naive(*(t.to(acc) for t in (q, k, v, log_decay, beta)),
                                     None if state is None else state.to(acc))
         if recompute and torch.is_grad_enabled():  # keeps q and k in their own dtype too
-            return checkpoint(_widened_chunked, q, k, v, log_decay, beta, state, chunk,
+            return checkpoint(_widened_chunked, q, k, v, log_decay, beta, state, chunk, states,
                               use_reentrant=False, preserve_rng_state=False)
-        return _widened_chunked(q, k, v, log_decay, beta, state, chunk)
+        return _widened_chunked(q, k, v, log_decay, beta, state, chunk, states)
 
 
-def _widened_chunked(q, k, v, log_decay, beta, state, chunk):
+def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
     # q and k laid out (B, H, N, D) once: a head slice of the (B, N, H, D) projections kept its
     # strides through `.to`, and every batched product then made (and autograd kept) a
     # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
@@ -71,7 +78,18 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk):
     acc = torch.promote_types(q.dtype, torch.float32)
     return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
                     *(t.to(acc) for t in (log_decay, beta)),
-                    None if state is None else state.to(acc), chunk)
+                    None if state is None else state.to(acc), chunk, states)
+
+
+def _use_triton(states: str, q: torch.Tensor, chunk: int, dv: int) -> bool:
+    if states == "torch":
+        return False
+    if states == "triton" or q.is_cuda:
+        from muse.ops.delta_states.triton import supported  # triton is optional off CUDA
+
+        if states == "triton" or supported(chunk, q.shape[-1], dv):
+            return True
+    return False
 
 
 def chunk_layout(q, k, v, log_decay, beta, chunk):
@@ -88,7 +106,7 @@ def chunk_layout(q, k, v, log_decay, beta, chunk):
     return qc, kc, vc, bc, b, ratio.to(qc.dtype)
 
 
-def _chunked(q, k, v, log_decay, beta, state, chunk):
+def _chunked(q, k, v, log_decay, beta, state, chunk, states):
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
     m = -(-n // chunk)
@@ -106,6 +124,14 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
     tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
     through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
+    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
+    if _use_triton(states, q, chunk, dv):
+        from muse.ops.delta_states.triton import delta_states_triton
+
+        y, w = delta_states_triton(*(x.flatten(0, 1) for x in (
+            gamma * qc, tail_decay * kc, qk, ratio, u0, p, through[..., 0, 0])), w)
+        return (y.reshape(bsz, heads, m * chunk, dv)[:, :, :n],
+                w.view(bsz, heads, dk, dv))
     # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks at
     # once, so the sequential part is one batched multiply-add per chunk
     eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
@@ -113,7 +139,6 @@ def _chunked(q, k, v, log_decay, beta, state, chunk):
     tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
     step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
     push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
-    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
     entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
     w0 = entering.view(bsz, heads, m, dk, dv)
     y = gamma * (qc @ w0) + _ScaledProduct.apply(ratio, qk, False, u0 - p @ w0)[0]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call (≤ 10 minutes) for the delta rule's chunk pass in Triton (muse.ops.delta_states):
+#   - the CUDA tests of the delta rule (both passes), the Hebbian layer and phase2's compiled
+#     step against float64 or eager, into $OUT/log.txt
+#   - the delta rule alone, forward+backward, each pass and column block, TF32 off and on
+#     (scripts/delta_states_timing.py)
+#   - phase2:base's fixed-tokens eager step with each pass against transformer:base, at
+#     16×4096 and 1×65536 (step_variants, $OUT/variants.json)
+#   - with COMPILED=1 instead: phase2:base's compiled 16×4096 step profiled
+#     ($OUT/profile-compiled.txt) and the compiled step_variants ($OUT/variants-compiled.json)
+#   MUSE_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/device_delta_states.sh
+set -uo pipefail
+here=$(dirname "$0")
+source "$here/device_facts.sh"
+device_facts "bash scripts/device_delta_states.sh (COMPILED=${COMPILED:-0})"
+log="$OUT/log.txt"
+variants=(phase2:base 'phase2:base {"hebbian_states": "torch"}' transformer:base)
+if [ "${COMPILED:-0}" = 1 ]; then
+  timeout -s INT "${PROFILE_LIMIT:-200}" python3 -W ignore -m muse.cli profile phase2:base \
+    --seq 4096 --tokens-per-step 65536 --loss-chunk 4096 --rows 40 --compile inductor \
+    > "$OUT/profile-compiled.txt" 2>&1
+  head -1 "$OUT/profile-compiled.txt"
+  timeout -s INT "${VARIANTS_LIMIT:-330}" python3 -W ignore scripts/step_variants.py \
+    "${variants[@]}" --seq 4096 --loss-chunk 4096 --compile inductor \
+    --out "$OUT/variants-compiled" 2>&1 | tail -6
+  exit "${PIPESTATUS[0]}"
+fi
+timeout -s INT 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_delta_rule_cuda.py \
+  tests/layers/test_hebbian_cuda.py tests/models/test_compiled.py -k "cuda and not phase3 and not \
+  phase7 and not phase8 and not phase1" > "$log" 2>&1
+status=$?
+tail -1 "$log"
+timeout -s INT 120 python3 scripts/delta_states_timing.py 2>&1 | tee -a "$log"
+timeout -s INT 200 python3 -W ignore scripts/step_variants.py "${variants[@]}" \
+  --seq 4096 65536 --loss-chunk 4096 --out "$OUT/variants" 2>&1 | tail -8 | tee -a "$log"
+exit "$status"

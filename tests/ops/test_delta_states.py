@@ -1,0 +1,110 @@
+"""The delta rule's chunk pass: the Triton kernels under TRITON_INTERPRET=1 in float64 against
+the PyTorch loop (values and every gradient), and the delta rule through them against its
+per-token definition; the loop itself against the chunked form's own walk."""
+
+import textwrap
+
+import pytest
+import torch
+
+from muse.ops.delta_rule import delta_rule_chunked
+from muse.ops.delta_states.reference import delta_states_reference
+
+from .interpreted import run_interpreted
+from .test_delta_rule import inputs
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import torch.nn.functional as F
+    from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
+    from muse.ops.delta_states.reference import delta_states_reference
+    from muse.ops.delta_states.triton import delta_states_triton
+
+    def nerr(x, y):
+        return float((x - y).norm() / y.norm())
+
+    def chunk_inputs(seqs, m, t, dk, dv, seed):
+        g = torch.Generator().manual_seed(seed)
+        f64 = dict(generator=g, dtype=torch.float64)
+        return (torch.randn(seqs, m, t, dk, **f64) / 4, torch.randn(seqs, m, t, dk, **f64) / 4,
+                torch.randn(seqs, m, t, t, **f64) / 4, torch.rand(seqs, m, t, t, **f64).tril(),
+                torch.randn(seqs, m, t, dv, **f64), torch.randn(seqs, m, t, dk, **f64) / 4,
+                torch.rand(seqs, m, **f64), torch.randn(seqs, dk, dv, **f64))
+
+    out = {}
+    # (S, M, T, Dk, Dv, block_v): one and several column blocks, T ≠ Dk ≠ Dv
+    for seqs, m, t, dk, dv, bv in [(2, 3, 16, 16, 32, 16), (1, 2, 32, 16, 16, None),
+                                   (2, 2, 16, 32, 64, 32), (1, 1, 16, 16, 16, None)]:
+        args = chunk_inputs(seqs, m, t, dk, dv, seed=m + t + dv)
+        g = torch.Generator().manual_seed(5)
+        ups = (torch.randn(seqs, m, t, dv, generator=g, dtype=torch.float64),
+               torch.randn(seqs, dk, dv, generator=g, dtype=torch.float64))
+        runs = []
+        for fn in (delta_states_reference, lambda *a: delta_states_triton(*a, block_v=bv)):
+            leaves = [x.clone().requires_grad_() for x in args]
+            y, w = fn(*leaves)
+            ((y * ups[0]).sum() + (w * ups[1]).sum()).backward()
+            runs.append([y.detach(), w.detach()] + [x.grad for x in leaves])
+        out[f"pass {seqs}x{m}x{t}x{dk}x{dv}/{bv}"] = max(
+            nerr(a, b) for a, b in zip(runs[1], runs[0]))
+
+    # the whole delta rule with its chunk pass in Triton, against the per-token loop: padding
+    # (n not a multiple of T), a carried state, every gradient
+    for n in (16, 40):
+        g = torch.Generator().manual_seed(n)
+        f64 = dict(generator=g, dtype=torch.float64)
+        b, h, d = 2, 2, 16
+        args = (torch.randn(b, h, n, d, **f64),
+                F.normalize(torch.randn(b, h, n, d, **f64), dim=-1),
+                torch.randn(b, h, n, 32, **f64), -torch.rand(b, h, n, **f64) * 0.5,
+                torch.rand(b, h, n, **f64), torch.randn(b, h, d, 32, **f64) / 4)
+        ups = (torch.randn(b, h, n, 32, **f64), torch.randn(b, h, d, 32, **f64))
+        runs = []
+        for fn in (delta_rule_naive,
+                   lambda *a, state: delta_rule_chunked(*a, state=state, chunk=16,
+                                                        states="triton")):
+            leaves = [x.clone().requires_grad_() for x in args]
+            y, w = fn(*leaves[:5], state=leaves[5])
+            ((y * ups[0]).sum() + (w * ups[1]).sum()).backward()
+            runs.append([y.detach(), w.detach()] + [x.grad for x in leaves])
+        out[f"rule n={n}"] = max(nerr(a, b) for a, b in zip(runs[1], runs[0]))
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow  # the interpreter subprocess
+def test_the_triton_chunk_pass_matches_the_loop_and_the_definition_in_float64():
+    out = run_interpreted(_SCRIPT, min_triton=(3, 7))
+    assert len(out) == 6
+    for case, err in out.items():
+        # float64, a few chunks of 16–32 tokens: rounding only (observed ≤ 1e-15)
+        assert err < 1e-12, (case, err)
+
+
+@pytest.mark.parametrize("n", [2, 64, 100])
+def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
+    """The reference pass, fed what the chunked form hands the kernel, gives the chunked
+    form's own y and W (its PyTorch walk)."""
+    pytest.importorskip("triton")
+    from muse.ops import delta_rule
+    from muse.ops.delta_states import triton as kernels
+
+    q, k, v, ld, beta = inputs(n, seed=n, dk=16, dv=16)
+    state = torch.randn(2, 3, 16, 16, dtype=torch.float64) / 4
+    want = delta_rule_chunked(q, k, v, ld, beta, state=state, chunk=16, states="torch")
+    calls = []
+    monkeypatch.setattr(delta_rule, "_use_triton", lambda *a: True)
+    monkeypatch.setattr(kernels, "delta_states_triton",
+                        lambda *a: calls.append(a) or delta_states_reference(*a))
+    got = delta_rule_chunked(q, k, v, ld, beta, state=state, chunk=16)
+    assert len(calls) == 1
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_states_choice_is_named():
+    with pytest.raises(ValueError, match="states must be one of auto, triton, torch, got 'cuda'"):
+        delta_rule_chunked(*inputs(8), states="cuda")

@@ -173,7 +173,8 @@ def _backward(qg: torch.Tensor, kt: torch.Tensor, qk: torch.Tensor, ratio: torch
     dw = u0.new_empty(seqs, dk, dv)
     _backward_kernel[grid](qg, kt, qk, ratio, u0, p, through, entering, dy, dlast,
                            dqg, dkt, dqk, dratio, du0, dp, dthrough, dw, seqs, m,
-                           T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, DTYPE=dtype)
+                           T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, DTYPE=dtype,
+                           num_stages=1)  # its loads pipelined overflow shared memory
     dqg, dkt, dqk, dratio, dp, dthrough = (
         x.sum(0) if blocks > 1 else x[0] for x in (dqg, dkt, dqk, dratio, dp, dthrough))
     return [dqg, dkt, dqk, dratio, du0, dp, dthrough, dw]

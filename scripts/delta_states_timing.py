@@ -38,8 +38,8 @@ def one_shape(bsz, heads, n, d, device):
         if states == "triton":
             from muse.ops.delta_states import triton as kernels
 
-            real = kernels.delta_states_triton
-            kernels.delta_states_triton = lambda *a, real=real, bv=block_v: real(*a, block_v=bv)
+            real = kernels.delta_walk_triton
+            kernels.delta_walk_triton = lambda *a, real=real, bv=block_v: real(*a, block_v=bv)
 
         def step(leaves=leaves, states=states):
             for x in leaves:
@@ -54,7 +54,7 @@ def one_shape(bsz, heads, n, d, device):
             stats, peak = time_with_peak(step, device, 3, 10)
         finally:
             if states == "triton":
-                kernels.delta_states_triton = real
+                kernels.delta_walk_triton = real
             torch.backends.cuda.matmul.allow_tf32 = False
         base = base or got
         worst = max(float((a - b).abs().max() / b.abs().max())

@@ -126,22 +126,24 @@ def _chunked(q, k, v, log_decay, beta, state, chunk, states):
     through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
     w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
     if _use_triton(states, q, chunk, dv):
-        from muse.ops.delta_states.triton import delta_states_triton
+        from muse.ops.delta_states.triton import delta_walk_triton
 
-        y, w = delta_states_triton(*(x.flatten(0, 1) for x in (
-            gamma * qc, tail_decay * kc, qk, ratio, u0, p, through[..., 0, 0])), w)
-        return (y.reshape(bsz, heads, m * chunk, dv)[:, :, :n],
-                w.view(bsz, heads, dk, dv))
-    # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks at
-    # once, so the sequential part is one batched multiply-add per chunk
-    eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
-    # tailᵀP and tailᵀU₀ from tail's factors (backward forms tail again, not keeping it)
-    tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
-    step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
-    push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
-    entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
-    w0 = entering.view(bsz, heads, m, dk, dv)
-    y = gamma * (qc @ w0) + _ScaledProduct.apply(ratio, qk, False, u0 - p @ w0)[0]
+        entering, fresh, w = delta_walk_triton(*(x.flatten(0, 1) for x in (
+            p, u0, tail_decay * kc, through[..., 0, 0])), w)
+        w0 = entering.view(bsz, heads, m, dk, dv)
+        fresh = fresh.view(bsz, heads, m, chunk, dv)
+    else:
+        # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks
+        # at once, so the sequential part is one batched multiply-add per chunk
+        eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
+        # tailᵀP and tailᵀU₀ from tail's factors (backward forms tail again, not keeping it)
+        tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
+        step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
+        push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
+        entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
+        w0 = entering.view(bsz, heads, m, dk, dv)
+        fresh = u0 - p @ w0
+    y = gamma * (qc @ w0) + _ScaledProduct.apply(ratio, qk, False, fresh)[0]
     return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)
 
 

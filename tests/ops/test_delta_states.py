@@ -1,6 +1,6 @@
-"""The delta rule's chunk pass: the Triton kernels under TRITON_INTERPRET=1 in float64 against
+"""The delta rule's chunk walk: the Triton kernels under TRITON_INTERPRET=1 in float64 against
 the PyTorch loop (values and every gradient), and the delta rule through them against its
-per-token definition; the loop itself against the chunked form's own walk."""
+per-token definition; the loop itself against the chunked form's two-level walk."""
 
 import textwrap
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from muse.ops.delta_rule import delta_rule_chunked
-from muse.ops.delta_states.reference import delta_states_reference
+from muse.ops.delta_states.reference import delta_walk_reference
 
 from .interpreted import run_interpreted
 from .test_delta_rule import inputs
@@ -19,35 +19,35 @@ _SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
-    from muse.ops.delta_states.reference import delta_states_reference
-    from muse.ops.delta_states.triton import delta_states_triton
+    from muse.ops.delta_states.reference import delta_walk_reference
+    from muse.ops.delta_states.triton import delta_walk_triton
 
     def nerr(x, y):
         return float((x - y).norm() / y.norm())
 
-    def chunk_inputs(seqs, m, t, dk, dv, seed):
+    def walk_inputs(seqs, m, t, dk, dv, seed):
         g = torch.Generator().manual_seed(seed)
         f64 = dict(generator=g, dtype=torch.float64)
-        return (torch.randn(seqs, m, t, dk, **f64) / 4, torch.randn(seqs, m, t, dk, **f64) / 4,
-                torch.randn(seqs, m, t, t, **f64) / 4, torch.rand(seqs, m, t, t, **f64).tril(),
-                torch.randn(seqs, m, t, dv, **f64), torch.randn(seqs, m, t, dk, **f64) / 4,
-                torch.rand(seqs, m, **f64), torch.randn(seqs, dk, dv, **f64))
+        return (torch.randn(seqs, m, t, dk, **f64) / 4, torch.randn(seqs, m, t, dv, **f64),
+                torch.randn(seqs, m, t, dk, **f64) / 4, torch.rand(seqs, m, **f64),
+                torch.randn(seqs, dk, dv, **f64))
 
     out = {}
     # (S, M, T, Dk, Dv, block_v): one and several column blocks, T ≠ Dk ≠ Dv
     for seqs, m, t, dk, dv, bv in [(2, 3, 16, 16, 32, 16), (1, 2, 32, 16, 16, None),
                                    (2, 2, 16, 32, 64, 32), (1, 1, 16, 16, 16, None)]:
-        args = chunk_inputs(seqs, m, t, dk, dv, seed=m + t + dv)
+        args = walk_inputs(seqs, m, t, dk, dv, seed=m + t + dv)
         g = torch.Generator().manual_seed(5)
-        ups = (torch.randn(seqs, m, t, dv, generator=g, dtype=torch.float64),
+        ups = (torch.randn(seqs, m, dk, dv, generator=g, dtype=torch.float64),
+               torch.randn(seqs, m, t, dv, generator=g, dtype=torch.float64),
                torch.randn(seqs, dk, dv, generator=g, dtype=torch.float64))
         runs = []
-        for fn in (delta_states_reference, lambda *a: delta_states_triton(*a, block_v=bv)):
+        for fn in (delta_walk_reference, lambda *a: delta_walk_triton(*a, block_v=bv)):
             leaves = [x.clone().requires_grad_() for x in args]
-            y, w = fn(*leaves)
-            ((y * ups[0]).sum() + (w * ups[1]).sum()).backward()
-            runs.append([y.detach(), w.detach()] + [x.grad for x in leaves])
-        out[f"pass {seqs}x{m}x{t}x{dk}x{dv}/{bv}"] = max(
+            outs = fn(*leaves)
+            sum((o * u).sum() for o, u in zip(outs, ups)).backward()
+            runs.append([o.detach() for o in outs] + [x.grad for x in leaves])
+        out[f"walk {seqs}x{m}x{t}x{dk}x{dv}/{bv}"] = max(
             nerr(a, b) for a, b in zip(runs[1], runs[0]))
 
     # the whole delta rule with its chunk pass in Triton, against the per-token loop: padding
@@ -76,7 +76,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow  # the interpreter subprocess
-def test_the_triton_chunk_pass_matches_the_loop_and_the_definition_in_float64():
+def test_the_triton_walk_matches_the_loop_and_the_definition_in_float64():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
     assert len(out) == 6
     for case, err in out.items():
@@ -86,22 +86,27 @@ def test_the_triton_chunk_pass_matches_the_loop_and_the_definition_in_float64():
 
 @pytest.mark.parametrize("n", [2, 64, 100])
 def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
-    """The reference pass, fed what the chunked form hands the kernel, gives the chunked
-    form's own y and W (its PyTorch walk)."""
+    """The reference loop, fed what the chunked form hands the kernel, gives the two-level
+    walk's y and W, and the same gradients."""
     pytest.importorskip("triton")
     from muse.ops import delta_rule
     from muse.ops.delta_states import triton as kernels
 
-    q, k, v, ld, beta = inputs(n, seed=n, dk=16, dv=16)
+    args = inputs(n, seed=n, dk=16, dv=16)
     state = torch.randn(2, 3, 16, 16, dtype=torch.float64) / 4
-    want = delta_rule_chunked(q, k, v, ld, beta, state=state, chunk=16, states="torch")
-    calls = []
-    monkeypatch.setattr(delta_rule, "_use_triton", lambda *a: True)
-    monkeypatch.setattr(kernels, "delta_states_triton",
-                        lambda *a: calls.append(a) or delta_states_reference(*a))
-    got = delta_rule_chunked(q, k, v, ld, beta, state=state, chunk=16)
+    runs, calls = [], []
+    for routed in (False, True):
+        if routed:
+            monkeypatch.setattr(delta_rule, "_use_triton", lambda *a: True)
+            monkeypatch.setattr(kernels, "delta_walk_triton",
+                                lambda *a: calls.append(a) or delta_walk_reference(*a))
+        leaves = [x.clone().requires_grad_() for x in (*args, state)]
+        y, w = delta_rule_chunked(*leaves[:5], state=leaves[5], chunk=16,
+                                  states="auto" if routed else "torch")
+        (y.sum() + (w * w).sum()).backward()
+        runs.append([y.detach(), w.detach(), *(x.grad for x in leaves)])
     assert len(calls) == 1
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -6,13 +6,17 @@
 #     (scripts/delta_states_timing.py)
 #   - phase2:base's fixed-tokens eager step with each pass against transformer:base, at
 #     16×4096 and 1×65536 (step_variants, $OUT/variants.json)
+#   - with STEPS_ONLY=1, only the eager steps; TF32=1 lets float32 matmuls use TF32 there
+#     (step_variants --tf32: cuBLAS's and the Triton walk's)
 #   - with COMPILED=1 instead: phase2:base's compiled 16×4096 step profiled
 #     ($OUT/profile-compiled.txt) and the compiled step_variants ($OUT/variants-compiled.json)
 #   MUSE_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/device_delta_states.sh
 set -uo pipefail
 here=$(dirname "$0")
 source "$here/device_facts.sh"
-device_facts "bash scripts/device_delta_states.sh (COMPILED=${COMPILED:-0})"
+device_facts "bash scripts/device_delta_states.sh (COMPILED=${COMPILED:-0}, \
+STEPS_ONLY=${STEPS_ONLY:-0}, TF32=${TF32:-0})"
+tf32=(); [ "${TF32:-0}" = 1 ] && tf32=(--tf32)
 log="$OUT/log.txt"
 variants=(phase2:base 'phase2:base {"hebbian_states": "torch"}' transformer:base)
 if [ "${COMPILED:-0}" = 1 ]; then
@@ -21,16 +25,19 @@ if [ "${COMPILED:-0}" = 1 ]; then
     > "$OUT/profile-compiled.txt" 2>&1
   head -1 "$OUT/profile-compiled.txt"
   timeout -s INT "${VARIANTS_LIMIT:-330}" python3 -W ignore scripts/step_variants.py \
-    "${variants[@]}" --seq 4096 --loss-chunk 4096 --compile inductor \
+    "${variants[@]}" --seq 4096 --loss-chunk 4096 --compile inductor "${tf32[@]}" \
     --out "$OUT/variants-compiled" 2>&1 | tail -6
   exit "${PIPESTATUS[0]}"
 fi
+status=0
+if [ "${STEPS_ONLY:-0}" != 1 ]; then
 timeout -s INT 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_delta_rule_cuda.py \
   tests/layers/test_hebbian_cuda.py tests/models/test_compiled.py -k "cuda and not phase3 and not \
   phase7 and not phase8 and not phase1" > "$log" 2>&1
 status=$?
 tail -1 "$log"
 timeout -s INT 120 python3 scripts/delta_states_timing.py 2>&1 | tee -a "$log"
+fi
 timeout -s INT 200 python3 -W ignore scripts/step_variants.py "${variants[@]}" \
-  --seq 4096 65536 --loss-chunk 4096 --out "$OUT/variants" 2>&1 | tail -8 | tee -a "$log"
+  --seq 4096 65536 --loss-chunk 4096 "${tf32[@]}" --out "$OUT/variants" 2>&1 | tail -8 | tee -a "$log"
 exit "$status"

@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--compile", choices=("inductor", "aot_eager", "eager"), default=None,
                         help="each variant's step under torch.compile with this backend")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 matmuls (cuBLAS and muse's Triton walk) may use TF32")
     parser.add_argument("--out", required=True, help="path stem of the .json written")
     args = parser.parse_args(argv)
     try:
@@ -48,6 +50,7 @@ def main(argv: list[str]) -> int:
         print(f"step_variants: {exc}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     rows = []
     for spec, over in variants:
         name, preset = registry.resolve(spec)
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> int:
     with open(f"{args.out}.json", "w") as f:
         json.dump(dict(command=" ".join(sys.argv), environment=environment_facts(),
                        tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
-                       compile=args.compile, rows=rows), f, indent=1)
+                       compile=args.compile, tf32=args.tf32, rows=rows), f, indent=1)
     print(f"\n{'variant':58s} {'seq':>6s} {'tokens/s':>11s} {'peak GB':>8s}")
     for r in rows:
         label = f"{r['spec']} {json.dumps(r['overrides'])}" if r["overrides"] else r["spec"]

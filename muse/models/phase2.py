@@ -78,7 +78,8 @@ class Phase2Config(FFNConfig):
     # the delta rule's chunk products formed again in backward, not kept (less memory, one
     # more forward of that form)
     hebbian_recompute: bool = False
-    # the delta rule's chunk-to-chunk pass: "auto" (Triton on CUDA), "triton" or "torch"
+    # the delta rule's chunk-to-chunk walk: "auto" (Triton on CUDA where float32 matmuls may
+    # use TF32: ops.delta_rule), "triton" or "torch"
     hebbian_states: str = "auto"
     local_window: int = 0  # w > 0: exact softmax attention over the last w tokens, mixed in
     bk_mixer: bool = True  # False: no BK sublayer (the ablation of what it adds)

@@ -82,14 +82,16 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
 
 
 def _use_triton(states: str, q: torch.Tensor, chunk: int, dv: int) -> bool:
-    if states == "torch":
+    if states != "auto":
+        return states == "triton"
+    # the walk's float32 products beat the two-level walk on tensor cores only: in exact
+    # float32 it is the slower (reports/results/twelfth-session/delta-walk), so "auto" takes it
+    # where float32 matmuls may use TF32 anyway
+    if not (q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
         return False
-    if states == "triton" or q.is_cuda:
-        from muse.ops.delta_states.triton import supported  # triton is optional off CUDA
+    from muse.ops.delta_states.triton import supported  # triton is optional off CUDA
 
-        if states == "triton" or supported(chunk, q.shape[-1], dv):
-            return True
-    return False
+    return supported(chunk, q.shape[-1], dv)
 
 
 def chunk_layout(q, k, v, log_decay, beta, chunk):

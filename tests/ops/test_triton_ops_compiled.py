@@ -1,6 +1,6 @@
-"""muse's Triton scans inside torch.compile with fullgraph=True, under TRITON_INTERPRET=1: the
-launches are custom ops, opaque nodes of one graph, and the compiled forward and gradients are
-the eager ones (the same kernels: observed 0, bound 1e-6)."""
+"""muse's Triton scans and the delta rule's chunk walk inside torch.compile with fullgraph=True,
+under TRITON_INTERPRET=1: the launches are custom ops, opaque nodes of one graph, and the
+compiled forward and gradients are the eager ones (the same kernels: observed 0, bound 1e-6)."""
 
 import textwrap
 
@@ -14,6 +14,7 @@ _SCRIPT = textwrap.dedent(
     import torch
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton
+    from muse.ops.delta_states.triton import delta_walk_triton
 
     def err(x, y):
         return float((x - y).abs().max() / max(float(y.abs().max()), 1e-30))
@@ -30,6 +31,11 @@ _SCRIPT = textwrap.dedent(
         "complex": (complex_decayed_cumsum_triton,
                     (torch.randn(bsz, n, 2 * r, generator=g),
                      -torch.rand(r, generator=g) * 0.3 - 0.01, torch.randn(r, generator=g))),
+        "delta walk": (lambda *a: torch.cat([x.flatten() for x in delta_walk_triton(*a)]),
+                       (torch.randn(2, 3, 16, 16, generator=g) / 4,
+                        torch.randn(2, 3, 16, 32, generator=g),
+                        torch.randn(2, 3, 16, 16, generator=g) / 4,
+                        torch.rand(2, 3, generator=g), torch.randn(2, 16, 32, generator=g))),
     }
     out = {}
     for name, (fn, inputs) in cases.items():
@@ -50,6 +56,6 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # the interpreter subprocess
 def test_the_triton_scans_compile_as_one_graph_with_the_eager_gradients():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
-    assert set(out) == {"decayed per channel", "decayed per step", "complex"}
+    assert set(out) == {"decayed per channel", "decayed per step", "complex", "delta walk"}
     for name, worst in out.items():
         assert worst <= 1e-6, (name, worst)

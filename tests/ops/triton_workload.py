@@ -19,6 +19,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.bk_core.triton import causal_backward_triton, causal_forward_triton
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
+    from muse.ops.delta_states.triton import delta_walk_triton
 
     for n in lengths:
         torch.manual_seed(n)
@@ -37,6 +38,12 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         planar = torch.randn(2, n, 2 * 40, requires_grad=True)
         complex_decayed_cumsum_triton(planar, -torch.rand(40), torch.rand(40)).sum().backward()
         after_each(f"complex scan {n}")
+        m = -(-n // 16)  # chunks of 16 tokens; two column blocks of the state
+        walk = [torch.randn(2, m, 16, 16) / 4, torch.randn(2, m, 16, 32),
+                torch.randn(2, m, 16, 16) / 4, torch.rand(2, m), torch.randn(2, 16, 32)]
+        walk = [x.requires_grad_() for x in walk]
+        sum(x.sum() for x in delta_walk_triton(*walk, block_v=16)).backward()
+        after_each(f"delta walk {n}")
 
 
 def _arg_type(value) -> str:

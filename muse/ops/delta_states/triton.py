@@ -43,7 +43,8 @@ def _state(s, vb, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
 @triton.jit
 def _forward_kernel(p_ptr, u0_ptr, kt_ptr, through_ptr, w_ptr, entering_ptr, fresh_ptr,
                     last_ptr, m, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                    BV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     h = tl.load(w_ptr + _state(s, vb, DK, DV, BV))
@@ -62,7 +63,8 @@ def _forward_kernel(p_ptr, u0_ptr, kt_ptr, through_ptr, w_ptr, entering_ptr, fre
 def _backward_kernel(p_ptr, kt_ptr, through_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr,
                      g_fresh_ptr, g_leaving_ptr, g_w_ptr, m, T: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                     PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                     PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     g = tl.load(d_last_ptr + _state(s, vb, DK, DV, BV))  # reaching the state after chunk c
@@ -91,10 +93,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch(u0: torch.Tensor, block_v: int):
-    dtype = {torch.float32: tl.float32, torch.float64: tl.float64}.get(u0.dtype)
-    if dtype is None:
+    if u0.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"delta_walk_triton runs in float32 or float64, got {u0.dtype}")
-    return (u0.shape[0], u0.shape[-1] // block_v), dtype
+    return (u0.shape[0], u0.shape[-1] // block_v), u0.dtype == torch.float64
 
 
 # custom ops: torch.compile keeps each launch as one opaque node instead of tracing into
@@ -106,12 +107,12 @@ def _forward(p: torch.Tensor, u0: torch.Tensor, kt: torch.Tensor, through: torch
     """Every input contiguous → (entering, fresh, last)."""
     seqs, m, t, dk = p.shape
     dv = u0.shape[-1]
-    grid, dtype = _launch(u0, block_v)
+    grid, wide = _launch(u0, block_v)
     entering = u0.new_empty(seqs, m, dk, dv)
     fresh = torch.empty_like(u0)
     last = torch.empty_like(w)
     _forward_kernel[grid](p, u0, kt, through, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
-                          BV=block_v, PRECISION=precision, DTYPE=dtype)
+                          BV=block_v, PRECISION=precision, WIDE=wide)
     return entering, fresh, last
 
 
@@ -129,12 +130,12 @@ def _backward(p: torch.Tensor, kt: torch.Tensor, through: torch.Tensor,
     each chunk leaves, W₀'s)."""
     seqs, m, t, dk = p.shape
     dv = d_fresh.shape[-1]
-    grid, dtype = _launch(d_fresh, block_v)
+    grid, wide = _launch(d_fresh, block_v)
     g_fresh = torch.empty_like(d_fresh)
     g_leaving = torch.empty_like(d_entering)
     g_w = torch.empty_like(d_last)
     _backward_kernel[grid](p, kt, through, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
-                           m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, DTYPE=dtype)
+                           m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, WIDE=wide)
     return g_fresh, g_leaving, g_w
 
 

@@ -51,8 +51,9 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
     has zero keys and β, log-decay 0: it leaves the final state as it is. With `recompute`,
     backward keeps only the inputs and forms the chunk products, the solve and the states
     again (less memory for one more forward of this form). `states` runs the chunk-to-chunk
-    pass as one Triton launch each way ("triton", muse.ops.delta_states) or in batched PyTorch
-    products ("torch"); "auto" takes Triton on CUDA where its tiles fit the shapes."""
+    walk as one Triton launch each way ("triton", muse.ops.delta_states) or as the two-level
+    walk in batched PyTorch products ("torch"); "auto" takes Triton on CUDA where its tiles fit
+    and float32 matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     if states not in STATES:
@@ -84,9 +85,8 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
 def _use_triton(states: str, q: torch.Tensor, chunk: int, dv: int) -> bool:
     if states != "auto":
         return states == "triton"
-    # the walk's float32 products beat the two-level walk on tensor cores only: in exact
-    # float32 it is the slower (reports/results/twelfth-session/delta-walk), so "auto" takes it
-    # where float32 matmuls may use TF32 anyway
+    # the kernel's sequential products beat the two-level walk only on tensor cores (TF32);
+    # in exact float32 it is the slower
     if not (q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
         return False
     from muse.ops.delta_states.triton import supported  # triton is optional off CUDA

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from muse.errors import MuseError
@@ -32,3 +34,17 @@ def resolve_device(name: str, option: str = "device") -> torch.device:
         raise MuseError(f"{option} {name!r} asked for, but CUDA is not available here; "
                         "use 'cpu' or 'auto'")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def float32_matmuls(tf32: bool):
+    """Within: whether CUDA float32 matmuls may round their inputs to TF32 (cuBLAS, and the
+    delta rule's Triton walk under states="auto"); the setting before is restored after."""
+    if not isinstance(tf32, bool):
+        raise TypeError(f"tf32 must be true or false, got {tf32!r}")
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

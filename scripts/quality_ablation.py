@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from muse import models
+from muse.devices import float32_matmuls
 from muse.fileio import atomic_write_text
 from muse.harness.results import environment_facts, git_facts
 from muse.training.data import encoded_split, get_tokenizer, load_corpus
@@ -52,14 +53,15 @@ def run(variant: str, seed: int, args, steps: int, splits: dict, settings) -> di
                           steps=steps, lr=args.lr, min_lr=args.lr / 10,
                           warmup_steps=max(1, steps // 20), dtype=args.dtype, seed=seed,
                           eval_every=steps, eval_tokens=args.eval_tokens, log_every=steps,
-                          out_dir=out, device=args.device, progress=False)
+                          out_dir=out, device=args.device, tf32=args.tf32, progress=False)
         t0 = time.perf_counter()
         result = train(cfg)
         seconds = time.perf_counter() - t0
         model, _ = load_model(Path(out) / "final.pt", resolve_device(args.device))
         scores = {}
         for name, split in splits.items():
-            r = score(model, split, settings)
+            with float32_matmuls(args.tf32):  # scored as it was trained
+                r = score(model, split, settings)
             scores[name] = dict(ppl=r.ppl, bits_per_byte=r.bits_per_byte,
                                 ppl_recall=r.recall_ppl, ppl_other=r.other_ppl,
                                 recall_fraction=r.recall_fraction)
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-tokens", type=int, default=131072)
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig)")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args()
     steps = args.tokens // (args.seq * args.batch)
@@ -131,7 +135,8 @@ def main() -> None:
     sha = (git["sha"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
     head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "
             f"tokens) per run, lr {args.lr}, {args.dtype}, seeds {args.seeds}, tokenizer "
-            f"{args.tokenizer} on {Path(args.corpus).name}; {device} "
+            f"{args.tokenizer} on {Path(args.corpus).name}{', TF32 on' if args.tf32 else ''}; "
+            f"{device} "
             f"({(env.get('gpu_names') or ['CPU'])[0]}), torch {env['torch']}, triton "
             f"{env['triton']}, commit {sha}. ΔPPL against "
             f"the first row (per seed, then the mean).\n\n`{' '.join(sys.argv)}`")

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from muse import models
-from muse.devices import DEVICES, is_device_name, resolve_device
+from muse.devices import DEVICES, float32_matmuls, is_device_name, resolve_device
 from muse.errors import MuseError
 from muse.fileio import atomic_write_bytes
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
@@ -106,6 +106,9 @@ class TrainConfig(StrictConfig):
     # torch.compile's mode; "reduce-overhead" replays the step's kernels as CUDA graphs (fixed
     # shapes), what lifts a small batch off the launch overhead
     compile_mode: str = "default"
+    # float32 matmuls on CUDA may use TF32 (cuBLAS; the delta rule's Triton walk): faster chunk
+    # products at ~1e-3 relative error. Off: exact float32, as PyTorch's default
+    tf32: bool = False
     loss_chunk: int = 0  # > 0: the loss's logits made this many positions at a time (layers.head)
     seed: int = 0
     eval_every: int = 100  # validation every K steps (and at the end); 0: only at the end
@@ -149,7 +152,7 @@ class TrainConfig(StrictConfig):
         ):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in betas)
-        for key in ("checkpointing", "compile", "wandb", "progress"):
+        for key in ("checkpointing", "compile", "tf32", "wandb", "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -528,7 +531,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     try:
         held = (RunDir(checked.out, resume=resume is not None, overwrite=overwrite)
                 if ranks.main else contextlib.nullcontext())
-        with held, Signals() as signals:
+        with held, Signals() as signals, float32_matmuls(cfg.tf32):
             result = Trainer(cfg, checked, ranks, signals, resume).fit()
         finished = True
         return result

@@ -277,3 +277,20 @@ def test_the_history_says_how_many_graphs_compiling_made(corpus, tmp_path, monke
 def test_a_bad_compile_mode_is_refused_naming_the_valid_ones(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**values)
+
+
+def test_tf32_is_a_bool_set_for_the_run_and_restored_after(monkeypatch, corpus, tmp_path):
+    with pytest.raises(ConfigError, match="tf32 must be true or false, got 'yes'"):
+        TrainConfig(model="transformer:tiny", tf32="yes")
+    seen = []
+    real_step = trainer.Trainer.train_step
+
+    def step(self):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_step(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    before = torch.backends.cuda.matmul.allow_tf32
+    train(tiny(corpus, tmp_path / "run", steps=2, tf32=not before))
+    assert seen == [not before, not before]
+    assert torch.backends.cuda.matmul.allow_tf32 == before

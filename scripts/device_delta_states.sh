@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call (≤ 10 minutes) for the delta rule's chunk pass in Triton (muse.ops.delta_states):
+# One device call (≤ 10 minutes) for the delta rule's chunk pass in Triton (muse.ops.delta_states:
+# the walk and the read-out):
 #   - the CUDA tests of the delta rule (both passes), the Hebbian layer and phase2's compiled
 #     step against float64 or eager, into $OUT/log.txt
 #   - the delta rule alone, forward+backward, each pass and column block, TF32 off and on
@@ -20,10 +21,12 @@ tf32=(); [ "${TF32:-0}" = 1 ] && tf32=(--tf32)
 log="$OUT/log.txt"
 variants=(phase2:base 'phase2:base {"hebbian_states": "torch"}' transformer:base)
 if [ "${COMPILED:-0}" = 1 ]; then
-  timeout -s INT "${PROFILE_LIMIT:-200}" python3 -W ignore -m muse.cli profile phase2:base \
-    --seq 4096 --tokens-per-step 65536 --loss-chunk 4096 --rows 40 --compile inductor \
-    > "$OUT/profile-compiled.txt" 2>&1
-  head -1 "$OUT/profile-compiled.txt"
+  if [ "${PROFILE_LIMIT:-200}" != 0 ]; then  # 0: no profile (timeout 0 would not limit it)
+    timeout -s INT "${PROFILE_LIMIT:-200}" python3 -W ignore -m muse.cli profile phase2:base \
+      --seq 4096 --tokens-per-step 65536 --loss-chunk 4096 --rows 40 --compile inductor \
+      > "$OUT/profile-compiled.txt" 2>&1
+    head -1 "$OUT/profile-compiled.txt"
+  fi
   timeout -s INT "${VARIANTS_LIMIT:-330}" python3 -W ignore scripts/step_variants.py \
     "${variants[@]}" --seq 4096 --loss-chunk 4096 --compile inductor "${tf32[@]}" \
     --out "$OUT/variants-compiled" 2>&1 | tail -6

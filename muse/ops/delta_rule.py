@@ -51,9 +51,9 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
     has zero keys and β, log-decay 0: it leaves the final state as it is. With `recompute`,
     backward keeps only the inputs and forms the chunk products, the solve and the states
     again (less memory for one more forward of this form). `states` runs the chunk-to-chunk
-    walk as one Triton launch each way ("triton", muse.ops.delta_states) or as the two-level
-    walk in batched PyTorch products ("torch"); "auto" takes Triton on CUDA where its tiles fit
-    and float32 matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)."""
+    walk and each chunk's read-out as Triton launches ("triton", muse.ops.delta_states) or as
+    the two-level walk and batched PyTorch products ("torch"); "auto" takes Triton on CUDA
+    where its tiles fit and float32 matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     if states not in STATES:
@@ -123,28 +123,31 @@ def _chunked(q, k, v, log_decay, beta, state, chunk, states):
                      bc * gamma * kc), dim=-1)
     solved = unit_lower_solve(a, rhs)
     u0, p = solved[..., :dv], solved[..., dv:]
-    qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
     tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
     through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
     w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
     if _use_triton(states, q, chunk, dv):
+        from muse.ops.delta_states.readout import chunk_readout_triton
         from muse.ops.delta_states.triton import delta_walk_triton
 
         entering, fresh, w = delta_walk_triton(*(x.flatten(0, 1) for x in (
             p, u0, tail_decay * kc, through[..., 0, 0])), w)
-        w0 = entering.view(bsz, heads, m, dk, dv)
-        fresh = fresh.view(bsz, heads, m, chunk, dv)
-    else:
-        # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks
-        # at once, so the sequential part is one batched multiply-add per chunk
-        eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
-        # tailᵀP and tailᵀU₀ from tail's factors (backward forms tail again, not keeping it)
-        tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
-        step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
-        push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
-        entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
-        w0 = entering.view(bsz, heads, m, dk, dv)
-        fresh = u0 - p @ w0
+        # the read-out forms each chunk's scores in registers: no (T × T) tensor is kept
+        y = chunk_readout_triton(*(x.flatten(0, 1) for x in (qc, kc)), fresh, entering,
+                                 b.flatten(0, 1).to(qc.dtype))
+        return (y.view(bsz, heads, m * chunk, dv)[:, :, :n],
+                w.view(bsz, heads, dk, dv))
+    # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks
+    # at once, so the sequential part is one batched multiply-add per chunk
+    eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)
+    # tailᵀP and tailᵀU₀ from tail's factors (backward forms tail again, not keeping it)
+    tail_p, tail_u0 = _ScaledProduct.apply(tail_decay, kc, True, p, u0)
+    step = (through * eye_k - tail_p).flatten(0, 1)  # (BH, M, Dk, Dk)
+    push = tail_u0.flatten(0, 1)  # (BH, M, Dk, Dv)
+    entering, w = _AffineScan.apply(step, push, w)  # (BH, M, Dk, Dv), (BH, Dk, Dv)
+    w0 = entering.view(bsz, heads, m, dk, dv)
+    fresh = u0 - p @ w0
+    qk = qc @ kc.transpose(-1, -2)  # the scores are ratio ⊙ qk, (B, H, M, T, T)
     y = gamma * (qc @ w0) + _ScaledProduct.apply(ratio, qk, False, fresh)[0]
     return y.reshape(bsz, heads, m * chunk, dv)[:, :, :n], w.view(bsz, heads, dk, dv)
 

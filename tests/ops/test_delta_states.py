@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from muse.ops.delta_rule import delta_rule_chunked
-from muse.ops.delta_states.reference import delta_walk_reference
+from muse.ops.delta_states.reference import chunk_readout_reference, delta_walk_reference
 
 from .interpreted import run_interpreted
 from .test_delta_rule import inputs
@@ -19,7 +19,8 @@ _SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
-    from muse.ops.delta_states.reference import delta_walk_reference
+    from muse.ops.delta_states.readout import chunk_readout_triton
+    from muse.ops.delta_states.reference import chunk_readout_reference, delta_walk_reference
     from muse.ops.delta_states.triton import delta_walk_triton
 
     def nerr(x, y):
@@ -50,6 +51,23 @@ _SCRIPT = textwrap.dedent(
         out[f"walk {seqs}x{m}x{t}x{dk}x{dv}/{bv}"] = max(
             nerr(a, b) for a, b in zip(runs[1], runs[0]))
 
+    # each chunk's read-out: decays from none to steep (b down to -12 in a chunk), T ≠ Dk ≠ Dv
+    for seqs, m, t, dk, dv in [(2, 3, 16, 16, 32), (1, 2, 32, 64, 16), (1, 1, 64, 64, 64)]:
+        g = torch.Generator().manual_seed(m + t + dv)
+        f64 = dict(generator=g, dtype=torch.float64)
+        args = (torch.randn(seqs, m, t, dk, **f64), torch.randn(seqs, m, t, dk, **f64),
+                torch.randn(seqs, m, t, dv, **f64), torch.randn(seqs, m, dk, dv, **f64),
+                torch.cumsum(-torch.rand(seqs, m, t, **f64) * 12 / t, dim=-1))
+        up = torch.randn(seqs, m, t, dv, **f64)
+        runs = []
+        for fn in (chunk_readout_reference, chunk_readout_triton):
+            leaves = [x.clone().requires_grad_() for x in args]
+            y = fn(*leaves)
+            (y * up).sum().backward()
+            runs.append([y.detach()] + [x.grad for x in leaves])
+        out[f"readout {seqs}x{m}x{t}x{dk}x{dv}"] = max(
+            nerr(a, b) for a, b in zip(runs[1], runs[0]))
+
     # the whole delta rule with its chunk pass in Triton, against the per-token loop: padding
     # (n not a multiple of T), a carried state, every gradient
     for n in (16, 40):
@@ -78,7 +96,7 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # the interpreter subprocess
 def test_the_triton_walk_matches_the_loop_and_the_definition_in_float64():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
-    assert len(out) == 6
+    assert len(out) == 9
     for case, err in out.items():
         # float64, a few chunks of 16–32 tokens: rounding only (observed ≤ 1e-15)
         assert err < 1e-12, (case, err)
@@ -90,6 +108,7 @@ def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
     walk's y and W, and the same gradients."""
     pytest.importorskip("triton")
     from muse.ops import delta_rule
+    from muse.ops.delta_states import readout
     from muse.ops.delta_states import triton as kernels
 
     args = inputs(n, seed=n, dk=16, dv=16)
@@ -100,12 +119,14 @@ def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
             monkeypatch.setattr(delta_rule, "_use_triton", lambda *a: True)
             monkeypatch.setattr(kernels, "delta_walk_triton",
                                 lambda *a: calls.append(a) or delta_walk_reference(*a))
+            monkeypatch.setattr(readout, "chunk_readout_triton",
+                                lambda *a: calls.append(a) or chunk_readout_reference(*a))
         leaves = [x.clone().requires_grad_() for x in (*args, state)]
         y, w = delta_rule_chunked(*leaves[:5], state=leaves[5], chunk=16,
                                   states="auto" if routed else "torch")
         (y.sum() + (w * w).sum()).backward()
         runs.append([y.detach(), w.detach(), *(x.grad for x in leaves)])
-    assert len(calls) == 1
+    assert len(calls) == 2
     for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 

@@ -15,6 +15,7 @@ _SCRIPT = textwrap.dedent(
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton
     from muse.ops.delta_states.triton import delta_walk_triton
+    from muse.ops.delta_states.readout import chunk_readout_triton
 
     def err(x, y):
         return float((x - y).abs().max() / max(float(y.abs().max()), 1e-30))
@@ -36,6 +37,12 @@ _SCRIPT = textwrap.dedent(
                         torch.randn(2, 3, 16, 32, generator=g),
                         torch.randn(2, 3, 16, 16, generator=g) / 4,
                         torch.rand(2, 3, generator=g), torch.randn(2, 16, 32, generator=g))),
+        "delta readout": (chunk_readout_triton,
+                          (torch.randn(2, 3, 16, 16, generator=g),
+                           torch.randn(2, 3, 16, 16, generator=g),
+                           torch.randn(2, 3, 16, 32, generator=g),
+                           torch.randn(2, 3, 16, 32, generator=g),
+                           torch.cumsum(-torch.rand(2, 3, 16, generator=g), dim=-1))),
     }
     out = {}
     for name, (fn, inputs) in cases.items():
@@ -56,6 +63,7 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # the interpreter subprocess
 def test_the_triton_scans_compile_as_one_graph_with_the_eager_gradients():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
-    assert set(out) == {"decayed per channel", "decayed per step", "complex", "delta walk"}
+    assert set(out) == {"decayed per channel", "decayed per step", "complex", "delta walk",
+                        "delta readout"}
     for name, worst in out.items():
         assert worst <= 1e-6, (name, worst)

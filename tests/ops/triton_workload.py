@@ -19,6 +19,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.bk_core.triton import causal_backward_triton, causal_forward_triton
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
+    from muse.ops.delta_states.readout import chunk_readout_triton
     from muse.ops.delta_states.triton import delta_walk_triton
 
     for n in lengths:
@@ -44,6 +45,11 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         walk = [x.requires_grad_() for x in walk]
         sum(x.sum() for x in delta_walk_triton(*walk, block_v=16)).backward()
         after_each(f"delta walk {n}")
+        readout = [torch.randn(2, m, 16, 16), torch.randn(2, m, 16, 16),
+                   torch.randn(2, m, 16, 32), torch.randn(2, m, 16, 32),
+                   torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
+        chunk_readout_triton(*(x.requires_grad_() for x in readout)).sum().backward()
+        after_each(f"delta readout {n}")
 
 
 def _arg_type(value) -> str:

@@ -36,3 +36,27 @@ def delta_walk_reference(p, u0, kt, through, w):
         fresh.append(u0[:, c] - p[:, c] @ w)
         w = through[:, c, None, None] * w + kt[:, c].transpose(-1, -2) @ fresh[-1]
     return torch.stack(entering, dim=1), torch.stack(fresh, dim=1), w
+
+
+def check_readout_shapes(q, k, fresh, entering, b):
+    """Raise a ValueError naming every shape unless they form one read-out."""
+    seqs, m, t, dk = q.shape
+    dv = fresh.shape[-1]
+    want = dict(q=(seqs, m, t, dk), k=(seqs, m, t, dk), fresh=(seqs, m, t, dv),
+                entering=(seqs, m, dk, dv), b=(seqs, m, t))
+    got = dict(q=q, k=k, fresh=fresh, entering=entering, b=b)
+    if any(tuple(got[name].shape) != v for name, v in want.items()):
+        raise ValueError("chunk_readout needs q, k (S, M, T, Dk), fresh (S, M, T, Dv), entering "
+                         "(S, M, Dk, Dv) and b (S, M, T); got "
+                         + ", ".join(f"{name} {tuple(v.shape)}" for name, v in got.items()))
+
+
+def chunk_readout_reference(q, k, fresh, entering, b):
+    """Each chunk's output (γ ⊙ Q) W_c + (R ⊙ QKᵀ) V'_c: q, k (S, M, T, Dk), fresh V'
+    (S, M, T, Dv), entering W_c (S, M, Dk, Dv), b the chunk's cumulative log-decays (S, M, T),
+    γ_t = e^{b_t}, R_tj = e^{b_t − b_j} for j ≤ t and 0 above → (S, M, T, Dv)."""
+    check_readout_shapes(q, k, fresh, entering, b)
+    t = q.shape[2]
+    above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
+    return torch.exp(b)[..., None] * (q @ entering) + (ratio * (q @ k.transpose(-1, -2))) @ fresh

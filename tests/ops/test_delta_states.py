@@ -134,3 +134,10 @@ def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
 def test_an_unknown_states_choice_is_named():
     with pytest.raises(ValueError, match="states must be one of auto, triton, torch, got 'cuda'"):
         delta_rule_chunked(*inputs(8), states="cuda")
+
+
+def test_a_readout_of_mismatched_shapes_names_every_shape():
+    q = torch.zeros(1, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"chunk_readout needs .*fresh \(1, 2, 16, 8\), "
+                                         r"entering \(1, 2, 16, 16\)"):
+        chunk_readout_reference(q, q, torch.zeros(1, 2, 16, 8), q, torch.zeros(1, 2, 16))

@@ -12,17 +12,20 @@ from __future__ import annotations
 import torch
 
 
+def _check(what: str, layout: str, want: dict, got: dict) -> None:
+    if any(tuple(got[name].shape) != shape for name, shape in want.items()):
+        raise ValueError(f"{what} needs {layout}; got "
+                         + ", ".join(f"{name} {tuple(v.shape)}" for name, v in got.items()))
+
+
 def check_shapes(p, u0, kt, through, w):
     """Raise a ValueError naming every shape unless they form one walk."""
     seqs, m, t, dk = p.shape
     dv = u0.shape[-1]
-    want = dict(p=(seqs, m, t, dk), u0=(seqs, m, t, dv), kt=(seqs, m, t, dk),
-                through=(seqs, m), w=(seqs, dk, dv))
-    got = dict(p=p, u0=u0, kt=kt, through=through, w=w)
-    if any(tuple(got[k].shape) != v for k, v in want.items()):
-        raise ValueError("delta_walk needs p, kt (S, M, T, Dk), u0 (S, M, T, Dv), through "
-                         "(S, M) and w (S, Dk, Dv); got "
-                         + ", ".join(f"{k} {tuple(v.shape)}" for k, v in got.items()))
+    _check("delta_walk", "p, kt (S, M, T, Dk), u0 (S, M, T, Dv), through (S, M) and w (S, Dk, Dv)",
+           dict(p=(seqs, m, t, dk), u0=(seqs, m, t, dv), kt=(seqs, m, t, dk), through=(seqs, m),
+                w=(seqs, dk, dv)),
+           dict(p=p, u0=u0, kt=kt, through=through, w=w))
 
 
 def delta_walk_reference(p, u0, kt, through, w):
@@ -42,13 +45,11 @@ def check_readout_shapes(q, k, fresh, entering, b):
     """Raise a ValueError naming every shape unless they form one read-out."""
     seqs, m, t, dk = q.shape
     dv = fresh.shape[-1]
-    want = dict(q=(seqs, m, t, dk), k=(seqs, m, t, dk), fresh=(seqs, m, t, dv),
-                entering=(seqs, m, dk, dv), b=(seqs, m, t))
-    got = dict(q=q, k=k, fresh=fresh, entering=entering, b=b)
-    if any(tuple(got[name].shape) != v for name, v in want.items()):
-        raise ValueError("chunk_readout needs q, k (S, M, T, Dk), fresh (S, M, T, Dv), entering "
-                         "(S, M, Dk, Dv) and b (S, M, T); got "
-                         + ", ".join(f"{name} {tuple(v.shape)}" for name, v in got.items()))
+    _check("chunk_readout", "q, k (S, M, T, Dk), fresh (S, M, T, Dv), entering (S, M, Dk, Dv) "
+           "and b (S, M, T)",
+           dict(q=(seqs, m, t, dk), k=(seqs, m, t, dk), fresh=(seqs, m, t, dv),
+                entering=(seqs, m, dk, dv), b=(seqs, m, t)),
+           dict(q=q, k=k, fresh=fresh, entering=entering, b=b))
 
 
 def chunk_readout_reference(q, k, fresh, entering, b):

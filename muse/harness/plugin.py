@@ -202,6 +202,11 @@ def add_perplexity_options(group) -> None:
         "--train-batch", type=positive_int, default=q.batch_size, help="perplexity: batch size"
     )
     group.addoption(
+        "--train-tf32",
+        action="store_true",
+        help="perplexity: CUDA float32 matmuls may use TF32 in training and scoring",
+    )
+    group.addoption(
         "--train-lr",
         type=positive_float,
         help=f"perplexity: peak learning rate, cosine to a tenth (default {q.lr})",
@@ -295,6 +300,7 @@ def quality_from_options(config: pytest.Config, models, device) -> QualitySettin
         lr=QualitySettings.lr if lr is None else lr,
         lr_sweep=lr_sweep,
         dtype=opt("train_dtype"),
+        tf32=opt("train_tf32"),
         device=device.type,
         seeds=tuple(seeds) if seeds else QualitySettings.seeds,
         context=opt("ppl_context"),

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from muse import models
+from muse.devices import float32_matmuls
 from muse.errors import MuseError
 from muse.fileio import atomic_write_text
 from muse.measure.perplexity import evaluate_perplexity, scored_bytes
@@ -145,6 +146,7 @@ class QualitySettings:
     batch_size: int = 16
     lr: float = 1e-3  # peak; cosine to lr/10, warmup over the first 5% of steps
     dtype: str = "bf16"  # autocast of training and scoring
+    tf32: bool = False  # CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig)
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1)
     context: int | None = None  # scoring window; None: seq_len
@@ -281,6 +283,7 @@ class QualitySettings:
             log_every=max(1, steps // 20),
             out_dir=str(out_dir),
             device=self.device,
+            tf32=self.tf32,
             progress=False,
         )
 
@@ -396,7 +399,7 @@ def _parts(result) -> dict[str, float]:
 def score(model: torch.nn.Module, split: EvalSplit, settings: QualitySettings):
     """Sliding-window PPL under the training precision (the trainer validates the same way)."""
     device = torch.device(settings.device)
-    with autocast(device, torch_dtype(settings.dtype)):
+    with autocast(device, torch_dtype(settings.dtype)), float32_matmuls(settings.tf32):
         return evaluate_perplexity(model, split.ids, split.bytes_scored, settings.eval_context,
                                    settings.eval_stride, settings.batch_size, device)
 
@@ -418,6 +421,7 @@ def checkpoint_recipe(ckpt: dict) -> dict[str, Any]:
     cfg = ckpt["config"]
     recipe = {k: tuple(v) if isinstance(v, list) else v
               for k in RECIPE_KEYS for v in [cfg.get(k)]}
+    recipe["tf32"] = bool(cfg.get("tf32", False))  # checkpoints from before the setting: off
     recipe["training tokens"] = trained_tokens(ckpt)
     recipe["tokenizer hash"] = ckpt["tokenizer"]["sha256"]
     recipe["corpus hash"] = ckpt["corpus"]["sha256"]

@@ -810,3 +810,13 @@ def test_a_missing_also_corpus_is_named(tmp_path):
     runs = GateRuns(tiny_settings(write_corpus(tmp_path / "c"), also=(str(tmp_path / "nowhere"),)))
     with pytest.raises(ValueError, match="nowhere"):
         runs.also_splits()
+
+
+def test_the_gates_tf32_setting_reaches_its_runs_and_their_recipe(tmp_path):
+    settings = tiny_settings(tmp_path, tf32=True)
+    assert settings.train_config("transformer:tiny", 0, tmp_path / "run").tf32 is True
+    assert tiny_settings(tmp_path).train_config("transformer:tiny", 0, tmp_path).tf32 is False
+    assert settings.describe()["tf32"] is True
+    old = {"config": {"batch_size": 4, "seq_len": 64, "grad_accum": 1}, "step": 2,
+           "tokenizer": {"sha256": "t"}, "corpus": {"sha256": "c"}}
+    assert muse.training.quality.checkpoint_recipe(old)["tf32"] is False

@@ -39,7 +39,8 @@ def resolve_device(name: str, option: str = "device") -> torch.device:
 @contextlib.contextmanager
 def float32_matmuls(tf32: bool):
     """Within: whether CUDA float32 matmuls may round their inputs to TF32 (cuBLAS, and the
-    delta rule's Triton walk under states="auto"); the setting before is restored after."""
+    delta rule's Triton walk and read-out under states="auto"); the setting before is restored
+    after."""
     if not isinstance(tf32, bool):
         raise TypeError(f"tf32 must be true or false, got {tf32!r}")
     before = torch.backends.cuda.matmul.allow_tf32

@@ -106,7 +106,7 @@ class TrainConfig(StrictConfig):
     # torch.compile's mode; "reduce-overhead" replays the step's kernels as CUDA graphs (fixed
     # shapes), what lifts a small batch off the launch overhead
     compile_mode: str = "default"
-    # float32 matmuls on CUDA may use TF32 (cuBLAS; the delta rule's Triton walk): faster chunk
+    # float32 matmuls on CUDA may use TF32 (cuBLAS; the delta rule's Triton pass): faster chunk
     # products at ~1e-3 relative error. Off: exact float32, as PyTorch's default
     tf32: bool = False
     loss_chunk: int = 0  # > 0: the loss's logits made this many positions at a time (layers.head)

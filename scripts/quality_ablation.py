@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from muse import models
-from muse.devices import float32_matmuls
 from muse.fileio import atomic_write_text
 from muse.harness.results import environment_facts, git_facts
 from muse.training.data import encoded_split, get_tokenizer, load_corpus
@@ -60,8 +59,7 @@ def run(variant: str, seed: int, args, steps: int, splits: dict, settings) -> di
         model, _ = load_model(Path(out) / "final.pt", resolve_device(args.device))
         scores = {}
         for name, split in splits.items():
-            with float32_matmuls(args.tf32):  # scored as it was trained
-                r = score(model, split, settings)
+            r = score(model, split, settings)
             scores[name] = dict(ppl=r.ppl, bits_per_byte=r.bits_per_byte,
                                 ppl_recall=r.recall_ppl, ppl_other=r.other_ppl,
                                 recall_fraction=r.recall_fraction)
@@ -130,7 +128,8 @@ def main() -> None:
               for c in [args.corpus, *args.also]}
     device = str(resolve_device(args.device))
     settings = QualitySettings(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq,
-                               batch_size=args.batch, dtype=args.dtype, device=device)
+                               batch_size=args.batch, dtype=args.dtype, tf32=args.tf32,
+                               device=device)
     env, git = environment_facts(), git_facts()
     sha = (git["sha"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
     head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "

@@ -134,7 +134,7 @@ def _chunked(q, k, v, log_decay, beta, state, chunk, states):
             p, u0, tail_decay * kc, through[..., 0, 0])), w)
         # the read-out forms each chunk's scores in registers: no (T × T) tensor is kept
         y = chunk_readout_triton(*(x.flatten(0, 1) for x in (qc, kc)), fresh, entering,
-                                 b.flatten(0, 1).to(qc.dtype))
+                                 b.flatten(0, 1))
         return (y.view(bsz, heads, m * chunk, dv)[:, :, :n],
                 w.view(bsz, heads, dk, dv))
     # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks

@@ -84,12 +84,12 @@ def _backward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_pt
     tl.store(db_ptr + tb, db)
 
 
-def _launch(q: torch.Tensor):
+def _launch(q: torch.Tensor, dv: int):
     if q.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"chunk_readout_triton runs in float32 or float64, got {q.dtype}")
     seqs, m, t, dk = q.shape
     # a (T × T) block and five (T × D) tiles live at once in backward: more warps hold them
-    return (seqs * m,), q.dtype == torch.float64, 8 if t * max(dk, 64) >= 4096 else 4
+    return (seqs * m,), q.dtype == torch.float64, 8 if t * max(dk, dv) >= 4096 else 4
 
 
 # custom ops, as the walk's (triton.py): a compiled step stays one graph
@@ -99,7 +99,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: to
     """Every input contiguous → y (S, M, T, Dv)."""
     _, _, t, dk = q.shape
     dv = fresh.shape[-1]
-    grid, wide, warps = _launch(q)
+    grid, wide, warps = _launch(q, dv)
     y = torch.empty_like(fresh)
     _forward_kernel[grid](q, k, fresh, entering, b, y, T=t, DK=dk, DV=dv, PRECISION=precision,
                           WIDE=wide, num_warps=warps)
@@ -119,7 +119,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: t
     """Every input contiguous → the gradients of q, k, fresh, entering and b."""
     _, _, t, dk = q.shape
     dv = fresh.shape[-1]
-    grid, wide, warps = _launch(q)
+    grid, wide, warps = _launch(q, dv)
     dq, dk_, dfresh, dentering, db = (torch.empty_like(x) for x in (q, k, fresh, entering, b))
     _backward_kernel[grid](q, k, fresh, entering, b, dy, dq, dk_, dfresh, dentering, db, T=t,
                            DK=dk, DV=dv, PRECISION=precision, WIDE=wide, num_warps=warps)

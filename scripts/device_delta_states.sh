@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (≤ 10 minutes) for the delta rule's chunk pass in Triton (muse.ops.delta_states:
-# the walk and the read-out):
+# each chunk's solve, the walk and the read-out):
 #   - the CUDA tests of the delta rule (both passes), the Hebbian layer and phase2's compiled
 #     step against float64 or eager, into $OUT/log.txt
 #   - the delta rule alone, forward+backward, each pass and column block, TF32 off and on

@@ -50,10 +50,11 @@ def delta_rule_chunked(q, k, v, log_decay, beta, state=None, chunk: int = 64,
     triangular solve per chunk, and N/T sequential (D_k × D_v) state steps. Padding at the end
     has zero keys and β, log-decay 0: it leaves the final state as it is. With `recompute`,
     backward keeps only the inputs and forms the chunk products, the solve and the states
-    again (less memory for one more forward of this form). `states` runs the chunk-to-chunk
-    walk and each chunk's read-out as Triton launches ("triton", muse.ops.delta_states) or as
-    the two-level walk and batched PyTorch products ("torch"); "auto" takes Triton on CUDA
-    where its tiles fit and float32 matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)."""
+    again (less memory for one more forward of this form). `states` runs each chunk's solve,
+    the chunk-to-chunk walk and each chunk's read-out as Triton launches ("triton",
+    muse.ops.delta_states) or as batched PyTorch products and the two-level walk ("torch");
+    "auto" takes Triton on CUDA where its tiles fit and float32 matmuls may use TF32
+    (torch.backends.cuda.matmul.allow_tf32)."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     if states not in STATES:
@@ -96,23 +97,44 @@ def _use_triton(states: str, q: torch.Tensor, chunk: int, dv: int) -> bool:
 
 def chunk_layout(q, k, v, log_decay, beta, chunk):
     """The inputs in chunks of T: (qc, kc, vc (B, H, M, T, D), β (B, H, M, T, 1), b the
-    cumulative log-decays (B, H, M, T), ratio γ_t/γ_j for j ≤ t and 0 above (B, H, M, T, T))."""
+    cumulative log-decays (B, H, M, T))."""
     bsz, heads, n, _ = q.shape
     m = -(-n // chunk)
     pad = m * chunk - n
     qc, kc, vc = (pad_time(x, pad, 2).view(bsz, heads, m, chunk, -1) for x in (q, k, v))
     bc = pad_time(beta, pad, 2).view(bsz, heads, m, chunk, 1)
     b = torch.cumsum(pad_time(log_decay, pad, 2).view(bsz, heads, m, chunk), dim=-1)
-    above = above_diagonal(chunk, q.device)
-    ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
-    return qc, kc, vc, bc, b, ratio.to(qc.dtype)
+    return qc, kc, vc, bc, b
+
+
+def decay_ratios(b):
+    """γ_t/γ_j = e^{b_t − b_j} for j ≤ t and 0 above, (…, T, T), from b (…, T)."""
+    above = above_diagonal(b.shape[-1], b.device)
+    return torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
 
 
 def _chunked(q, k, v, log_decay, beta, state, chunk, states):
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
     m = -(-n // chunk)
-    qc, kc, vc, bc, b, ratio = chunk_layout(q, k, v, log_decay, beta, chunk)
+    qc, kc, vc, bc, b = chunk_layout(q, k, v, log_decay, beta, chunk)
+    tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
+    through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
+    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
+    if _use_triton(states, q, chunk, dv):
+        from muse.ops.delta_states.readout import chunk_readout_triton
+        from muse.ops.delta_states.solve import chunk_solve_triton
+        from muse.ops.delta_states.triton import delta_walk_triton
+
+        # each launch forms its chunk's (T × T) blocks in registers: none is kept
+        u0, p = chunk_solve_triton(*(x.flatten(0, 1) for x in (kc, vc, bc[..., 0], b)))
+        entering, fresh, w = delta_walk_triton(p, u0, (tail_decay * kc).flatten(0, 1),
+                                               through[..., 0, 0].flatten(0, 1), w)
+        y = chunk_readout_triton(*(x.flatten(0, 1) for x in (qc, kc)), fresh, entering,
+                                 b.flatten(0, 1))
+        return (y.view(bsz, heads, m * chunk, dv)[:, :, :n],
+                w.view(bsz, heads, dk, dv))
+    ratio = decay_ratios(b).to(qc.dtype)
     # elementwise chains formed again in backward: their (T × T) and float32 intermediates
     # are not kept
     a = checkpoint(_erase_weights, bc, ratio, kc @ kc.transpose(-1, -2),
@@ -123,20 +145,6 @@ def _chunked(q, k, v, log_decay, beta, state, chunk, states):
                      bc * gamma * kc), dim=-1)
     solved = unit_lower_solve(a, rhs)
     u0, p = solved[..., :dv], solved[..., dv:]
-    tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
-    through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
-    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
-    if _use_triton(states, q, chunk, dv):
-        from muse.ops.delta_states.readout import chunk_readout_triton
-        from muse.ops.delta_states.triton import delta_walk_triton
-
-        entering, fresh, w = delta_walk_triton(*(x.flatten(0, 1) for x in (
-            p, u0, tail_decay * kc, through[..., 0, 0])), w)
-        # the read-out forms each chunk's scores in registers: no (T × T) tensor is kept
-        y = chunk_readout_triton(*(x.flatten(0, 1) for x in (qc, kc)), fresh, entering,
-                                 b.flatten(0, 1))
-        return (y.view(bsz, heads, m * chunk, dv)[:, :, :n],
-                w.view(bsz, heads, dk, dv))
     # W_T = (γ_T I − tailᵀP) W_0 + tailᵀU₀: an affine map per chunk, built for all chunks
     # at once, so the sequential part is one batched multiply-add per chunk
     eye_k = torch.eye(dk, dtype=qc.dtype, device=q.device)

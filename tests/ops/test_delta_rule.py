@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muse.ops.delta_rule import chunk_layout, delta_rule_chunked, delta_rule_naive
+from muse.ops.delta_rule import chunk_layout, decay_ratios, delta_rule_chunked, delta_rule_naive
 
 
 def inputs(n, seed=0, b=2, h=3, dk=4, dv=5):
@@ -128,7 +128,8 @@ def _previous_chunked(q, k, v, log_decay, beta, state, chunk):
     dv = v.shape[-1]
     m = -(-n // chunk)
     # the layout is unchanged: what follows it is the previous form
-    qc, kc, vc, bc, b, ratio = chunk_layout(q, k, v, log_decay, beta, chunk)
+    qc, kc, vc, bc, b = chunk_layout(q, k, v, log_decay, beta, chunk)
+    ratio = decay_ratios(b).to(qc.dtype)
     strict = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
     a = bc * strict * (kc @ kc.transpose(-1, -2))
     eye = torch.eye(chunk, dtype=qc.dtype, device=q.device)

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from muse.ops.delta_rule import delta_rule_chunked
-from muse.ops.delta_states.reference import chunk_readout_reference, delta_walk_reference
+from muse.ops.delta_states.reference import (
+    chunk_readout_reference,
+    chunk_solve_reference,
+    delta_walk_reference,
+)
 
 from .interpreted import run_interpreted
 from .test_delta_rule import inputs
@@ -20,7 +24,9 @@ _SCRIPT = textwrap.dedent(
     import torch.nn.functional as F
     from muse.ops.delta_rule import delta_rule_chunked, delta_rule_naive
     from muse.ops.delta_states.readout import chunk_readout_triton
-    from muse.ops.delta_states.reference import chunk_readout_reference, delta_walk_reference
+    from muse.ops.delta_states.reference import (chunk_readout_reference,
+                                                 chunk_solve_reference, delta_walk_reference)
+    from muse.ops.delta_states.solve import chunk_solve_triton
     from muse.ops.delta_states.triton import delta_walk_triton
 
     def nerr(x, y):
@@ -68,6 +74,24 @@ _SCRIPT = textwrap.dedent(
         out[f"readout {seqs}x{m}x{t}x{dk}x{dv}"] = max(
             nerr(a, b) for a, b in zip(runs[1], runs[0]))
 
+    # each chunk's solve: unit keys, β in (0, 1), decays from none to steep, T ≠ Dk ≠ Dv, v in
+    # its own dtype (its gradient too)
+    for seqs, m, t, dk, dv in [(2, 3, 16, 16, 32), (1, 2, 32, 64, 16), (1, 1, 64, 64, 64)]:
+        g = torch.Generator().manual_seed(m + t + dk)
+        f64 = dict(generator=g, dtype=torch.float64)
+        args = (F.normalize(torch.randn(seqs, m, t, dk, **f64), dim=-1),
+                torch.randn(seqs, m, t, dv, **f64), torch.rand(seqs, m, t, **f64),
+                torch.cumsum(-torch.rand(seqs, m, t, **f64) * 12 / t, dim=-1))
+        ups = (torch.randn(seqs, m, t, dv, **f64), torch.randn(seqs, m, t, dk, **f64))
+        runs = []
+        for fn in (chunk_solve_reference, chunk_solve_triton):
+            leaves = [x.clone().requires_grad_() for x in args]
+            u0, p = fn(*leaves)
+            ((u0 * ups[0]).sum() + (p * ups[1]).sum()).backward()
+            runs.append([u0.detach(), p.detach()] + [x.grad for x in leaves])
+        out[f"solve {seqs}x{m}x{t}x{dk}x{dv}"] = max(
+            nerr(a, b) for a, b in zip(runs[1], runs[0]))
+
     # the whole delta rule with its chunk pass in Triton, against the per-token loop: padding
     # (n not a multiple of T), a carried state, every gradient
     for n in (16, 40):
@@ -96,7 +120,7 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # the interpreter subprocess
 def test_the_triton_walk_matches_the_loop_and_the_definition_in_float64():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
-    assert len(out) == 9
+    assert len(out) == 12
     for case, err in out.items():
         # float64, a few chunks of 16–32 tokens: rounding only (observed ≤ 1e-15)
         assert err < 1e-12, (case, err)
@@ -108,7 +132,7 @@ def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
     walk's y and W, and the same gradients."""
     pytest.importorskip("triton")
     from muse.ops import delta_rule
-    from muse.ops.delta_states import readout
+    from muse.ops.delta_states import readout, solve
     from muse.ops.delta_states import triton as kernels
 
     args = inputs(n, seed=n, dk=16, dv=16)
@@ -121,12 +145,14 @@ def test_the_loop_is_the_chunked_forms_own_walk(n, monkeypatch):
                                 lambda *a: calls.append(a) or delta_walk_reference(*a))
             monkeypatch.setattr(readout, "chunk_readout_triton",
                                 lambda *a: calls.append(a) or chunk_readout_reference(*a))
+            monkeypatch.setattr(solve, "chunk_solve_triton",
+                                lambda *a: calls.append(a) or chunk_solve_reference(*a))
         leaves = [x.clone().requires_grad_() for x in (*args, state)]
         y, w = delta_rule_chunked(*leaves[:5], state=leaves[5], chunk=16,
                                   states="auto" if routed else "torch")
         (y.sum() + (w * w).sum()).backward()
         runs.append([y.detach(), w.detach(), *(x.grad for x in leaves)])
-    assert len(calls) == 2
+    assert len(calls) == 3
     for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -141,3 +167,11 @@ def test_a_readout_of_mismatched_shapes_names_every_shape():
     with pytest.raises(ValueError, match=r"chunk_readout needs .*fresh \(1, 2, 16, 8\), "
                                          r"entering \(1, 2, 16, 16\)"):
         chunk_readout_reference(q, q, torch.zeros(1, 2, 16, 8), q, torch.zeros(1, 2, 16))
+
+
+def test_a_solve_of_mismatched_shapes_names_every_shape():
+    k = torch.zeros(1, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"chunk_solve needs .*v \(1, 2, 8, 16\), "
+                                         r"beta \(1, 2, 16\), b \(1, 2, 8\)"):
+        chunk_solve_reference(k, torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 16),
+                              torch.zeros(1, 2, 8))

@@ -1,4 +1,4 @@
-"""muse's Triton scans and the delta rule's chunk walk inside torch.compile with fullgraph=True,
+"""muse's Triton scans and the delta rule's chunk kernels inside torch.compile with fullgraph=True,
 under TRITON_INTERPRET=1: the launches are custom ops, opaque nodes of one graph, and the
 compiled forward and gradients are the eager ones (the same kernels: observed 0, bound 1e-6)."""
 
@@ -16,6 +16,7 @@ _SCRIPT = textwrap.dedent(
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton
     from muse.ops.delta_states.triton import delta_walk_triton
     from muse.ops.delta_states.readout import chunk_readout_triton
+    from muse.ops.delta_states.solve import chunk_solve_triton
 
     def err(x, y):
         return float((x - y).abs().max() / max(float(y.abs().max()), 1e-30))
@@ -43,6 +44,11 @@ _SCRIPT = textwrap.dedent(
                            torch.randn(2, 3, 16, 32, generator=g),
                            torch.randn(2, 3, 16, 32, generator=g),
                            torch.cumsum(-torch.rand(2, 3, 16, generator=g), dim=-1))),
+        "delta solve": (lambda *a: torch.cat([x.flatten() for x in chunk_solve_triton(*a)]),
+                        (torch.nn.functional.normalize(torch.randn(2, 3, 16, 16, generator=g),
+                                                       dim=-1),
+                         torch.randn(2, 3, 16, 32, generator=g), torch.rand(2, 3, 16, generator=g),
+                         torch.cumsum(-torch.rand(2, 3, 16, generator=g), dim=-1))),
     }
     out = {}
     for name, (fn, inputs) in cases.items():
@@ -64,6 +70,6 @@ _SCRIPT = textwrap.dedent(
 def test_the_triton_scans_compile_as_one_graph_with_the_eager_gradients():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
     assert set(out) == {"decayed per channel", "decayed per step", "complex", "delta walk",
-                        "delta readout"}
+                        "delta readout", "delta solve"}
     for name, worst in out.items():
         assert worst <= 1e-6, (name, worst)

@@ -20,6 +20,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.complex_scan.triton import complex_decayed_cumsum_triton
     from muse.ops.decayed_scan.triton import decayed_cumsum_triton, linear_scan
     from muse.ops.delta_states.readout import chunk_readout_triton
+    from muse.ops.delta_states.solve import chunk_solve_triton
     from muse.ops.delta_states.triton import delta_walk_triton
 
     for n in lengths:
@@ -50,6 +51,12 @@ def exercise(after_each, lengths=LENGTHS) -> None:
                    torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
         chunk_readout_triton(*(x.requires_grad_() for x in readout)).sum().backward()
         after_each(f"delta readout {n}")
+        # v in bfloat16, as the Hebbian layer hands it over under autocast
+        solve = [torch.nn.functional.normalize(torch.randn(2, m, 16, 32), dim=-1),
+                 torch.randn(2, m, 16, 16).bfloat16(), torch.rand(2, m, 16),
+                 torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
+        sum(x.sum() for x in chunk_solve_triton(*(x.requires_grad_() for x in solve))).backward()
+        after_each(f"delta solve {n}")
 
 
 def _arg_type(value) -> str:

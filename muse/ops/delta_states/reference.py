@@ -61,3 +61,27 @@ def chunk_readout_reference(q, k, fresh, entering, b):
     above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
     return torch.exp(b)[..., None] * (q @ entering) + (ratio * (q @ k.transpose(-1, -2))) @ fresh
+
+
+def check_solve_shapes(k, v, beta, b):
+    """Raise a ValueError naming every shape unless they form one chunk solve."""
+    seqs, m, t, dk = k.shape
+    _check("chunk_solve", "k (S, M, T, Dk), v (S, M, T, Dv), beta and b (S, M, T)",
+           dict(k=(seqs, m, t, dk), v=(seqs, m, t, v.shape[-1]), beta=(seqs, m, t),
+                b=(seqs, m, t)),
+           dict(k=k, v=v, beta=beta, b=b))
+
+
+def chunk_solve_reference(k, v, beta, b):
+    """Each chunk's U₀ = (I + A)⁻¹ diag(β) V and P = (I + A)⁻¹ diag(βγ) K (muse.ops.delta_rule),
+    A_tj = β_t e^{b_t − b_j} k_t·k_j below the diagonal: k (S, M, T, Dk), v (S, M, T, Dv), beta
+    and b the chunk's cumulative log-decays (S, M, T) → (u0, p), in k's dtype."""
+    check_solve_shapes(k, v, beta, b)
+    t = k.shape[2]
+    below = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(-1)
+    log_ratio = (b[..., :, None] - b[..., None, :]).masked_fill(~below, -torch.inf)
+    a = beta[..., None] * torch.exp(log_ratio) * (k @ k.transpose(-1, -2))
+    eye = torch.eye(t, dtype=k.dtype, device=k.device)
+    rhs = torch.cat((beta[..., None] * v.to(k.dtype), (beta * torch.exp(b))[..., None] * k), -1)
+    x = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    return x[..., :v.shape[-1]], x[..., v.shape[-1]:]

@@ -1,0 +1,163 @@
+"""Each chunk's solve (reference.chunk_solve_reference) in one Triton launch forward and one
+backward: a program owns one chunk, forms A from its keys, β and decays, inverts I + A by
+forward substitution in registers and applies the inverse to both right-hand sides. Only the
+inputs are kept for backward: KKᵀ, the decay ratios, A and (I + A)⁻¹ (each (T × T) float32 a
+chunk, and all four kept by the batched PyTorch form) are formed again there.
+
+Backward, per chunk, with X = (I + A)⁻¹ [βV, βγK] = [U₀, P]: dR = (I + A)⁻ᵀ dX and
+G = −(dR Xᵀ) below the diagonal; then, with H = G ⊙ R ⊙ KKᵀ and E = β ⊙ H, dβ = rowsum(dR_V ⊙ V)
++ γ rowsum(dR_K ⊙ K) + rowsum(H), dV = β dR_V, dK = βγ dR_K + (β ⊙ R ⊙ G) K + (β ⊙ R ⊙ G)ᵀ K,
+and b's gradient βγ rowsum(dR_K ⊙ K) + rowsum(E) − colsum(E).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from muse.ops.delta_states.readout import _chunk_tiles
+from muse.ops.delta_states.reference import check_solve_shapes
+from muse.ops.delta_states.triton import _precision, supported
+
+
+@triton.jit
+def _system(k, beta, b, rt, T: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    # R (the decay ratios below the diagonal, 0 on and above), KKᵀ and (I + A)⁻¹
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION, out_dtype=DTYPE)
+    rows = rt[:, None]
+    ratio = tl.where(rows > rt[None, :], tl.exp(b[:, None] - b[None, :]), 0.0)
+    a = beta[:, None] * ratio * kk
+    # row i of the inverse is e_i − Σ_{j<i} A_ij (row j), rows above i final already
+    inverse = (rows == rt[None, :]).to(DTYPE)
+    for i in range(1, T):
+        a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
+        inverse = tl.where(rows == i, inverse - tl.sum(a_i[:, None] * inverse, 0)[None, :],
+                           inverse)
+    return ratio, kk, inverse
+
+
+@triton.jit
+def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, T: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+                    WIDE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
+    k = tl.load(k_ptr + tk)
+    beta = tl.load(beta_ptr + tb)
+    b = tl.load(b_ptr + tb)
+    _, _, inverse = _system(k, beta, b, rt, T, PRECISION, DTYPE)
+    v = tl.load(v_ptr + tv).to(DTYPE)
+    tl.store(u0_ptr + tv, tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION,
+                                 out_dtype=DTYPE))
+    tl.store(p_ptr + tk, tl.dot(inverse, (beta * tl.exp(b))[:, None] * k,
+                                input_precision=PRECISION, out_dtype=DTYPE))
+
+
+@triton.jit
+def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
+                     db_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                     PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
+    k = tl.load(k_ptr + tk)
+    beta = tl.load(beta_ptr + tb)
+    b = tl.load(b_ptr + tb)
+    ratio, kk, inverse = _system(k, beta, b, rt, T, PRECISION, DTYPE)
+    v = tl.load(v_ptr + tv).to(DTYPE)
+    gamma = tl.exp(b)
+    d_rv = tl.dot(tl.trans(inverse), tl.load(du0_ptr + tv), input_precision=PRECISION,
+                  out_dtype=DTYPE)
+    d_rk = tl.dot(tl.trans(inverse), tl.load(dp_ptr + tk), input_precision=PRECISION,
+                  out_dtype=DTYPE)
+    u0 = tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION, out_dtype=DTYPE)
+    g = tl.dot(d_rv, tl.trans(u0), input_precision=PRECISION, out_dtype=DTYPE)
+    p = tl.dot(inverse, (beta * gamma)[:, None] * k, input_precision=PRECISION, out_dtype=DTYPE)
+    g += tl.dot(d_rk, tl.trans(p), input_precision=PRECISION, out_dtype=DTYPE)
+    # −G masked by R (0 on and above the diagonal); d(βγ) from the keys' right-hand side
+    g_ratio = -g * ratio
+    h = g_ratio * kk
+    through_k = tl.sum(d_rk * k, 1)
+    tl.store(dbeta_ptr + tb, tl.sum(d_rv * v, 1) + gamma * through_k + tl.sum(h, 1))
+    e = beta[:, None] * h
+    tl.store(db_ptr + tb, beta * gamma * through_k + tl.sum(e, 1) - tl.sum(e, 0))
+    tl.store(dv_ptr + tv, beta[:, None] * d_rv)
+    d_kk = beta[:, None] * g_ratio
+    dk = (beta * gamma)[:, None] * d_rk
+    dk += tl.dot(d_kk, k, input_precision=PRECISION, out_dtype=DTYPE)
+    dk += tl.dot(tl.trans(d_kk), k, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(dk_ptr + tk, dk)
+
+
+def _launch(k: torch.Tensor, dv: int):
+    if k.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"chunk_solve_triton runs in float32 or float64, got {k.dtype}")
+    seqs, m, t, dk = k.shape
+    # (T × T) blocks and (T × D) tiles live at once in backward: more warps hold them
+    return (seqs * m,), k.dtype == torch.float64, 8 if t * max(dk, dv) >= 4096 else 4
+
+
+# custom ops, as the walk's (triton.py): a compiled step stays one graph
+@torch.library.custom_op("muse::delta_solve_forward", mutates_args=())
+def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tensor,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every input contiguous → (u0, p) in k's dtype."""
+    _, _, t, dk = k.shape
+    dv = v.shape[-1]
+    grid, wide, warps = _launch(k, dv)
+    u0 = v.new_empty(v.shape, dtype=k.dtype)
+    p = torch.empty_like(k)
+    _forward_kernel[grid](k, v, beta, b, u0, p, T=t, DK=dk, DV=dv, PRECISION=precision,
+                          WIDE=wide, num_warps=warps)
+    return u0, p
+
+
+@_forward.register_fake
+def _(k, v, beta, b, precision):
+    return v.new_empty(v.shape, dtype=k.dtype), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("muse::delta_solve_backward", mutates_args=())
+def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tensor,
+              du0: torch.Tensor, dp: torch.Tensor,
+              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every input contiguous → the gradients of k, v (in v's dtype), beta and b."""
+    _, _, t, dk = k.shape
+    dv = v.shape[-1]
+    grid, wide, warps = _launch(k, dv)
+    dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
+    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db, T=t, DK=dk, DV=dv,
+                           PRECISION=precision, WIDE=wide, num_warps=warps)
+    return dk_, dv_, dbeta, db
+
+
+@_backward.register_fake
+def _(k, v, beta, b, du0, dp, precision):
+    return tuple(x.new_empty(x.shape) for x in (k, v, beta, b))
+
+
+class _ChunkSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, beta, b, precision):
+        k, v, beta, b = (x.contiguous() for x in (k, v, beta, b))
+        ctx.save_for_backward(k, v, beta, b)
+        ctx.precision = precision
+        return _forward(k, v, beta, b, precision)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du0, dp):
+        grads = _backward(*ctx.saved_tensors, du0.contiguous(), dp.contiguous(), ctx.precision)
+        return *grads, None
+
+
+def chunk_solve_triton(k, v, beta, b):
+    """reference.chunk_solve_reference's contract on CUDA (or under TRITON_INTERPRET=1): k,
+    beta and b in float32 or float64 (v in any float dtype, cast up as it is read); T, D_k and
+    D_v in (16, 32, 64, 128)."""
+    check_solve_shapes(k, v, beta, b)
+    t, dk, dv = k.shape[2], k.shape[3], v.shape[3]
+    if not supported(t, dk, dv):
+        raise ValueError(f"chunk_solve_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
+                         f"{t}, {dk}, {dv}")
+    return _ChunkSolve.apply(k, v, beta, b, _precision(k.dtype))

@@ -22,7 +22,8 @@ from muse.ops.delta_states.triton import _precision, supported
 
 
 @triton.jit
-def _system(k, beta, b, rt, T: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T: tl.constexpr, DK: tl.constexpr,
+            PRECISION: tl.constexpr, DTYPE: tl.constexpr, ROWS_FROM_KEYS: tl.constexpr):
     # R (the decay ratios below the diagonal, 0 on and above), KKᵀ and (I + A)⁻¹
     kk = tl.dot(k, tl.trans(k), input_precision=PRECISION, out_dtype=DTYPE)
     rows = rt[:, None]
@@ -30,8 +31,15 @@ def _system(k, beta, b, rt, T: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.
     a = beta[:, None] * ratio * kk
     # row i of the inverse is e_i − Σ_{j<i} A_ij (row j), rows above i final already
     inverse = (rows == rt[None, :]).to(DTYPE)
+    chunk = tl.program_id(0).to(tl.int64)
     for i in range(1, T):
-        a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
+        if ROWS_FROM_KEYS:  # A's row i from k_i, indexed as the inverse's rows are
+            k_i = tl.load(k_ptr + (chunk * T + i) * DK + tl.arange(0, DK))
+            b_i = tl.load(b_ptr + chunk * T + i)
+            a_i = tl.where(rt < i, tl.load(beta_ptr + chunk * T + i) * tl.exp(b_i - b)
+                           * tl.sum(k * k_i[None, :], 1), 0.0)
+        else:
+            a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
         inverse = tl.where(rows == i, inverse - tl.sum(a_i[:, None] * inverse, 0)[None, :],
                            inverse)
     return ratio, kk, inverse
@@ -40,13 +48,14 @@ def _system(k, beta, b, rt, T: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.
 @triton.jit
 def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, T: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr):
+                    WIDE: tl.constexpr, ROWS_FROM_KEYS: tl.constexpr = False):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
     k = tl.load(k_ptr + tk)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
-    _, _, inverse = _system(k, beta, b, rt, T, PRECISION, DTYPE)
+    _, _, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T, DK, PRECISION, DTYPE,
+                               ROWS_FROM_KEYS)
     v = tl.load(v_ptr + tv).to(DTYPE)
     tl.store(u0_ptr + tv, tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION,
                                  out_dtype=DTYPE))
@@ -57,13 +66,15 @@ def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, T: tl.constexp
 @triton.jit
 def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
                      db_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                     PRECISION: tl.constexpr, WIDE: tl.constexpr,
+                     ROWS_FROM_KEYS: tl.constexpr = False):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
     k = tl.load(k_ptr + tk)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
-    ratio, kk, inverse = _system(k, beta, b, rt, T, PRECISION, DTYPE)
+    ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T, DK, PRECISION, DTYPE,
+                               ROWS_FROM_KEYS)
     v = tl.load(v_ptr + tv).to(DTYPE)
     gamma = tl.exp(b)
     d_rv = tl.dot(tl.trans(inverse), tl.load(du0_ptr + tv), input_precision=PRECISION,

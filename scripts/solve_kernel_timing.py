@@ -1,5 +1,5 @@
 """The delta rule's chunk-solve kernels (muse.ops.delta_states.solve) alone: forward and
-backward launches at each way of forming A's rows in the substitution and each warp count,
+backward launches at each way of forming (I + A)⁻¹ (solve.py's INVERSE) and each warp count,
 against the PyTorch reference's forward+backward; float32 with TF32 allowed, phase2:base's
 shape (16 × 8 heads × 4096 tokens in chunks of 64, D 64), unit keys, β ∈ (0, 1), log-decays in
 (−0.5, 0).
@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from muse.measure.timing import time_with_peak
 from muse.ops.delta_states import solve
 from muse.ops.delta_states.reference import chunk_solve_reference
+
+
+INVERSES = ("rows extracted", "rows from keys", "16-row blocks")
 
 
 def main(argv: list[str]) -> int:
@@ -49,18 +52,20 @@ def main(argv: list[str]) -> int:
     stats, _ = time_with_peak(reference, "cuda", 3, 20)
     print(f"reference (solve_triangular) fwd+bwd {stats.median_s * 1e3:8.3f} ms", flush=True)
     base = None
-    for rows_from_keys in (False, True):
+    scratch = k.new_empty(seqs * m, t, t)
+    for inverse in (0, 1, 2):
         for warps in (4, 8):
             u0, p = torch.empty_like(k), torch.empty_like(k)
             grads = [torch.empty_like(x) for x in (k, v, beta, b)]
-            opts = dict(T=t, DK=d, DV=d, PRECISION="tf32", WIDE=False,
-                        ROWS_FROM_KEYS=rows_from_keys, num_warps=warps)
+            opts = dict(T=t, DK=d, DV=d, PRECISION="tf32", WIDE=False, INVERSE=inverse,
+                        num_warps=warps)
 
             def forward(u0=u0, p=p, opts=opts):
-                solve._forward_kernel[(seqs * m,)](k, v, beta, b, u0, p, **opts)
+                solve._forward_kernel[(seqs * m,)](k, v, beta, b, u0, p, scratch, **opts)
 
             def backward(grads=grads, opts=opts):
-                solve._backward_kernel[(seqs * m,)](k, v, beta, b, du0, dp, *grads, **opts)
+                solve._backward_kernel[(seqs * m,)](k, v, beta, b, du0, dp, *grads, scratch,
+                                                    **opts)
 
             fwd, _ = time_with_peak(forward, "cuda", 3, 20)
             bwd, _ = time_with_peak(backward, "cuda", 3, 20)
@@ -68,7 +73,7 @@ def main(argv: list[str]) -> int:
             base = base or got
             worst = max(float((x - y).abs().max() / y.abs().max())
                         for x, y in zip(got, base, strict=True))
-            name = f"rows {'from keys' if rows_from_keys else 'extracted'}, {warps} warps"
+            name = f"{INVERSES[inverse]}, {warps} warps"
             print(f"{name:28s} fwd {fwd.median_s * 1e3:8.3f} ms  bwd {bwd.median_s * 1e3:8.3f} "
                   f"ms  diff {worst:.1e}", flush=True)
     return 0

@@ -22,40 +22,86 @@ from muse.ops.delta_states.triton import _precision, supported
 
 
 @triton.jit
-def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T: tl.constexpr, DK: tl.constexpr,
-            PRECISION: tl.constexpr, DTYPE: tl.constexpr, ROWS_FROM_KEYS: tl.constexpr):
+def _block_inverse(k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr,
+                   DTYPE: tl.constexpr):
+    # (I + A)⁻¹ by 16-row blocks: each diagonal block by substitution on a (16 × 16) tile, then
+    # X_IJ = −X_II Σ_{J≤L<I} A_IL X_LJ; blocks go through the chunk's scratch (T × T), read back
+    # whole once every block is there
+    chunk = tl.program_id(0).to(tl.int64)
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, DK)
+    rows = r16[:, None]
+    square = scratch_ptr + chunk * T * T
+    for i_block in tl.static_range(T // 16):
+        ri = chunk * T + i_block * 16 + r16
+        k_i = tl.load(k_ptr + ri[:, None] * DK + rk[None, :])
+        beta_i = tl.load(beta_ptr + ri)
+        b_i = tl.load(b_ptr + ri)
+        a = tl.where(rows > r16[None, :], beta_i[:, None] * tl.exp(b_i[:, None] - b_i[None, :])
+                     * tl.dot(k_i, tl.trans(k_i), input_precision="ieee", out_dtype=DTYPE), 0.0)
+        diag = (rows == r16[None, :]).to(DTYPE)
+        for i in range(1, 16):
+            a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
+            diag = tl.where(rows == i, diag - tl.sum(a_i[:, None] * diag, 0)[None, :], diag)
+        block_rows = square + (i_block * 16 + rows) * T
+        tl.store(block_rows + i_block * 16 + r16[None, :], diag)
+        for j_block in tl.static_range(i_block):
+            acc = tl.zeros((16, 16), DTYPE)
+            for l_block in tl.static_range(j_block, i_block):
+                rl = chunk * T + l_block * 16 + r16
+                a_il = beta_i[:, None] * tl.exp(b_i[:, None] - tl.load(b_ptr + rl)[None, :]) \
+                    * tl.dot(k_i, tl.trans(tl.load(k_ptr + rl[:, None] * DK + rk[None, :])),
+                             input_precision="ieee", out_dtype=DTYPE)
+                x_lj = tl.load(square + (l_block * 16 + rows) * T + j_block * 16 + r16[None, :])
+                acc += tl.dot(a_il, x_lj, input_precision="ieee", out_dtype=DTYPE)
+            tl.store(block_rows + j_block * 16 + r16[None, :],
+                     -tl.dot(diag, acc, input_precision="ieee", out_dtype=DTYPE))
+        for j_block in tl.static_range(i_block + 1, T // 16):
+            tl.store(block_rows + j_block * 16 + r16[None, :], tl.zeros((16, 16), DTYPE))
+        tl.debug_barrier()  # this block row is read by the next ones, from other threads
+    rt = tl.arange(0, T)
+    return tl.load(square + rt[:, None] * T + rt[None, :])
+
+
+@triton.jit
+def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr,
+            DK: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+            INVERSE: tl.constexpr):
     # R (the decay ratios below the diagonal, 0 on and above), KKᵀ and (I + A)⁻¹
     kk = tl.dot(k, tl.trans(k), input_precision=PRECISION, out_dtype=DTYPE)
     rows = rt[:, None]
     ratio = tl.where(rows > rt[None, :], tl.exp(b[:, None] - b[None, :]), 0.0)
-    a = beta[:, None] * ratio * kk
-    # row i of the inverse is e_i − Σ_{j<i} A_ij (row j), rows above i final already
-    inverse = (rows == rt[None, :]).to(DTYPE)
-    chunk = tl.program_id(0).to(tl.int64)
-    for i in range(1, T):
-        if ROWS_FROM_KEYS:  # A's row i from k_i, indexed as the inverse's rows are
-            k_i = tl.load(k_ptr + (chunk * T + i) * DK + tl.arange(0, DK))
-            b_i = tl.load(b_ptr + chunk * T + i)
-            a_i = tl.where(rt < i, tl.load(beta_ptr + chunk * T + i) * tl.exp(b_i - b)
-                           * tl.sum(k * k_i[None, :], 1), 0.0)
-        else:
-            a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
-        inverse = tl.where(rows == i, inverse - tl.sum(a_i[:, None] * inverse, 0)[None, :],
-                           inverse)
+    if INVERSE == 2:
+        inverse = _block_inverse(k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK, DTYPE)
+    else:
+        a = beta[:, None] * ratio * kk
+        # row i of the inverse is e_i − Σ_{j<i} A_ij (row j), rows above i final already
+        inverse = (rows == rt[None, :]).to(DTYPE)
+        chunk = tl.program_id(0).to(tl.int64)
+        for i in range(1, T):
+            if INVERSE == 1:  # A's row i from k_i, indexed as the inverse's rows are
+                k_i = tl.load(k_ptr + (chunk * T + i) * DK + tl.arange(0, DK))
+                b_i = tl.load(b_ptr + chunk * T + i)
+                a_i = tl.where(rt < i, tl.load(beta_ptr + chunk * T + i) * tl.exp(b_i - b)
+                               * tl.sum(k * k_i[None, :], 1), 0.0)
+            else:
+                a_i = tl.sum(tl.where(rows == i, a, 0.0), 0)
+            inverse = tl.where(rows == i,
+                               inverse - tl.sum(a_i[:, None] * inverse, 0)[None, :], inverse)
     return ratio, kk, inverse
 
 
 @triton.jit
-def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, T: tl.constexpr,
+def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr, ROWS_FROM_KEYS: tl.constexpr):
+                    WIDE: tl.constexpr, INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
     k = tl.load(k_ptr + tk)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
-    _, _, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T, DK, PRECISION, DTYPE,
-                               ROWS_FROM_KEYS)
+    _, _, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
+                               PRECISION, DTYPE, INVERSE)
     v = tl.load(v_ptr + tv).to(DTYPE)
     tl.store(u0_ptr + tv, tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION,
                                  out_dtype=DTYPE))
@@ -65,16 +111,16 @@ def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, T: tl.constexp
 
 @triton.jit
 def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
-                     db_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                     db_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                     ROWS_FROM_KEYS: tl.constexpr):
+                     INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
     k = tl.load(k_ptr + tk)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
-    ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, T, DK, PRECISION, DTYPE,
-                               ROWS_FROM_KEYS)
+    ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
+                               PRECISION, DTYPE, INVERSE)
     v = tl.load(v_ptr + tv).to(DTYPE)
     gamma = tl.exp(b)
     d_rv = tl.dot(tl.trans(inverse), tl.load(du0_ptr + tv), input_precision=PRECISION,
@@ -119,8 +165,9 @@ def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tens
     grid, wide, warps = _launch(k, dv)
     u0 = v.new_empty(v.shape, dtype=k.dtype)
     p = torch.empty_like(k)
-    _forward_kernel[grid](k, v, beta, b, u0, p, T=t, DK=dk, DV=dv, PRECISION=precision,
-                          WIDE=wide, ROWS_FROM_KEYS=False, num_warps=warps)
+    scratch = k.new_empty(grid[0], t, t)
+    _forward_kernel[grid](k, v, beta, b, u0, p, scratch, T=t, DK=dk, DV=dv, PRECISION=precision,
+                          WIDE=wide, INVERSE=0, num_warps=warps)
     return u0, p
 
 
@@ -139,8 +186,9 @@ def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Ten
     grid, wide, warps = _launch(k, dv)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
     # A's rows from the keys here, extracted forward: each the faster way (solve_kernel_timing)
-    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db, T=t, DK=dk, DV=dv,
-                           PRECISION=precision, WIDE=wide, ROWS_FROM_KEYS=True,
+    scratch = k.new_empty(grid[0], t, t)
+    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db, scratch, T=t, DK=dk, DV=dv,
+                           PRECISION=precision, WIDE=wide, INVERSE=1,
                            num_warps=warps)
     return dk_, dv_, dbeta, db
 

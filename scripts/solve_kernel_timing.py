@@ -23,7 +23,6 @@ from muse.measure.timing import time_with_peak
 from muse.ops.delta_states import solve
 from muse.ops.delta_states.reference import chunk_solve_reference
 
-
 INVERSES = ("rows extracted", "rows from keys", "16-row blocks")
 
 

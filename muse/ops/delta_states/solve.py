@@ -1,6 +1,7 @@
 """Each chunk's solve (reference.chunk_solve_reference) in one Triton launch forward and one
 backward: a program owns one chunk, forms A from its keys, β and decays, inverts I + A by
-forward substitution in registers and applies the inverse to both right-hand sides. Only the
+forward substitution in registers (row by row, or in 16-row blocks joined by products: INVERSE)
+and applies the inverse to both right-hand sides. Only the
 inputs are kept for backward: KKᵀ, the decay ratios, A and (I + A)⁻¹ (each (T × T) float32 a
 chunk, and all four kept by the batched PyTorch form) are formed again there.
 
@@ -169,10 +170,21 @@ def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_
     tl.store(dk_ptr + tk, dk)
 
 
+# how each launch forms (I + A)⁻¹ (_system's INVERSE: 0 rows of A extracted from its tile, 1
+# formed from the keys, 2 in 16-row blocks), forward and backward: the fastest measured on an
+# H200 (scripts/solve_kernel_timing.py); 2 is not measured in its all-blocks-at-once form yet
+INVERSE = (0, 1)
+
+
+def _scratch(k: torch.Tensor, inverse: int) -> torch.Tensor:
+    seqs, m, t, _ = k.shape
+    return k.new_empty(seqs * m, t, t) if inverse == 2 else k.new_empty(1)
+
+
 def _launch(k: torch.Tensor, dv: int):
     if k.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"chunk_solve_triton runs in float32 or float64, got {k.dtype}")
-    seqs, m, t, _ = k.shape
+    seqs, m = k.shape[:2]
     # 4 warps: the substitution's reductions cross fewer warps (faster at 64/64/64 on an H200
     # than 8, both ways)
     return (seqs * m,), k.dtype == torch.float64, 4
@@ -188,9 +200,8 @@ def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tens
     grid, wide, warps = _launch(k, dv)
     u0 = v.new_empty(v.shape, dtype=k.dtype)
     p = torch.empty_like(k)
-    scratch = k.new_empty(grid[0], t, t)
-    _forward_kernel[grid](k, v, beta, b, u0, p, scratch, T=t, DK=dk, DV=dv, PRECISION=precision,
-                          WIDE=wide, INVERSE=2, num_warps=warps)
+    _forward_kernel[grid](k, v, beta, b, u0, p, _scratch(k, INVERSE[0]), T=t, DK=dk, DV=dv,
+                          PRECISION=precision, WIDE=wide, INVERSE=INVERSE[0], num_warps=warps)
     return u0, p
 
 
@@ -208,11 +219,9 @@ def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Ten
     dv = v.shape[-1]
     grid, wide, warps = _launch(k, dv)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
-    # A's rows from the keys here, extracted forward: each the faster way (solve_kernel_timing)
-    scratch = k.new_empty(grid[0], t, t)
-    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db, scratch, T=t, DK=dk, DV=dv,
-                           PRECISION=precision, WIDE=wide, INVERSE=2,
-                           num_warps=warps)
+    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
+                           _scratch(k, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
+                           WIDE=wide, INVERSE=INVERSE[1], num_warps=warps)
     return dk_, dv_, dbeta, db
 
 

@@ -116,17 +116,26 @@ def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr, INVERSE: tl.constexpr):
-    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+def _chunk_system(k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr,
+                  DV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                  INVERSE: tl.constexpr):
+    # this program's chunk: its offsets, inputs (v cast up) and _system
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
     k = tl.load(k_ptr + tk)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
-    _, _, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
-                               PRECISION, DTYPE, INVERSE)
-    v = tl.load(v_ptr + tv).to(DTYPE)
+    ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
+                                 PRECISION, DTYPE, INVERSE)
+    return tk, tv, tb, k, tl.load(v_ptr + tv).to(DTYPE), beta, b, ratio, kk, inverse
+
+
+@triton.jit
+def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+                    WIDE: tl.constexpr, INVERSE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    tk, tv, _, k, v, beta, b, _, _, inverse = _chunk_system(
+        k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK, DV, PRECISION, DTYPE, INVERSE)
     tl.store(u0_ptr + tv, tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION,
                                  out_dtype=DTYPE))
     tl.store(p_ptr + tk, tl.dot(inverse, (beta * tl.exp(b))[:, None] * k,
@@ -139,13 +148,8 @@ def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_
                      PRECISION: tl.constexpr, WIDE: tl.constexpr,
                      INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
-    tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
-    k = tl.load(k_ptr + tk)
-    beta = tl.load(beta_ptr + tb)
-    b = tl.load(b_ptr + tb)
-    ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
-                               PRECISION, DTYPE, INVERSE)
-    v = tl.load(v_ptr + tv).to(DTYPE)
+    tk, tv, tb, k, v, beta, b, ratio, kk, inverse = _chunk_system(
+        k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK, DV, PRECISION, DTYPE, INVERSE)
     gamma = tl.exp(b)
     d_rv = tl.dot(tl.trans(inverse), tl.load(du0_ptr + tv), input_precision=PRECISION,
                   out_dtype=DTYPE)

@@ -174,9 +174,9 @@ def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_
     tl.store(dk_ptr + tk, dk)
 
 
-# how each launch forms (I + A)⁻¹ (_system's INVERSE: 0 rows of A extracted from its tile, 1
-# formed from the keys, 2 in 16-row blocks), forward and backward: the fastest measured on an
-# H200 (scripts/solve_kernel_timing.py); 2 is not measured in its all-blocks-at-once form yet
+# how each launch forms (I + A)⁻¹, forward and backward (_system's INVERSE: 0 A's rows
+# extracted from its tile, 1 formed from the keys, 2 in 16-row blocks): the faster form each
+# way by scripts/solve_kernel_timing.py
 INVERSE = (0, 1)
 
 
@@ -185,12 +185,11 @@ def _scratch(k: torch.Tensor, inverse: int) -> torch.Tensor:
     return k.new_empty(seqs * m, t, t) if inverse == 2 else k.new_empty(1)
 
 
-def _launch(k: torch.Tensor, dv: int):
+def _launch(k: torch.Tensor):
     if k.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"chunk_solve_triton runs in float32 or float64, got {k.dtype}")
     seqs, m = k.shape[:2]
-    # 4 warps: the substitution's reductions cross fewer warps (faster at 64/64/64 on an H200
-    # than 8, both ways)
+    # 4 warps: each substitution step's reductions then cross fewer warps
     return (seqs * m,), k.dtype == torch.float64, 4
 
 
@@ -201,7 +200,7 @@ def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tens
     """Every input contiguous → (u0, p) in k's dtype."""
     _, _, t, dk = k.shape
     dv = v.shape[-1]
-    grid, wide, warps = _launch(k, dv)
+    grid, wide, warps = _launch(k)
     u0 = v.new_empty(v.shape, dtype=k.dtype)
     p = torch.empty_like(k)
     _forward_kernel[grid](k, v, beta, b, u0, p, _scratch(k, INVERSE[0]), T=t, DK=dk, DV=dv,
@@ -221,7 +220,7 @@ def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Ten
     """Every input contiguous → the gradients of k, v (in v's dtype), beta and b."""
     _, _, t, dk = k.shape
     dv = v.shape[-1]
-    grid, wide, warps = _launch(k, dv)
+    grid, wide, warps = _launch(k)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
     _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
                            _scratch(k, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,

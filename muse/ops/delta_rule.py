@@ -76,19 +76,22 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
     # q and k laid out (B, H, N, D) once: a head slice of the (B, N, H, D) projections kept its
     # strides through `.to`, and every batched product then made (and autograd kept) a
     # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
-    # it, and that keeps v in its own dtype (a view of the projections, kept anyway)
+    # it, and that keeps v in its own dtype (a view of the projections, kept anyway). The
+    # Triton kernels read q and k in their own dtype too (bf16 under autocast), cast up
     acc = torch.promote_types(q.dtype, torch.float32)
-    return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
+    triton = _use_triton(states, q, acc, chunk, v.shape[-1])
+    return _chunked(*(t.to(q.dtype if triton else acc, memory_format=torch.contiguous_format)
+                      for t in (q, k)), v,
                     *(t.to(acc) for t in (log_decay, beta)),
-                    None if state is None else state.to(acc), chunk, states)
+                    None if state is None else state.to(acc), chunk, triton)
 
 
-def _use_triton(states: str, q: torch.Tensor, chunk: int, dv: int) -> bool:
+def _use_triton(states: str, q: torch.Tensor, acc: torch.dtype, chunk: int, dv: int) -> bool:
     if states != "auto":
         return states == "triton"
     # the kernel's sequential products beat the two-level walk only on tensor cores (TF32);
     # in exact float32 it is the slower
-    if not (q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
+    if not (q.is_cuda and acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
         return False
     from muse.ops.delta_states.triton import supported  # triton is optional off CUDA
 
@@ -113,27 +116,27 @@ def decay_ratios(b):
     return torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
 
 
-def _chunked(q, k, v, log_decay, beta, state, chunk, states):
+def _chunked(q, k, v, log_decay, beta, state, chunk, triton):
     bsz, heads, n, dk = q.shape
     dv = v.shape[-1]
     m = -(-n // chunk)
     qc, kc, vc, bc, b = chunk_layout(q, k, v, log_decay, beta, chunk)
-    tail_decay = torch.exp(b[..., -1:] - b)[..., None].to(kc.dtype)  # tail: k_j γ_T/γ_j
-    through = torch.exp(b[..., -1]).to(qc.dtype)[..., None, None]  # γ_T per chunk
-    w = q.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
-    if _use_triton(states, q, chunk, dv):
+    w = b.new_zeros(bsz * heads, dk, dv) if state is None else state.reshape(-1, dk, dv)
+    if triton:
         from muse.ops.delta_states.readout import chunk_readout_triton
         from muse.ops.delta_states.solve import chunk_solve_triton
         from muse.ops.delta_states.triton import delta_walk_triton
 
-        # each launch forms its chunk's (T × T) blocks in registers: none is kept
-        u0, p = chunk_solve_triton(*(x.flatten(0, 1) for x in (kc, vc, bc[..., 0], b)))
-        entering, fresh, w = delta_walk_triton(p, u0, (tail_decay * kc).flatten(0, 1),
-                                               through[..., 0, 0].flatten(0, 1), w)
-        y = chunk_readout_triton(*(x.flatten(0, 1) for x in (qc, kc)), fresh, entering,
-                                 b.flatten(0, 1))
+        # each launch forms its chunk's (T × T) blocks, decayed keys and ratios in registers:
+        # none is kept
+        kc, b = kc.flatten(0, 1), b.flatten(0, 1)
+        u0, p = chunk_solve_triton(kc, vc.flatten(0, 1), bc[..., 0].flatten(0, 1), b)
+        entering, fresh, w = delta_walk_triton(p, u0, kc, b, w)
+        y = chunk_readout_triton(qc.flatten(0, 1), kc, fresh, entering, b)
         return (y.view(bsz, heads, m * chunk, dv)[:, :, :n],
                 w.view(bsz, heads, dk, dv))
+    tail_decay = torch.exp(b[..., -1:] - b)[..., None]  # tail: k_j γ_T/γ_j
+    through = torch.exp(b[..., -1])[..., None, None]  # γ_T per chunk
     ratio = decay_ratios(b).to(qc.dtype)
     # elementwise chains formed again in backward: their (T × T) and float32 intermediates
     # are not kept

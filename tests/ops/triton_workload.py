@@ -42,17 +42,19 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         after_each(f"complex scan {n}")
         m = -(-n // 16)  # chunks of 16 tokens; two column blocks of the state
         walk = [torch.randn(2, m, 16, 16) / 4, torch.randn(2, m, 16, 32),
-                torch.randn(2, m, 16, 16) / 4, torch.rand(2, m), torch.randn(2, 16, 32)]
+                torch.nn.functional.normalize(torch.randn(2, m, 16, 16), dim=-1).bfloat16(),
+                torch.cumsum(-torch.rand(2, m, 16) / 8, dim=-1), torch.randn(2, 16, 32)]
         walk = [x.requires_grad_() for x in walk]
         sum(x.sum() for x in delta_walk_triton(*walk, block_v=16)).backward()
         after_each(f"delta walk {n}")
-        readout = [torch.randn(2, m, 16, 16), torch.randn(2, m, 16, 16),
+        # q, k (and the solve's v) in bfloat16, as the Hebbian layer hands them over under
+        # autocast
+        readout = [torch.randn(2, m, 16, 16).bfloat16(), torch.randn(2, m, 16, 16).bfloat16(),
                    torch.randn(2, m, 16, 32), torch.randn(2, m, 16, 32),
                    torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
         chunk_readout_triton(*(x.requires_grad_() for x in readout)).sum().backward()
         after_each(f"delta readout {n}")
-        # v in bfloat16, as the Hebbian layer hands it over under autocast
-        solve = [torch.nn.functional.normalize(torch.randn(2, m, 16, 32), dim=-1),
+        solve = [torch.nn.functional.normalize(torch.randn(2, m, 16, 32), dim=-1).bfloat16(),
                  torch.randn(2, m, 16, 16).bfloat16(), torch.rand(2, m, 16),
                  torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
         sum(x.sum() for x in chunk_solve_triton(*(x.requires_grad_() for x in solve))).backward()

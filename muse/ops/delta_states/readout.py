@@ -43,10 +43,10 @@ def _forward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.c
                     WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, kv, tb, rt = _chunk_tiles(T, DK, DV)
-    q = tl.load(q_ptr + tk)
+    q = tl.load(q_ptr + tk).to(DTYPE)
     b = tl.load(b_ptr + tb)
-    scores = _ratio(b, rt) * tl.dot(q, tl.trans(tl.load(k_ptr + tk)), input_precision=PRECISION,
-                                    out_dtype=DTYPE)
+    k = tl.load(k_ptr + tk).to(DTYPE)
+    scores = _ratio(b, rt) * tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DTYPE)
     y = tl.exp(b)[:, None] * tl.dot(q, tl.load(entering_ptr + kv), input_precision=PRECISION,
                                     out_dtype=DTYPE)
     y += tl.dot(scores, tl.load(fresh_ptr + tv), input_precision=PRECISION, out_dtype=DTYPE)
@@ -59,8 +59,8 @@ def _backward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_pt
                      DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, kv, tb, rt = _chunk_tiles(T, DK, DV)
-    q = tl.load(q_ptr + tk)
-    k = tl.load(k_ptr + tk)
+    q = tl.load(q_ptr + tk).to(DTYPE)
+    k = tl.load(k_ptr + tk).to(DTYPE)
     v = tl.load(fresh_ptr + tv)
     w = tl.load(entering_ptr + kv)
     b = tl.load(b_ptr + tb)
@@ -84,12 +84,14 @@ def _backward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_pt
     tl.store(db_ptr + tb, db)
 
 
-def _launch(q: torch.Tensor, dv: int):
-    if q.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"chunk_readout_triton runs in float32 or float64, got {q.dtype}")
+def _launch(q: torch.Tensor, fresh: torch.Tensor):
+    if fresh.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"chunk_readout_triton runs in float32 or float64 (fresh's dtype), "
+                         f"got {fresh.dtype}")
     seqs, m, t, dk = q.shape
     # a (T × T) block and five (T × D) tiles live at once in backward: more warps hold them
-    return (seqs * m,), q.dtype == torch.float64, 8 if t * max(dk, dv) >= 4096 else 4
+    warps = 8 if t * max(dk, fresh.shape[-1]) >= 4096 else 4
+    return (seqs * m,), fresh.dtype == torch.float64, warps
 
 
 # custom ops, as the walk's (triton.py): a compiled step stays one graph
@@ -99,7 +101,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: to
     """Every input contiguous → y (S, M, T, Dv)."""
     _, _, t, dk = q.shape
     dv = fresh.shape[-1]
-    grid, wide, warps = _launch(q, dv)
+    grid, wide, warps = _launch(q, fresh)
     y = torch.empty_like(fresh)
     _forward_kernel[grid](q, k, fresh, entering, b, y, T=t, DK=dk, DV=dv, PRECISION=precision,
                           WIDE=wide, num_warps=warps)
@@ -119,7 +121,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: t
     """Every input contiguous → the gradients of q, k, fresh, entering and b."""
     _, _, t, dk = q.shape
     dv = fresh.shape[-1]
-    grid, wide, warps = _launch(q, dv)
+    grid, wide, warps = _launch(q, fresh)
     dq, dk_, dfresh, dentering, db = (torch.empty_like(x) for x in (q, k, fresh, entering, b))
     _backward_kernel[grid](q, k, fresh, entering, b, dy, dq, dk_, dfresh, dentering, db, T=t,
                            DK=dk, DV=dv, PRECISION=precision, WIDE=wide, num_warps=warps)
@@ -147,11 +149,13 @@ class _ChunkReadout(torch.autograd.Function):
 
 
 def chunk_readout_triton(q, k, fresh, entering, b):
-    """reference.chunk_readout_reference's contract on CUDA (or under TRITON_INTERPRET=1), in
-    float32 or float64; T, D_k and D_v in (16, 32, 64, 128)."""
+    """reference.chunk_readout_reference's contract on CUDA (or under TRITON_INTERPRET=1): fresh,
+    entering and b in float32 or float64, the dtype it computes and returns in; q and k in any
+    float dtype, cast up as they are read (their gradients in their own); T, D_k and D_v in
+    (16, 32, 64, 128)."""
     check_readout_shapes(q, k, fresh, entering, b)
     t, dk, dv = q.shape[2], q.shape[3], fresh.shape[3]
     if not supported(t, dk, dv):
         raise ValueError(f"chunk_readout_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
                          f"{t}, {dk}, {dv}")
-    return _ChunkReadout.apply(q, k, fresh, entering, b, _precision(q.dtype))
+    return _ChunkReadout.apply(q, k, fresh, entering, b, _precision(fresh.dtype))

@@ -2,7 +2,7 @@
 
 With each chunk's solve done (U₀, P: muse.ops.delta_rule), chunk c entered with state W_c
 holds the values V'_c = U₀ − P W_c and leaves W_{c+1} = γ_T W_c + K̃ᵀ V'_c (K̃: the keys
-decayed to the chunk's end). Only this is sequential; each chunk's output
+decayed to the chunk's end, γ_T = e^{b_T}). Only this is sequential; each chunk's output
 (γ ⊙ Q) W_c + (R ⊙ QKᵀ) V'_c is then one batched product over all chunks. The Triton kernels
 (triton.py) compute the same sums.
 """
@@ -18,21 +18,28 @@ def _check(what: str, layout: str, want: dict, got: dict) -> None:
                          + ", ".join(f"{name} {tuple(v.shape)}" for name, v in got.items()))
 
 
-def check_shapes(p, u0, kt, through, w):
+def check_shapes(p, u0, k, b, w):
     """Raise a ValueError naming every shape unless they form one walk."""
     seqs, m, t, dk = p.shape
     dv = u0.shape[-1]
-    _check("delta_walk", "p, kt (S, M, T, Dk), u0 (S, M, T, Dv), through (S, M) and w (S, Dk, Dv)",
-           dict(p=(seqs, m, t, dk), u0=(seqs, m, t, dv), kt=(seqs, m, t, dk), through=(seqs, m),
+    _check("delta_walk", "p, k (S, M, T, Dk), u0 (S, M, T, Dv), b (S, M, T) and w (S, Dk, Dv)",
+           dict(p=(seqs, m, t, dk), u0=(seqs, m, t, dv), k=(seqs, m, t, dk), b=(seqs, m, t),
                 w=(seqs, dk, dv)),
-           dict(p=p, u0=u0, kt=kt, through=through, w=w))
+           dict(p=p, u0=u0, k=k, b=b, w=w))
 
 
-def delta_walk_reference(p, u0, kt, through, w):
-    """p, K̃ = kt (S, M, T, Dk); u0 (S, M, T, Dv); through γ_T (S, M); w the state entering
-    the first chunk (S, Dk, Dv) → (the state entering each chunk (S, M, Dk, Dv), each chunk's
-    V' (S, M, T, Dv), the state after the last chunk)."""
-    check_shapes(p, u0, kt, through, w)
+def tail_keys(k, b):
+    """K̃ = the keys decayed to their chunk's end, k_t e^{b_T − b_t}, in b's dtype, and γ_T =
+    e^{b_T} (S, M): the walk's two uses of the keys and decays."""
+    return k.to(b.dtype) * torch.exp(b[..., -1:] - b)[..., None], torch.exp(b[..., -1])
+
+
+def delta_walk_reference(p, u0, k, b, w):
+    """p, k (S, M, T, Dk); u0 (S, M, T, Dv); b the chunk's cumulative log-decays (S, M, T); w
+    the state entering the first chunk (S, Dk, Dv) → (the state entering each chunk (S, M, Dk,
+    Dv), each chunk's V' (S, M, T, Dv), the state after the last chunk)."""
+    check_shapes(p, u0, k, b, w)
+    kt, through = tail_keys(k, b)
     entering, fresh = [], []
     for c in range(p.shape[1]):
         entering.append(w)
@@ -55,8 +62,10 @@ def check_readout_shapes(q, k, fresh, entering, b):
 def chunk_readout_reference(q, k, fresh, entering, b):
     """Each chunk's output (γ ⊙ Q) W_c + (R ⊙ QKᵀ) V'_c: q, k (S, M, T, Dk), fresh V'
     (S, M, T, Dv), entering W_c (S, M, Dk, Dv), b the chunk's cumulative log-decays (S, M, T),
-    γ_t = e^{b_t}, R_tj = e^{b_t − b_j} for j ≤ t and 0 above → (S, M, T, Dv)."""
+    γ_t = e^{b_t}, R_tj = e^{b_t − b_j} for j ≤ t and 0 above → (S, M, T, Dv), in fresh's dtype
+    (q and k cast up to it)."""
     check_readout_shapes(q, k, fresh, entering, b)
+    q, k = q.to(fresh.dtype), k.to(fresh.dtype)
     t = q.shape[2]
     above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     ratio = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(above, -torch.inf))
@@ -75,13 +84,15 @@ def check_solve_shapes(k, v, beta, b):
 def chunk_solve_reference(k, v, beta, b):
     """Each chunk's U₀ = (I + A)⁻¹ diag(β) V and P = (I + A)⁻¹ diag(βγ) K (muse.ops.delta_rule),
     A_tj = β_t e^{b_t − b_j} k_t·k_j below the diagonal: k (S, M, T, Dk), v (S, M, T, Dv), beta
-    and b the chunk's cumulative log-decays (S, M, T) → (u0, p), in k's dtype."""
+    and b the chunk's cumulative log-decays (S, M, T) → (u0, p), in b's dtype (k and v cast up
+    to it)."""
     check_solve_shapes(k, v, beta, b)
+    k = k.to(b.dtype)
     t = k.shape[2]
     below = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(-1)
     log_ratio = (b[..., :, None] - b[..., None, :]).masked_fill(~below, -torch.inf)
     a = beta[..., None] * torch.exp(log_ratio) * (k @ k.transpose(-1, -2))
     eye = torch.eye(t, dtype=k.dtype, device=k.device)
-    rhs = torch.cat((beta[..., None] * v.to(k.dtype), (beta * torch.exp(b))[..., None] * k), -1)
+    rhs = torch.cat((beta[..., None] * v.to(b.dtype), (beta * torch.exp(b))[..., None] * k), -1)
     x = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
     return x[..., :v.shape[-1]], x[..., v.shape[-1]:]

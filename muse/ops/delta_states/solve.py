@@ -32,7 +32,7 @@ def _diagonal_inverses(k_ptr, beta_ptr, b_ptr, square, T: tl.constexpr, DK: tl.c
     rb = tl.arange(0, NB)
     r16 = tl.arange(0, 16)
     tb = chunk * T + rb[:, None] * 16 + r16[None, :]  # (NB, 16)
-    k3 = tl.load(k_ptr + tb[:, :, None] * DK + tl.arange(0, DK)[None, None, :])
+    k3 = tl.load(k_ptr + tb[:, :, None] * DK + tl.arange(0, DK)[None, None, :]).to(DTYPE)
     beta3 = tl.load(beta_ptr + tb)
     b3 = tl.load(b_ptr + tb)
     rows = r16[None, :, None]
@@ -64,7 +64,7 @@ def _block_inverse(k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, DK: tl.
     tl.debug_barrier()  # the diagonal blocks are read by other threads than wrote them
     for i_block in tl.static_range(T // 16):
         ri = chunk * T + i_block * 16 + r16
-        k_i = tl.load(k_ptr + ri[:, None] * DK + rk[None, :])
+        k_i = tl.load(k_ptr + ri[:, None] * DK + rk[None, :]).to(DTYPE)
         beta_i = tl.load(beta_ptr + ri)
         b_i = tl.load(b_ptr + ri)
         block_rows = square + (i_block * 16 + rows) * T
@@ -73,9 +73,9 @@ def _block_inverse(k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, DK: tl.
             acc = tl.zeros((16, 16), DTYPE)
             for l_block in tl.static_range(j_block, i_block):
                 rl = chunk * T + l_block * 16 + r16
+                k_l = tl.load(k_ptr + rl[:, None] * DK + rk[None, :]).to(DTYPE)
                 a_il = beta_i[:, None] * tl.exp(b_i[:, None] - tl.load(b_ptr + rl)[None, :]) \
-                    * tl.dot(k_i, tl.trans(tl.load(k_ptr + rl[:, None] * DK + rk[None, :])),
-                             input_precision="ieee", out_dtype=DTYPE)
+                    * tl.dot(k_i, tl.trans(k_l), input_precision="ieee", out_dtype=DTYPE)
                 x_lj = tl.load(square + (l_block * 16 + rows) * T + j_block * 16 + r16[None, :])
                 acc += tl.dot(a_il, x_lj, input_precision="ieee", out_dtype=DTYPE)
             tl.store(block_rows + j_block * 16 + r16[None, :],
@@ -104,7 +104,7 @@ def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr
         chunk = tl.program_id(0).to(tl.int64)
         for i in range(1, T):
             if INVERSE == 1:  # A's row i from k_i, indexed as the inverse's rows are
-                k_i = tl.load(k_ptr + (chunk * T + i) * DK + tl.arange(0, DK))
+                k_i = tl.load(k_ptr + (chunk * T + i) * DK + tl.arange(0, DK)).to(DTYPE)
                 b_i = tl.load(b_ptr + chunk * T + i)
                 a_i = tl.where(rt < i, tl.load(beta_ptr + chunk * T + i) * tl.exp(b_i - b)
                                * tl.sum(k * k_i[None, :], 1), 0.0)
@@ -119,9 +119,9 @@ def _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr
 def _chunk_system(k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                   INVERSE: tl.constexpr):
-    # this program's chunk: its offsets, inputs (v cast up) and _system
+    # this program's chunk: its offsets, inputs (k and v cast up) and _system
     tk, tv, _, tb, rt = _chunk_tiles(T, DK, DV)
-    k = tl.load(k_ptr + tk)
+    k = tl.load(k_ptr + tk).to(DTYPE)
     beta = tl.load(beta_ptr + tb)
     b = tl.load(b_ptr + tb)
     ratio, kk, inverse = _system(k, beta, b, rt, k_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK,
@@ -180,50 +180,51 @@ def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_
 INVERSE = (0, 1)
 
 
-def _scratch(k: torch.Tensor, inverse: int) -> torch.Tensor:
+def _scratch(k: torch.Tensor, b: torch.Tensor, inverse: int) -> torch.Tensor:
     seqs, m, t, _ = k.shape
-    return k.new_empty(seqs * m, t, t) if inverse == 2 else k.new_empty(1)
+    return b.new_empty(seqs * m, t, t) if inverse == 2 else b.new_empty(1)
 
 
-def _launch(k: torch.Tensor):
-    if k.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"chunk_solve_triton runs in float32 or float64, got {k.dtype}")
+def _launch(k: torch.Tensor, b: torch.Tensor):
+    if b.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"chunk_solve_triton runs in float32 or float64 (b's dtype), got "
+                         f"{b.dtype}")
     seqs, m = k.shape[:2]
     # 4 warps: each substitution step's reductions then cross fewer warps
-    return (seqs * m,), k.dtype == torch.float64, 4
+    return (seqs * m,), b.dtype == torch.float64, 4
 
 
 # custom ops, as the walk's (triton.py): a compiled step stays one graph
 @torch.library.custom_op("muse::delta_solve_forward", mutates_args=())
 def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tensor,
              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every input contiguous → (u0, p) in k's dtype."""
+    """Every input contiguous → (u0, p) in b's dtype."""
     _, _, t, dk = k.shape
     dv = v.shape[-1]
-    grid, wide, warps = _launch(k)
-    u0 = v.new_empty(v.shape, dtype=k.dtype)
-    p = torch.empty_like(k)
-    _forward_kernel[grid](k, v, beta, b, u0, p, _scratch(k, INVERSE[0]), T=t, DK=dk, DV=dv,
+    grid, wide, warps = _launch(k, b)
+    u0 = v.new_empty(v.shape, dtype=b.dtype)
+    p = k.new_empty(k.shape, dtype=b.dtype)
+    _forward_kernel[grid](k, v, beta, b, u0, p, _scratch(k, b, INVERSE[0]), T=t, DK=dk, DV=dv,
                           PRECISION=precision, WIDE=wide, INVERSE=INVERSE[0], num_warps=warps)
     return u0, p
 
 
 @_forward.register_fake
 def _(k, v, beta, b, precision):
-    return v.new_empty(v.shape, dtype=k.dtype), k.new_empty(k.shape)
+    return v.new_empty(v.shape, dtype=b.dtype), k.new_empty(k.shape, dtype=b.dtype)
 
 
 @torch.library.custom_op("muse::delta_solve_backward", mutates_args=())
 def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tensor,
               du0: torch.Tensor, dp: torch.Tensor,
               precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every input contiguous → the gradients of k, v (in v's dtype), beta and b."""
+    """Every input contiguous → the gradients of k, v, beta and b, each in its input's dtype."""
     _, _, t, dk = k.shape
     dv = v.shape[-1]
-    grid, wide, warps = _launch(k)
+    grid, wide, warps = _launch(k, b)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
     _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
-                           _scratch(k, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
+                           _scratch(k, b, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
                            WIDE=wide, INVERSE=INVERSE[1], num_warps=warps)
     return dk_, dv_, dbeta, db
 
@@ -249,12 +250,13 @@ class _ChunkSolve(torch.autograd.Function):
 
 
 def chunk_solve_triton(k, v, beta, b):
-    """reference.chunk_solve_reference's contract on CUDA (or under TRITON_INTERPRET=1): k,
-    beta and b in float32 or float64 (v in any float dtype, cast up as it is read); T, D_k and
-    D_v in (16, 32, 64, 128)."""
+    """reference.chunk_solve_reference's contract on CUDA (or under TRITON_INTERPRET=1): beta
+    and b in float32 or float64, the dtype it computes and returns in; k and v in any float
+    dtype, cast up as they are read (their gradients in their own); T, D_k and D_v in (16, 32,
+    64, 128)."""
     check_solve_shapes(k, v, beta, b)
     t, dk, dv = k.shape[2], k.shape[3], v.shape[3]
     if not supported(t, dk, dv):
         raise ValueError(f"chunk_solve_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
                          f"{t}, {dk}, {dv}")
-    return _ChunkSolve.apply(k, v, beta, b, _precision(k.dtype))
+    return _ChunkSolve.apply(k, v, beta, b, _precision(b.dtype))

@@ -4,6 +4,8 @@ the state's value columns, keeps that block of W in registers and steps through 
 small products a chunk. Nothing of the (D_k × D_k) step maps of the two-level walk
 (muse.ops.affine_walk) exists, and every product that does not depend on the previous chunk
 (the read-out, the gradients of P and K̃) stays outside, one batched product over all chunks.
+K̃ and γ_T are formed from the keys (in their own dtype) and decays as each chunk is read:
+neither exists in memory nor is kept.
 
 Backward: with G_c the gradient reaching the state entering chunk c (G_M from the last state),
 V'_c's is E_c + K̃_c G_{c+1} (E_c: from the read-out) and G_c = (read-out's) + γ_T G_{c+1}
@@ -41,9 +43,17 @@ def _state(s, vb, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(p_ptr, u0_ptr, kt_ptr, through_ptr, w_ptr, entering_ptr, fresh_ptr,
-                    last_ptr, m, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    BV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+def _tail(k_ptr, b_ptr, tk, chunk, T: tl.constexpr, DTYPE: tl.constexpr):
+    # K̃ = k e^{b_T − b_t} (T × Dk) and γ_T = e^{b_T}: reference.tail_keys
+    b = tl.load(b_ptr + chunk * T + tl.arange(0, T))
+    b_last = tl.load(b_ptr + chunk * T + T - 1)
+    return tl.load(k_ptr + tk).to(DTYPE) * tl.exp(b_last - b)[:, None], tl.exp(b_last)
+
+
+@triton.jit
+def _forward_kernel(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr, last_ptr, m,
+                    T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                    PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
@@ -54,16 +64,17 @@ def _forward_kernel(p_ptr, u0_ptr, kt_ptr, through_ptr, w_ptr, entering_ptr, fre
         fresh = tl.load(u0_ptr + tv) - tl.dot(tl.load(p_ptr + tk), h,
                                               input_precision=PRECISION, out_dtype=DTYPE)
         tl.store(fresh_ptr + tv, fresh)
-        h = tl.load(through_ptr + s * m + c) * h + tl.dot(
-            tl.trans(tl.load(kt_ptr + tk)), fresh, input_precision=PRECISION, out_dtype=DTYPE)
+        kt, through = _tail(k_ptr, b_ptr, tk, s * m + c, T, DTYPE)
+        h = through * h + tl.dot(tl.trans(kt), fresh, input_precision=PRECISION,
+                                 out_dtype=DTYPE)
     tl.store(last_ptr + _state(s, vb, DK, DV, BV), h)
 
 
 @triton.jit
-def _backward_kernel(p_ptr, kt_ptr, through_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr,
-                     g_fresh_ptr, g_leaving_ptr, g_w_ptr, m, T: tl.constexpr,
-                     DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                     PRECISION: tl.constexpr, WIDE: tl.constexpr):
+def _backward_kernel(p_ptr, k_ptr, b_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr, g_fresh_ptr,
+                     g_leaving_ptr, g_w_ptr, m, T: tl.constexpr, DK: tl.constexpr,
+                     DV: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                     WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
@@ -72,10 +83,11 @@ def _backward_kernel(p_ptr, kt_ptr, through_ptr, d_entering_ptr, d_fresh_ptr, d_
         c = m - 1 - i
         tk, tv, kv = _tiles(s, c, m, vb, T, DK, DV, BV)
         tl.store(g_leaving_ptr + kv, g)
-        g_fresh = tl.load(d_fresh_ptr + tv) + tl.dot(tl.load(kt_ptr + tk), g,
-                                                     input_precision=PRECISION, out_dtype=DTYPE)
+        kt, through = _tail(k_ptr, b_ptr, tk, s * m + c, T, DTYPE)
+        g_fresh = tl.load(d_fresh_ptr + tv) + tl.dot(kt, g, input_precision=PRECISION,
+                                                     out_dtype=DTYPE)
         tl.store(g_fresh_ptr + tv, g_fresh)
-        g = tl.load(through_ptr + s * m + c) * g + tl.load(d_entering_ptr + kv) - tl.dot(
+        g = through * g + tl.load(d_entering_ptr + kv) - tl.dot(
             tl.trans(tl.load(p_ptr + tk)), g_fresh, input_precision=PRECISION, out_dtype=DTYPE)
     tl.store(g_w_ptr + _state(s, vb, DK, DV, BV), g)
 
@@ -101,7 +113,7 @@ def _launch(u0: torch.Tensor, block_v: int):
 # custom ops: torch.compile keeps each launch as one opaque node instead of tracing into
 # Triton, so a compiled step stays one graph
 @torch.library.custom_op("muse::delta_walk_forward", mutates_args=())
-def _forward(p: torch.Tensor, u0: torch.Tensor, kt: torch.Tensor, through: torch.Tensor,
+def _forward(p: torch.Tensor, u0: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
              w: torch.Tensor, block_v: int,
              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every input contiguous → (entering, fresh, last)."""
@@ -111,19 +123,19 @@ def _forward(p: torch.Tensor, u0: torch.Tensor, kt: torch.Tensor, through: torch
     entering = u0.new_empty(seqs, m, dk, dv)
     fresh = torch.empty_like(u0)
     last = torch.empty_like(w)
-    _forward_kernel[grid](p, u0, kt, through, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
+    _forward_kernel[grid](p, u0, k, b, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
                           BV=block_v, PRECISION=precision, WIDE=wide)
     return entering, fresh, last
 
 
 @_forward.register_fake
-def _(p, u0, kt, through, w, block_v, precision):
+def _(p, u0, k, b, w, block_v, precision):
     seqs, m, _, dk = p.shape
     return u0.new_empty(seqs, m, dk, u0.shape[-1]), u0.new_empty(u0.shape), w.new_empty(w.shape)
 
 
 @torch.library.custom_op("muse::delta_walk_backward", mutates_args=())
-def _backward(p: torch.Tensor, kt: torch.Tensor, through: torch.Tensor,
+def _backward(p: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
               d_entering: torch.Tensor, d_fresh: torch.Tensor, d_last: torch.Tensor,
               block_v: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every input contiguous → (the gradient reaching each V', the one reaching the state
@@ -134,45 +146,52 @@ def _backward(p: torch.Tensor, kt: torch.Tensor, through: torch.Tensor,
     g_fresh = torch.empty_like(d_fresh)
     g_leaving = torch.empty_like(d_entering)
     g_w = torch.empty_like(d_last)
-    _backward_kernel[grid](p, kt, through, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
+    _backward_kernel[grid](p, k, b, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
                            m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, WIDE=wide)
     return g_fresh, g_leaving, g_w
 
 
 @_backward.register_fake
-def _(p, kt, through, d_entering, d_fresh, d_last, block_v, precision):
+def _(p, k, b, d_entering, d_fresh, d_last, block_v, precision):
     return d_fresh.new_empty(d_fresh.shape), d_entering.new_empty(d_entering.shape), \
         d_last.new_empty(d_last.shape)
 
 
 class _DeltaWalk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, u0, kt, through, w, block_v, precision):
-        # the kernels index dense tensors: u0 and p arrive as slices of one solve
-        p, u0, kt, through, w = (x.contiguous() for x in (p, u0, kt, through, w))
-        entering, fresh, last = _forward(p, u0, kt, through, w, block_v, precision)
-        ctx.save_for_backward(p, kt, through, entering, fresh)
+    def forward(ctx, p, u0, k, b, w, block_v, precision):
+        # the kernels index dense tensors
+        p, u0, k, b, w = (x.contiguous() for x in (p, u0, k, b, w))
+        entering, fresh, last = _forward(p, u0, k, b, w, block_v, precision)
+        ctx.save_for_backward(p, k, b, entering, fresh)
         ctx.launch = (block_v, precision)
         return entering, fresh, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_entering, d_fresh, d_last):
-        p, kt, through, entering, fresh = ctx.saved_tensors
+        p, k, b, entering, fresh = ctx.saved_tensors
         g_fresh, g_leaving, g_w = _backward(
-            p, kt, through, d_entering.contiguous(), d_fresh.contiguous(), d_last.contiguous(),
+            p, k, b, d_entering.contiguous(), d_fresh.contiguous(), d_last.contiguous(),
             *ctx.launch)
         # what does not depend on the chunk before: one batched product over all chunks
         g_p = -(g_fresh @ entering.transpose(-1, -2))
         g_kt = fresh @ g_leaving.transpose(-1, -2)
         g_through = (g_leaving * entering).sum((-1, -2))
-        return g_p, g_fresh, g_kt, g_through, g_w, None, None
+        # through K̃ = k e^{b_T − b_t} and γ_T = e^{b_T} to k and b
+        tail = torch.exp(b[..., -1:] - b)
+        g_k = g_kt * tail[..., None]
+        g_tail = (g_kt * k).sum(-1) * tail
+        g_b = -g_tail
+        g_b[..., -1] += g_tail.sum(-1) + g_through * torch.exp(b[..., -1])
+        return g_p, g_fresh, g_k.to(k.dtype), g_b, g_w, None, None
 
 
-def delta_walk_triton(p, u0, kt, through, w, block_v: int | None = None):
+def delta_walk_triton(p, u0, k, b, w, block_v: int | None = None):
     """reference.delta_walk_reference's contract on CUDA (or under TRITON_INTERPRET=1), in
-    float32 or float64; `block_v` value columns a program (default min(D_v, 32))."""
-    check_shapes(p, u0, kt, through, w)
+    float32 or float64 (k in any float dtype, cast up as it is read, its gradient in its own);
+    `block_v` value columns a program (default min(D_v, 32))."""
+    check_shapes(p, u0, k, b, w)
     t, dk, dv = p.shape[2], p.shape[3], u0.shape[3]
     if not supported(t, dk, dv):
         raise ValueError(f"delta_walk_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
@@ -181,4 +200,4 @@ def delta_walk_triton(p, u0, kt, through, w, block_v: int | None = None):
     if block_v not in (16, 32, 64, 128) or dv % block_v:
         raise ValueError(f"block_v must be 16, 32, 64 or 128 and divide D_v = {dv}, got "
                          f"{block_v}")
-    return _DeltaWalk.apply(p, u0, kt, through, w, block_v, _precision(u0.dtype))
+    return _DeltaWalk.apply(p, u0, k, b, w, block_v, _precision(u0.dtype))

@@ -177,7 +177,7 @@ def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_
 # how each launch forms (I + A)⁻¹, forward and backward (_system's INVERSE: 0 A's rows
 # extracted from its tile, 1 formed from the keys, 2 in 16-row blocks): the faster form each
 # way by scripts/solve_kernel_timing.py
-INVERSE = (0, 1)
+INVERSE = (0, 2)
 
 
 def _scratch(k: torch.Tensor, b: torch.Tensor, inverse: int) -> torch.Tensor:

@@ -117,8 +117,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-tokens", type=int, default=131072)
-    p.add_argument("--tf32", action="store_true",
-                   help="CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig; "
+                        "--no-tf32: exact float32)")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args()
     steps = args.tokens // (args.seq * args.batch)
@@ -134,7 +135,8 @@ def main() -> None:
     sha = (git["sha"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
     head = (f"{steps} steps of {args.batch}×{args.seq} ({steps * args.batch * args.seq:,} "
             f"tokens) per run, lr {args.lr}, {args.dtype}, seeds {args.seeds}, tokenizer "
-            f"{args.tokenizer} on {Path(args.corpus).name}{', TF32 on' if args.tf32 else ''}; "
+            f"{args.tokenizer} on {Path(args.corpus).name}, "
+            f"{'TF32 on' if args.tf32 else 'exact float32'}; "
             f"{device} "
             f"({(env.get('gpu_names') or ['CPU'])[0]}), torch {env['torch']}, triton "
             f"{env['triton']}, commit {sha}. ΔPPL against "

@@ -10,6 +10,7 @@ and `record` fixtures.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import traceback
@@ -203,8 +204,10 @@ def add_perplexity_options(group) -> None:
     )
     group.addoption(
         "--train-tf32",
-        action="store_true",
-        help="perplexity: CUDA float32 matmuls may use TF32 in training and scoring",
+        action=argparse.BooleanOptionalAction,
+        default=q.tf32,
+        help="perplexity: CUDA float32 matmuls may use TF32 in training and scoring "
+        "(--no-train-tf32: exact float32)",
     )
     group.addoption(
         "--train-lr",

@@ -146,7 +146,7 @@ class QualitySettings:
     batch_size: int = 16
     lr: float = 1e-3  # peak; cosine to lr/10, warmup over the first 5% of steps
     dtype: str = "bf16"  # autocast of training and scoring
-    tf32: bool = False  # CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig)
+    tf32: bool = True  # CUDA float32 matmuls may use TF32 in training and scoring (TrainConfig)
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1)
     context: int | None = None  # scoring window; None: seq_len

@@ -107,8 +107,9 @@ class TrainConfig(StrictConfig):
     # shapes), what lifts a small batch off the launch overhead
     compile_mode: str = "default"
     # float32 matmuls on CUDA may use TF32 (cuBLAS; the delta rule's Triton pass): faster chunk
-    # products at ~1e-3 relative error. Off: exact float32, as PyTorch's default
-    tf32: bool = False
+    # products at ~1e-3 relative error, no perplexity cost at the gate's budget (reports/).
+    # False: exact float32, PyTorch's own default
+    tf32: bool = True
     loss_chunk: int = 0  # > 0: the loss's logits made this many positions at a time (layers.head)
     seed: int = 0
     eval_every: int = 100  # validation every K steps (and at the end); 0: only at the end

@@ -813,10 +813,12 @@ def test_a_missing_also_corpus_is_named(tmp_path):
 
 
 def test_the_gates_tf32_setting_reaches_its_runs_and_their_recipe(tmp_path):
-    settings = tiny_settings(tmp_path, tf32=True)
-    assert settings.train_config("transformer:tiny", 0, tmp_path / "run").tf32 is True
-    assert tiny_settings(tmp_path).train_config("transformer:tiny", 0, tmp_path).tf32 is False
-    assert settings.describe()["tf32"] is True
+    """TF32 on by default, as in training; off on request."""
+    settings = tiny_settings(tmp_path, tf32=False)
+    assert settings.train_config("transformer:tiny", 0, tmp_path / "run").tf32 is False
+    assert tiny_settings(tmp_path).train_config("transformer:tiny", 0, tmp_path).tf32 is True
+    assert TrainConfig(model="transformer:tiny").tf32 is True
+    assert settings.describe()["tf32"] is False
     old = {"config": {"batch_size": 4, "seq_len": 64, "grad_accum": 1}, "step": 2,
            "tokenizer": {"sha256": "t"}, "corpus": {"sha256": "c"}}
     assert muse.training.quality.checkpoint_recipe(old)["tf32"] is False

@@ -77,13 +77,13 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
     # strides through `.to`, and every batched product then made (and autograd kept) a
     # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
     # it, and that keeps v in its own dtype (a view of the projections, kept anyway). The
-    # Triton kernels read q and k in their own dtype too (bf16 under autocast), cast up
+    # Triton kernels could read q and k in bf16, but cast up inside them they ran slower on
+    # the H200 than from these float32 copies
     acc = torch.promote_types(q.dtype, torch.float32)
-    triton = _use_triton(states, q, acc, chunk, v.shape[-1])
-    return _chunked(*(t.to(q.dtype if triton else acc, memory_format=torch.contiguous_format)
-                      for t in (q, k)), v,
+    return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
                     *(t.to(acc) for t in (log_decay, beta)),
-                    None if state is None else state.to(acc), chunk, triton)
+                    None if state is None else state.to(acc), chunk,
+                    _use_triton(states, q, acc, chunk, v.shape[-1]))
 
 
 def _use_triton(states: str, q: torch.Tensor, acc: torch.dtype, chunk: int, dv: int) -> bool:

@@ -221,7 +221,7 @@ def generate(args: argparse.Namespace) -> int:
 def profile(args: argparse.Namespace) -> int:
 
     from muse import models
-    from muse.devices import resolve_device
+    from muse.devices import float32_matmuls, resolve_device
     from muse.measure.phases import dynamo_graphs, torch_dtype
     from muse.measure.profile import format_rows, profile_step
 
@@ -244,11 +244,12 @@ def profile(args: argparse.Namespace) -> int:
         raise MuseError(str(exc)) from None
     graphs_before = dynamo_graphs()
     try:
-        step_s, sublayers, kernels = profile_step(
-            model, args.seq, phase=phase, dtype=dtype, batch=batch, device=device,
-            tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
-            compiled=args.compile,
-        )
+        with float32_matmuls(args.tf32):
+            step_s, sublayers, kernels = profile_step(
+                model, args.seq, phase=phase, dtype=dtype, batch=batch, device=device,
+                tokens_per_step=args.tokens_per_step, loss_chunk=args.loss_chunk,
+                compiled=args.compile,
+            )
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not _out_of_memory(exc):
             raise
@@ -263,7 +264,8 @@ def profile(args: argparse.Namespace) -> int:
     else:
         what = f"{phase} seq {args.seq} batch {batch} {dtype_name}"
     how = "".join((f", loss chunk {args.loss_chunk}" if args.loss_chunk else "",
-                   f", torch.compile ({args.compile})" if args.compile else ""))
+                   f", torch.compile ({args.compile})" if args.compile else "",
+                   "" if device.type != "cuda" else ", TF32" if args.tf32 else ", exact float32"))
     print(f"{args.model} {what}{how} on {device}: {step_s * 1e3:.3f} ms per step (median of "
           "timed rounds)")
     if args.compile:
@@ -437,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("inductor", "aot_eager", "eager"), default=None,
                    help="the model under torch.compile with this backend (compiling untimed)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA float32 matmuls may use TF32, as training does by default "
+                   "(--no-tf32: exact float32)")
     p.add_argument("--rows", type=positive_int, default=20)
     p.set_defaults(func=profile)
     p = sub.add_parser("memory", help="peak device memory of a training step, split into "

@@ -18,12 +18,14 @@ source "$here/device_facts.sh"
 device_facts "bash scripts/device_delta_states.sh (COMPILED=${COMPILED:-0}, \
 STEPS_ONLY=${STEPS_ONLY:-0}, TF32=${TF32:-0})"
 tf32=(); [ "${TF32:-0}" = 1 ] && tf32=(--tf32)
+profile_tf32=(--no-tf32); [ "${TF32:-0}" = 1 ] && profile_tf32=()
 log="$OUT/log.txt"
 variants=(phase2:base 'phase2:base {"hebbian_states": "torch"}' transformer:base)
 if [ "${COMPILED:-0}" = 1 ]; then
   if [ "${PROFILE_LIMIT:-200}" != 0 ]; then  # 0: no profile (timeout 0 would not limit it)
     timeout -s INT "${PROFILE_LIMIT:-200}" python3 -W ignore -m muse.cli profile phase2:base \
       --seq 4096 --tokens-per-step 65536 --loss-chunk 4096 --rows 40 --compile inductor \
+      "${profile_tf32[@]}" \
       > "$OUT/profile-compiled.txt" 2>&1
     head -1 "$OUT/profile-compiled.txt"
   fi

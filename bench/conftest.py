@@ -6,6 +6,17 @@ PYTEST_ADDOPTS) gives -m itself, so `pytest bench --benchmark-compare` and the C
 import os
 import shlex
 
+import pytest
+
+from muse.devices import float32_matmuls
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls(muse_settings):
+    """Each criterion runs with --tf32's setting (on: as training does by default)."""
+    with float32_matmuls(muse_settings.tf32):
+        yield
+
 
 def pytest_configure(config):
     given = [*config.invocation_params.args, *shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))]

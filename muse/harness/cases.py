@@ -87,6 +87,8 @@ class Settings:
     results_dir: Path | None
     thresholds: Thresholds = field(default_factory=Thresholds)
     quality: QualitySettings | None = None  # the perplexity gate's recipe (muse.training.quality)
+    # CUDA float32 matmuls may use TF32 in the criteria (training's default: TrainConfig.tf32)
+    tf32: bool = True
 
     def describe(self) -> dict:
         d = {
@@ -95,6 +97,7 @@ class Settings:
             "dtype": self.dtype,
             "batch": self.batch,
             "device": str(self.device),
+            "tf32": self.tf32,
             "thresholds": dataclasses.asdict(self.thresholds),
         }
         if self.quality is not None:

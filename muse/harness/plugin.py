@@ -72,6 +72,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="compute dtype of the criteria (default fp16)",
     )
     group.addoption("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    group.addoption(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA float32 matmuls may use TF32 in the criteria, as training does by default "
+        "(--no-tf32: exact float32; the perplexity runs take --train-tf32)",
+    )
     from muse.measure.phases import TOKENS_PER_STEP
     from muse.training.quality import nonnegative_int
 
@@ -355,6 +362,7 @@ def settings_from_options(config: pytest.Config) -> Settings:
         results_dir=results,
         thresholds=thresholds,
         quality=quality_from_options(config, chosen, device),
+        tf32=opt("tf32"),
     )
 
 

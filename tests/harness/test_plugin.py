@@ -340,6 +340,28 @@ def test_results_file_carries_the_settings(pytester):
     assert settings["models"] == ["transformer:tiny"]
     assert settings["seqs"] == [64, 128]
     assert settings["thresholds"]["min_grad"] == 1e-3
+    assert settings["tf32"] is True  # as training's default
+
+
+def test_no_tf32_is_recorded_in_the_settings(pytester):
+    pytester.makepyfile(test_memory=RECORDING)
+    run(pytester, *TINY, "--seq", "64", "--no-tf32")
+    assert latest(pytester)["settings"]["tf32"] is False
+
+
+@pytest.mark.parametrize("flag, allowed", [((), True), (("--no-tf32",), False)])
+def test_each_criterion_runs_under_the_tf32_setting(pytester, flag, allowed):
+    """bench/conftest.py sets float32 matmuls for every criterion and restores them after."""
+    pytester.makeconftest((Path(__file__).parents[2] / "bench" / "conftest.py").read_text())
+    pytester.makepyfile(test_setting=f"""
+        import torch
+
+        def test_setting():
+            assert torch.backends.cuda.matmul.allow_tf32 is {allowed}
+    """)
+    before = torch.backends.cuda.matmul.allow_tf32
+    run(pytester, *TINY, "--seq", "64", *flag).assert_outcomes(passed=1)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
 @pytest.mark.parametrize("runner", ["inprocess", "subprocess"])

@@ -1,9 +1,11 @@
 """The chunked delta rule alone, forward and backward, with its chunk pass in PyTorch (the
 two-level walk) and in Triton (muse.ops.delta_states: the solve, the walk and the read-out) at
-the walk's value-column blocks, TF32 off and on: float32 inputs like phase2:base's heads (unit
-keys, β ∈ (0, 1), log-decays in (−0.5, 0)).
+the walk's value-column blocks, TF32 off and on, on inputs like phase2:base's heads (unit
+keys, β ∈ (0, 1), log-decays in (−0.5, 0)): q, k, v as the Hebbian layer hands them over under
+autocast (bf16 head slices of one (B, N, 3, H, D) projection, heads-first views), or with
+`--inputs float32` dense float32 (B, H, N, D) tensors.
 
-    python scripts/delta_states_timing.py [--shape B H N D ...] [--device cuda]
+    python scripts/delta_states_timing.py [--shape B H N D ...] [--inputs layer|float32]
 
 Prints one line a variant: median ms of 10, peak MB, and the largest difference of y, W and
 the gradients from the PyTorch pass's, relative to each one's largest entry.
@@ -25,13 +27,17 @@ VARIANTS = [("torch", None, False), ("torch", None, True), ("triton", 32, False)
             ("triton", 32, True), ("triton", 64, True)]
 
 
-def one_shape(bsz, heads, n, d, device):
+def one_shape(bsz, heads, n, d, device, inputs):
     g = torch.Generator(device).manual_seed(0)
     kw = dict(generator=g, device=device)
-    args = (torch.randn(bsz, heads, n, d, **kw), F.normalize(torch.randn(bsz, heads, n, d, **kw),
-                                                             dim=-1),
-            torch.randn(bsz, heads, n, d, **kw), -torch.rand(bsz, heads, n, **kw) * 0.5,
-            torch.rand(bsz, heads, n, **kw))
+    if inputs == "layer":
+        q, k, v = torch.randn(bsz, n, 3, heads, d, **kw).bfloat16().unbind(2)
+        qkv = (q, F.normalize(k, dim=-1), v)
+    else:
+        qkv = (torch.randn(bsz, heads, n, d, **kw),
+               F.normalize(torch.randn(bsz, heads, n, d, **kw), dim=-1),
+               torch.randn(bsz, heads, n, d, **kw))
+    args = (*qkv, -torch.rand(bsz, heads, n, **kw) * 0.5, torch.rand(bsz, heads, n, **kw))
     ups = (torch.randn(bsz, heads, n, d, **kw), torch.randn(bsz, heads, d, d, **kw))
     base = None
     for states, block_v, tf32 in VARIANTS:
@@ -46,7 +52,8 @@ def one_shape(bsz, heads, n, d, device):
         def step(leaves=leaves, states=states):
             for x in leaves:
                 x.grad = None
-            y, w = delta_rule_chunked(*leaves, chunk=64, states=states)
+            q, k, v = (x.transpose(1, 2) if inputs == "layer" else x for x in leaves[:3])
+            y, w = delta_rule_chunked(q, k, v, *leaves[3:], chunk=64, states=states)
             ((y * ups[0]).sum() + (w * ups[1]).sum()).backward()
             return y, w
 
@@ -62,7 +69,7 @@ def one_shape(bsz, heads, n, d, device):
         worst = max(float((a - b).abs().max() / b.abs().max())
                     for a, b in zip(got, base, strict=True))
         name = f"{states}/{block_v or '-'}/{'tf32' if tf32 else 'ieee'}"
-        print(f"{bsz}x{heads}x{n}x{d} {name:16s} {stats.median_s * 1e3:9.3f} ms "
+        print(f"{bsz}x{heads}x{n}x{d} {inputs:7s} {name:16s} {stats.median_s * 1e3:9.3f} ms "
               f"{(peak or 0) / 2**20:9.0f} MB  diff {worst:.1e}", flush=True)
 
 
@@ -70,6 +77,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[16, 8, 4096, 64, 1, 8, 65536, 64])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--inputs", choices=("layer", "float32"), default="layer")
     args = parser.parse_args(argv)
     if len(args.shape) % 4 or min(args.shape) < 1:
         print(f"delta_states_timing: --shape takes positive B H N D groups, got {args.shape}",
@@ -79,7 +87,7 @@ def main(argv: list[str]) -> int:
         print("delta_states_timing: --device cuda, but no CUDA here", file=sys.stderr)
         return 2
     for i in range(0, len(args.shape), 4):
-        one_shape(*args.shape[i:i + 4], args.device)
+        one_shape(*args.shape[i:i + 4], args.device, args.inputs)
     return 0
 
 

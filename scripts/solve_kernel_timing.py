@@ -60,10 +60,10 @@ def main(argv: list[str]) -> int:
                         num_warps=warps)
 
             def forward(u0=u0, p=p, opts=opts):
-                solve._forward_kernel[(seqs * m,)](k, v, beta, b, u0, p, scratch, **opts)
+                solve._solve_forward[(seqs * m,)](k, v, beta, b, u0, p, scratch, **opts)
 
             def backward(grads=grads, opts=opts):
-                solve._backward_kernel[(seqs * m,)](k, v, beta, b, du0, dp, *grads, scratch,
+                solve._solve_backward[(seqs * m,)](k, v, beta, b, du0, dp, *grads, scratch,
                                                     **opts)
 
             fwd, _ = time_with_peak(forward, "cuda", 3, 20)

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from muse.layers.cast import autocast_operands
+from muse.ops.short_conv.naive import causal_depthwise
+
+BACKENDS = ("auto", "triton", "torch")
 
 
 def conv_silu(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -25,31 +28,23 @@ def _conv_silu(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.silu(causal_depthwise(padded, weight))
 
 
-def causal_depthwise(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(B, K−1 + N, C) left-padded input, a depthwise Conv1d weight (C, 1, K) → (B, N, C):
-    y_t = Σ_j w_j ⊙ padded_{t+j}, as conv1d, summed in float32 at least and returned in the
-    input's dtype. K shifted multiply-adds in the (B, N, C) layout: no transposes, and
-    torch.compile fuses them with the SiLU into one pass."""
-    k = weight.shape[-1]
-    n = padded.shape[1] - k + 1
-    acc = torch.promote_types(padded.dtype, torch.float32)
-    w = weight[:, 0].to(acc)  # (C, K)
-    y = padded[:, k - 1:] * w[:, k - 1]
-    for j in range(k - 1):  # in place: one float32 (B, N, C) alive, not a product beside it
-        y.addcmul_(padded[:, j:j + n], w[:, j])
-    return y.to(padded.dtype)
-
-
 class ShortConv(nn.Module):
     """(B, N, C) → (B, N, C), y_t = SiLU(Σ_{i<K} w_i ⊙ x_{t−i}): left padding only. With a
     `tail` (the K−1 inputs before this segment, (B, K−1, C)) it streams and also returns the
-    next tail, so segments run one after another equal one run over them all."""
+    next tail, so segments run one after another equal one run over them all. `backend`
+    "triton" runs a whole sequence (no tail) as one Triton launch forward and one backward
+    (muse.ops.short_conv.triton), "torch" as shifted multiply-adds; "auto" takes Triton on
+    CUDA."""
 
-    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
+    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be ≥ 1, got {kernel_size}")
-        self.kernel_size, self.activation = kernel_size, activation
+        if backend not in BACKENDS:
+            raise ValueError(f"short conv backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{backend!r}")
+        self.kernel_size, self.activation, self.backend = kernel_size, activation, backend
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
 
     def init_tail(self, batch: int, device=None, dtype=None) -> torch.Tensor:
@@ -59,6 +54,10 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None):
         keep = self.kernel_size - 1
+        if tail is None and self._triton(x):
+            from muse.ops.short_conv.triton import short_conv_triton  # triton: CUDA installs
+
+            return short_conv_triton(*autocast_operands(x, self.conv.weight), self.activation)
         if tail is None:
             padded = F.pad(x, (0, 0, keep, 0))
         else:
@@ -73,4 +72,7 @@ class ShortConv(nn.Module):
         if tail is None:
             return y
         return y, padded[:, padded.shape[1] - keep:]
+
+    def _triton(self, x: torch.Tensor) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 

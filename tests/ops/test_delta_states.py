@@ -242,8 +242,8 @@ _INVERSES = textwrap.dedent(
             got = [torch.empty_like(x) for x in (v, k, k, v, beta, b)]
             opts = dict(T=t, DK=dk, DV=dv, PRECISION="ieee", WIDE=True, INVERSE=inverse)
             scratch = torch.empty(s * m, t, t, dtype=torch.float64)
-            solve._forward_kernel[(s * m,)](k, v, beta, b, *got[:2], scratch, **opts)
-            solve._backward_kernel[(s * m,)](k, v, beta, b, du0, dp, *got[2:], scratch, **opts)
+            solve._solve_forward[(s * m,)](k, v, beta, b, *got[:2], scratch, **opts)
+            solve._solve_backward[(s * m,)](k, v, beta, b, du0, dp, *got[2:], scratch, **opts)
             out[f"{t}/{inverse}"] = max(float((x - y).norm() / y.norm())
                                         for x, y in zip(got, want))
     print(json.dumps(out))

@@ -1,6 +1,7 @@
-"""muse's Triton scans and the delta rule's chunk kernels inside torch.compile with fullgraph=True,
-under TRITON_INTERPRET=1: the launches are custom ops, opaque nodes of one graph, and the
-compiled forward and gradients are the eager ones (the same kernels: observed 0, bound 1e-6)."""
+"""muse's Triton scans, the delta rule's chunk kernels and the short conv inside torch.compile
+with fullgraph=True, under TRITON_INTERPRET=1: the launches are custom ops, opaque nodes of one
+graph, and the compiled forward and gradients are the eager ones (the same kernels: observed 0,
+bound 1e-6)."""
 
 import textwrap
 
@@ -17,6 +18,7 @@ _SCRIPT = textwrap.dedent(
     from muse.ops.delta_states.triton import delta_walk_triton
     from muse.ops.delta_states.readout import chunk_readout_triton
     from muse.ops.delta_states.solve import chunk_solve_triton
+    from muse.ops.short_conv.triton import short_conv_triton
 
     def err(x, y):
         return float((x - y).abs().max() / max(float(y.abs().max()), 1e-30))
@@ -51,6 +53,9 @@ _SCRIPT = textwrap.dedent(
                                                        dim=-1),
                          torch.randn(2, 3, 16, 32, generator=g), torch.rand(2, 3, 16, generator=g),
                          torch.cumsum(-torch.rand(2, 3, 16, generator=g), dim=-1))),
+        "short conv": (short_conv_triton,
+                       (torch.randn(2, n, 2 * r, generator=g),
+                        torch.randn(2 * r, 1, 4, generator=g))),
     }
     out = {}
     for name, (fn, inputs) in cases.items():
@@ -72,6 +77,6 @@ _SCRIPT = textwrap.dedent(
 def test_the_triton_scans_compile_as_one_graph_with_the_eager_gradients():
     out = run_interpreted(_SCRIPT, min_triton=(3, 7))
     assert set(out) == {"decayed per channel", "decayed per step", "complex", "delta walk",
-                        "delta readout", "delta solve"}
+                        "delta readout", "delta solve", "short conv"}
     for name, worst in out.items():
         assert worst <= 1e-6, (name, worst)

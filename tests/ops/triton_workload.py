@@ -22,6 +22,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.delta_states.readout import chunk_readout_triton
     from muse.ops.delta_states.solve import chunk_solve_triton
     from muse.ops.delta_states.triton import delta_walk_triton
+    from muse.ops.short_conv.triton import short_conv_triton
 
     for n in lengths:
         torch.manual_seed(n)
@@ -59,6 +60,12 @@ def exercise(after_each, lengths=LENGTHS) -> None:
                  torch.cumsum(-torch.rand(2, m, 16), dim=-1)]
         sum(x.sum() for x in chunk_solve_triton(*(x.requires_grad_() for x in solve))).backward()
         after_each(f"delta solve {n}")
+        # a bf16 input as under autocast; channels past one column block
+        x = torch.randn(2, n, 130).bfloat16().requires_grad_()
+        w = torch.randn(130, 1, 4, requires_grad=True)
+        short_conv_triton(x, w).sum().backward()
+        short_conv_triton(x, w[..., :3], activation=False).sum().backward()
+        after_each(f"short conv {n}")
 
 
 def _arg_type(value) -> str:

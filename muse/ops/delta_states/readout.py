@@ -38,7 +38,7 @@ def _ratio(b, rt):
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.constexpr,
+def _readout_forward(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
                     WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
@@ -54,7 +54,7 @@ def _forward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.c
 
 
 @triton.jit
-def _backward_kernel(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_ptr, dk_ptr,
+def _readout_backward(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_ptr, dk_ptr,
                      dfresh_ptr, dentering_ptr, db_ptr, T: tl.constexpr, DK: tl.constexpr,
                      DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
@@ -103,7 +103,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: to
     dv = fresh.shape[-1]
     grid, wide, warps = _launch(q, fresh)
     y = torch.empty_like(fresh)
-    _forward_kernel[grid](q, k, fresh, entering, b, y, T=t, DK=dk, DV=dv, PRECISION=precision,
+    _readout_forward[grid](q, k, fresh, entering, b, y, T=t, DK=dk, DV=dv, PRECISION=precision,
                           WIDE=wide, num_warps=warps)
     return y
 
@@ -123,7 +123,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: t
     dv = fresh.shape[-1]
     grid, wide, warps = _launch(q, fresh)
     dq, dk_, dfresh, dentering, db = (torch.empty_like(x) for x in (q, k, fresh, entering, b))
-    _backward_kernel[grid](q, k, fresh, entering, b, dy, dq, dk_, dfresh, dentering, db, T=t,
+    _readout_backward[grid](q, k, fresh, entering, b, dy, dq, dk_, dfresh, dentering, db, T=t,
                            DK=dk, DV=dv, PRECISION=precision, WIDE=wide, num_warps=warps)
     return dq, dk_, dfresh, dentering, db
 

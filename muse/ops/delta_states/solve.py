@@ -130,7 +130,7 @@ def _chunk_system(k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, D
 
 
 @triton.jit
-def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
+def _solve_forward(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
                     WIDE: tl.constexpr, INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
@@ -143,7 +143,7 @@ def _forward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T
 
 
 @triton.jit
-def _backward_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
+def _solve_backward(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
                      db_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      PRECISION: tl.constexpr, WIDE: tl.constexpr,
                      INVERSE: tl.constexpr):
@@ -204,7 +204,7 @@ def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tens
     grid, wide, warps = _launch(k, b)
     u0 = v.new_empty(v.shape, dtype=b.dtype)
     p = k.new_empty(k.shape, dtype=b.dtype)
-    _forward_kernel[grid](k, v, beta, b, u0, p, _scratch(k, b, INVERSE[0]), T=t, DK=dk, DV=dv,
+    _solve_forward[grid](k, v, beta, b, u0, p, _scratch(k, b, INVERSE[0]), T=t, DK=dk, DV=dv,
                           PRECISION=precision, WIDE=wide, INVERSE=INVERSE[0], num_warps=warps)
     return u0, p
 
@@ -223,7 +223,7 @@ def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Ten
     dv = v.shape[-1]
     grid, wide, warps = _launch(k, b)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
-    _backward_kernel[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
+    _solve_backward[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
                            _scratch(k, b, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
                            WIDE=wide, INVERSE=INVERSE[1], num_warps=warps)
     return dk_, dv_, dbeta, db

@@ -51,7 +51,7 @@ def _tail(k_ptr, b_ptr, tk, chunk, T: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr, last_ptr, m,
+def _walk_forward(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr, last_ptr, m,
                     T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                     PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
@@ -71,7 +71,7 @@ def _forward_kernel(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr,
 
 
 @triton.jit
-def _backward_kernel(p_ptr, k_ptr, b_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr, g_fresh_ptr,
+def _walk_backward(p_ptr, k_ptr, b_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr, g_fresh_ptr,
                      g_leaving_ptr, g_w_ptr, m, T: tl.constexpr, DK: tl.constexpr,
                      DV: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                      WIDE: tl.constexpr):
@@ -123,7 +123,7 @@ def _forward(p: torch.Tensor, u0: torch.Tensor, k: torch.Tensor, b: torch.Tensor
     entering = u0.new_empty(seqs, m, dk, dv)
     fresh = torch.empty_like(u0)
     last = torch.empty_like(w)
-    _forward_kernel[grid](p, u0, k, b, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
+    _walk_forward[grid](p, u0, k, b, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
                           BV=block_v, PRECISION=precision, WIDE=wide)
     return entering, fresh, last
 
@@ -146,7 +146,7 @@ def _backward(p: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
     g_fresh = torch.empty_like(d_fresh)
     g_leaving = torch.empty_like(d_entering)
     g_w = torch.empty_like(d_last)
-    _backward_kernel[grid](p, k, b, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
+    _walk_backward[grid](p, k, b, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
                            m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, WIDE=wide)
     return g_fresh, g_leaving, g_w
 

@@ -33,8 +33,8 @@ class ShortConv(nn.Module):
     `tail` (the K−1 inputs before this segment, (B, K−1, C)) it streams and also returns the
     next tail, so segments run one after another equal one run over them all. `backend`
     "triton" runs a whole sequence (no tail) as one Triton launch forward and one backward
-    (muse.ops.short_conv.triton, kernel sizes ≤ 4), "torch" as shifted multiply-adds; "auto"
-    takes Triton on CUDA where the kernel size allows it."""
+    (muse.ops.short_conv.triton), "torch" as shifted multiply-adds; "auto" takes Triton on
+    CUDA."""
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True,
                  backend: str = "auto"):
@@ -74,8 +74,5 @@ class ShortConv(nn.Module):
         return y, padded[:, padded.shape[1] - keep:]
 
     def _triton(self, x: torch.Tensor) -> bool:
-        from muse.ops.short_conv import MAX_KERNEL
-
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda
-                                            and self.kernel_size <= MAX_KERNEL)
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 

@@ -82,8 +82,6 @@ def test_the_triton_form_names_a_weight_of_the_wrong_shape():
         short_conv_triton(torch.randn(1, 5, 8), torch.randn(6, 1, 4))
     with pytest.raises(ValueError, match=r"x \(B, N, C\), got shape \(5, 8\)"):
         short_conv_triton(torch.randn(5, 8), torch.randn(8, 1, 4))
-    with pytest.raises(ValueError, match="kernel sizes 1 … 4, got 5"):
-        short_conv_triton(torch.randn(1, 5, 8), torch.randn(8, 1, 5))
 
 
 @pytest.mark.gpu

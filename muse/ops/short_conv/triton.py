@@ -4,18 +4,15 @@ padded copy exists. A program owns a (BT × BC) tile of tokens × channels and s
 float32 (float64 for float64 inputs).
 
 Backward keeps only the input: a = Σ_j w_j x_{t−K+1+j} is formed again, g_t = dy_t · SiLU′(a_t),
-∂x_τ = Σ_s w_{K−1−s} g_{τ+s} (the program forms g on its tile shifted by s = 0…K−1 from
-the 2K − 1 shifted input tiles, each read once; K ≤ 4) and ∂w_j = Σ_t g_t x_{t−K+1+j} as
-per-tile partial sums, added up after the launch in a fixed order (no atomics: the same
-gradient every run)."""
+∂x_τ = Σ_s w_{K−1−s} g_{τ+s} (the program forms g on its tile shifted by s = 0…K−1, K² tap
+reads served from cache) and ∂w_j = Σ_t g_t x_{t−K+1+j} as per-tile partial sums, added up
+after the launch in a fixed order (no atomics: the same gradient every run)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from muse.ops.short_conv import MAX_KERNEL
 
 BLOCK_T, BLOCK_C = 32, 128
 
@@ -57,30 +54,18 @@ def _forward_conv(x_ptr, w_ptr, y_ptr, n, c, K: tl.constexpr, BT: tl.constexpr,
 
 
 @triton.jit
-def _shifted(x_ptr, base, rows, cols, cmask, n, c, d: tl.constexpr, K: tl.constexpr):
-    # x on the rows shifted by d, zeros outside [0, n) and for shifts no tap reaches
-    src = rows + d
-    mask = ((src >= 0) & (src < n) & (d > -K) & (d < K))[:, None] & cmask[None, :]
-    return tl.load(x_ptr + base + src[:, None] * c + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _pick(d: tl.constexpr, x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_p3):
-    if d == -3:
-        x = x_m3
-    elif d == -2:
-        x = x_m2
-    elif d == -1:
-        x = x_m1
-    elif d == 0:
-        x = x_0
-    elif d == 1:
-        x = x_p1
-    elif d == 2:
-        x = x_p2
-    else:
-        x = x_p3
-    return x
+def _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K: tl.constexpr,
+               BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
+               DTYPE: tl.constexpr):
+    # g_t = dy_t · SiLU′(a_t) on the given rows (0 past the end)
+    mask = (rows < n)[:, None] & cmask[None, :]
+    g = tl.load(dy_ptr + base + rows[:, None] * c + cols[None, :], mask=mask, other=0.0)
+    g = g.to(DTYPE)
+    if ACTIVATION:
+        a = _pre(x_ptr, w_ptr, base, rows, cols, cmask, n, c, K, BT, BC, DTYPE)
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        g = g * sig * (1.0 + a * (1.0 - sig))
+    return g
 
 
 @triton.jit
@@ -90,34 +75,21 @@ def _backward_conv(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n, c, K: tl.constexpr,
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     pid_t = tl.program_id(0)
     base, rows, cols, cmask = _tile(pid_t, tl.program_id(1), n, c, BT, BC)
-    # the 2K − 1 shifted tiles every a_{τ+s} (s < K) and ∂w read, each loaded once
-    x_m3 = _shifted(x_ptr, base, rows, cols, cmask, n, c, -3, K)
-    x_m2 = _shifted(x_ptr, base, rows, cols, cmask, n, c, -2, K)
-    x_m1 = _shifted(x_ptr, base, rows, cols, cmask, n, c, -1, K)
-    x_0 = _shifted(x_ptr, base, rows, cols, cmask, n, c, 0, K)
-    x_p1 = _shifted(x_ptr, base, rows, cols, cmask, n, c, 1, K)
-    x_p2 = _shifted(x_ptr, base, rows, cols, cmask, n, c, 2, K)
-    x_p3 = _shifted(x_ptr, base, rows, cols, cmask, n, c, 3, K)
-    dx = tl.zeros((BT, BC), DTYPE)
-    for s in tl.static_range(K):  # token τ reaches a_{τ+s} through tap K−1−s
-        a = tl.zeros((BT, BC), DTYPE)
-        for j in tl.static_range(K):
-            wj = tl.load(w_ptr + cols * K + j, mask=cmask, other=0.0).to(DTYPE)
-            a += _pick(s + j - (K - 1), x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_p3).to(DTYPE) \
-                * wj[None, :]
-        mask = (rows + s < n)[:, None] & cmask[None, :]
-        g = tl.load(dy_ptr + base + (rows + s)[:, None] * c + cols[None, :], mask=mask,
-                    other=0.0).to(DTYPE)
-        if ACTIVATION:
-            sig = 1.0 / (1.0 + tl.exp(-a))
-            g = g * sig * (1.0 + a * (1.0 - sig))
-        if s == 0:  # ∂w_j from this tile's own rows: a partial sum per tile, (tiles, C, K)
-            for j in tl.static_range(K):
-                xj = _pick(j - (K - 1), x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_p3).to(DTYPE)
-                tl.store(dw_ptr + (pid_t.to(tl.int64) * c + cols) * K + j,
-                         tl.sum(g * xj, axis=0), mask=cmask)
+    g = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K, BT, BC, ACTIVATION,
+                   DTYPE)
+    # ∂w_j from this tile's own rows: a partial sum per tile, (tiles, C, K)
+    for j in tl.static_range(K):
+        src = rows - (K - 1) + j
+        mask = ((src >= 0) & (src < n))[:, None] & cmask[None, :]
+        xj = tl.load(x_ptr + base + src[:, None] * c + cols[None, :], mask=mask, other=0.0)
+        tl.store(dw_ptr + (pid_t.to(tl.int64) * c + cols) * K + j,
+                 tl.sum(g * xj.to(DTYPE), axis=0), mask=cmask)
+    dx = g * tl.load(w_ptr + cols * K + K - 1, mask=cmask, other=0.0).to(DTYPE)[None, :]
+    for s in tl.static_range(1, K):  # token τ reaches a_{τ+s} through tap K−1−s
+        gs = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows + s, cols, cmask, n, c, K, BT, BC,
+                        ACTIVATION, DTYPE)
         ws = tl.load(w_ptr + cols * K + K - 1 - s, mask=cmask, other=0.0).to(DTYPE)
-        dx += g * ws[None, :]
+        dx += gs * ws[None, :]
     mask = (rows < n)[:, None] & cmask[None, :]
     tl.store(dx_ptr + base + rows[:, None] * c + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=mask)
@@ -158,8 +130,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     partial = x.new_empty(grid[0], x.shape[2], w.shape[1],
                           dtype=torch.float64 if wide else torch.float32)
     _backward_conv[grid](x, w, dy, dx, partial, x.shape[1], x.shape[2], K=w.shape[1],
-                         BT=BLOCK_T, BC=BLOCK_C, ACTIVATION=activation, WIDE=wide,
-                         num_warps=8)
+                         BT=BLOCK_T, BC=BLOCK_C, ACTIVATION=activation, WIDE=wide)
     return dx, partial.sum(0).to(w.dtype)
 
 
@@ -188,13 +159,10 @@ def short_conv_triton(x: torch.Tensor, weight: torch.Tensor,
                       activation: bool = True) -> torch.Tensor:
     """y_t = SiLU(Σ_{i<K} w_{K−1−i} ⊙ x_{t−i}) (no SiLU without `activation`), zeros before the
     first token: x (B, N, C) in any float dtype, `weight` a depthwise Conv1d weight (C, 1, K) or
-    (C, K), K ≤ 4; y in x's dtype, ∂weight in weight's. On CUDA or under TRITON_INTERPRET=1."""
+    (C, K); y in x's dtype, ∂weight in weight's. On CUDA or under TRITON_INTERPRET=1."""
     if x.dim() != 3:
         raise ValueError(f"short_conv_triton needs x (B, N, C), got shape {tuple(x.shape)}")
     w = weight.reshape(weight.shape[0], weight.shape[-1])
-    if not 1 <= w.shape[1] <= MAX_KERNEL:
-        raise ValueError(f"short_conv_triton runs kernel sizes 1 … {MAX_KERNEL}, got "
-                         f"{w.shape[1]}")
     if w.shape[0] != x.shape[2] or (weight.dim() == 3 and weight.shape[1] != 1):
         raise ValueError(f"a depthwise weight for {x.shape[2]} channels is ({x.shape[2]}, 1, K), "
                          f"got {tuple(weight.shape)}")

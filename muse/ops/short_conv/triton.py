@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 BLOCK_T, BLOCK_C = 32, 128
+FORWARD_WARPS = BACKWARD_WARPS = 4  # each launch's config is read when it runs
 
 
 @triton.jit
@@ -111,7 +112,8 @@ def _forward(x: torch.Tensor, w: torch.Tensor, activation: bool) -> torch.Tensor
     """x (B, N, C) and w (C, K), both contiguous → y (B, N, C) in x's dtype."""
     y = torch.empty_like(x)
     _forward_conv[_grid(x)](x, w, y, x.shape[1], x.shape[2], K=w.shape[1], BT=BLOCK_T,
-                            BC=BLOCK_C, ACTIVATION=activation, WIDE=_wide(x, w))
+                            BC=BLOCK_C, ACTIVATION=activation, WIDE=_wide(x, w),
+                            num_warps=FORWARD_WARPS)
     return y
 
 
@@ -130,7 +132,8 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     partial = x.new_empty(grid[0], x.shape[2], w.shape[1],
                           dtype=torch.float64 if wide else torch.float32)
     _backward_conv[grid](x, w, dy, dx, partial, x.shape[1], x.shape[2], K=w.shape[1],
-                         BT=BLOCK_T, BC=BLOCK_C, ACTIVATION=activation, WIDE=wide)
+                         BT=BLOCK_T, BC=BLOCK_C, ACTIVATION=activation, WIDE=wide,
+                         num_warps=BACKWARD_WARPS)
     return dx, partial.sum(0).to(w.dtype)
 
 

@@ -2,7 +2,8 @@
 # One device call: an A/B of phase2:base's fixed-tokens train step (16×4096, bf16, fused AdamW,
 # loss chunk 4096, TF32) between this tree and an earlier one, in one call so both see the same
 # machine:
-#   - the CUDA tests named in $TESTS (pytest node ids or files; none when empty), into $OUT/log.txt
+#   - the CUDA tests named in $TESTS (files or node ids, split on spaces; none when empty), with
+#     $TESTS_K as pytest's -k expression where given, into $OUT/log.txt
 #   - eager steps: this tree's phase2:base and transformer:base, then $BASE's phase2:base
 #     ($BASE: a `git archive` of the earlier commit unpacked in an ignored folder, carried)
 #   - this tree's compiled step profiled by kernel ($OUT/profile-compiled.txt) and timed
@@ -13,13 +14,15 @@ set -uo pipefail
 here=$(dirname "$0")
 source "$here/device_facts.sh"
 device_facts "bash scripts/device_ab_steps.sh (BASE=${BASE:-} @ ${BASE_SHA:-?}, \
-TESTS=${TESTS:-}, COMPILED_BASE=${COMPILED_BASE:-0})"
+TESTS=${TESTS:-}, TESTS_K=${TESTS_K:-}, COMPILED_BASE=${COMPILED_BASE:-0})"
 log="$OUT/log.txt"
 steps=(--seq 4096 --loss-chunk 4096 --tf32)
 status=0
 if [ -n "${TESTS:-}" ]; then
+  select=(); [ -n "${TESTS_K:-}" ] && select=(-k "$TESTS_K")
   # shellcheck disable=SC2086  # TESTS is a list of node ids
-  timeout -s INT 150 python3 -m pytest -m gpu -q -p no:cacheprovider $TESTS > "$log" 2>&1
+  timeout -s INT 150 python3 -m pytest -m gpu -q -p no:cacheprovider $TESTS "${select[@]}" \
+    > "$log" 2>&1
   status=$?
   tail -1 "$log"
 fi

@@ -1,7 +1,7 @@
 """The short causal conv (+ SiLU) alone, forward and forward+backward, on phase2:base's shape
 (16 × 4096 tokens, 1536 channels = q, k, v of 8 heads of 64, K = 4, bf16 as under autocast):
 the PyTorch form eager and under torch.compile, and the Triton kernels at several tiles
-(rows × channels a program) and warps.
+(rows × channels a program), warps and backward forms (one launch or two).
 
     python scripts/short_conv_timing.py [--shape B N C K]
 
@@ -19,9 +19,9 @@ import torch
 from muse.layers.short_conv import ShortConv
 from muse.measure.timing import time_with_peak
 
-# (rows, channels, forward warps, backward warps); the first is the default
-TILES = [(32, 128, 4, 4), (64, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 128, 4, 8),
-         (32, 256, 4, 8)]
+# (rows, channels, forward warps, backward warps, backward form); the first is the default
+TILES = [(32, 128, 4, 4, "fused"), (32, 128, 4, 4, "split"), (64, 64, 4, 4, "split"),
+         (32, 64, 4, 4, "fused"), (16, 128, 4, 4, "split"), (64, 128, 4, 8, "split")]
 
 
 def _run(layer, x, up):
@@ -60,14 +60,15 @@ def main(argv: list[str]) -> int:
             module(x)
 
     variants = [("torch eager", layer, None), ("torch compiled", compiled, None)]
-    variants += [(f"triton {bt}x{bc} warps {fw}/{bw}", layer, (bt, bc, fw, bw))
-                 for bt, bc, fw, bw in TILES]
+    variants += [(f"triton {bt}x{bc} warps {fw}/{bw} {form}", layer, (bt, bc, fw, bw, form))
+                 for bt, bc, fw, bw, form in TILES]
     print(f"short conv B={bsz} N={n} C={c} K={k} bf16: ms forward, forward+backward (median "
           f"of 20), max rel. diff from torch eager")
     for name, module, tiles in variants:
         layer.backend = "torch" if tiles is None else "triton"
         if tiles is not None:
-            kernels.BLOCK_T, kernels.BLOCK_C, kernels.FORWARD_WARPS, kernels.BACKWARD_WARPS = tiles
+            (kernels.BLOCK_T, kernels.BLOCK_C, kernels.FORWARD_WARPS, kernels.BACKWARD_WARPS,
+             kernels.BACKWARD) = tiles
         err = _err(_run(module, x, up), ref)
         fwd, _ = time_with_peak(lambda m=module: forward(m), "cuda", warmup=3, rounds=20)
         both, _ = time_with_peak(lambda m=module: _run(m, x, up), "cuda", warmup=3, rounds=20)

@@ -1,6 +1,7 @@
 """The short causal conv's Triton kernels under TRITON_INTERPRET=1 in float64 against the
-PyTorch form (values, ∂x, ∂w), with and without SiLU, at lengths shorter than the kernel and
-channels past one column block; the layer through them against its own PyTorch path."""
+PyTorch form (values, ∂x, ∂w; the backward in one launch and in two), with and without SiLU,
+at lengths shorter than the kernel and channels past one column block; the layer through them
+against its own PyTorch path."""
 
 import textwrap
 
@@ -17,6 +18,7 @@ _SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from muse.layers.short_conv import ShortConv
+    from muse.ops.short_conv import triton as kernels
     from muse.ops.short_conv.naive import causal_depthwise
     from muse.ops.short_conv.triton import short_conv_triton
 
@@ -36,13 +38,16 @@ _SCRIPT = textwrap.dedent(
         x, w, up = torch.randn(bsz, n, c, **f64), torch.randn(c, 1, k, **f64), \\
             torch.randn(bsz, n, c, **f64)
         runs = []
-        for fn in (lambda x, w: reference(x, w, act), lambda x, w: short_conv_triton(x, w, act)):
+        for backward in (None, "fused", "split"):  # None: the PyTorch form
+            kernels.BACKWARD = backward
             leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
-            y = fn(*leaves)
+            y = reference(*leaves, act) if backward is None else short_conv_triton(*leaves, act)
             (y * up).sum().backward()
             runs.append([y.detach()] + [t.grad for t in leaves])
-        out[f"kernel {bsz}x{n}x{c} K{k} silu={act}"] = max(
-            nerr(a, b) for a, b in zip(runs[1], runs[0]))
+        for i, backward in ((1, "fused"), (2, "split")):
+            out[f"kernel {bsz}x{n}x{c} K{k} silu={act} {backward}"] = max(
+                nerr(a, b) for a, b in zip(runs[i], runs[0]))
+    kernels.BACKWARD = "fused"
 
     torch.manual_seed(0)
     layer = ShortConv(12, kernel_size=4, backend="torch").double()
@@ -64,7 +69,7 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # the interpreter subprocess
 def test_the_triton_kernels_match_the_pytorch_form_in_float64():
     out = run_interpreted(_SCRIPT)
-    assert len(out) == 6, out
+    assert len(out) == 11, out
     # float64 throughout; only the order of the K products (and of ∂w's tile sums) differs
     for case, worst in out.items():
         assert worst < 1e-13, (case, worst)

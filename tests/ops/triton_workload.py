@@ -22,6 +22,7 @@ def exercise(after_each, lengths=LENGTHS) -> None:
     from muse.ops.delta_states.readout import chunk_readout_triton
     from muse.ops.delta_states.solve import chunk_solve_triton
     from muse.ops.delta_states.triton import delta_walk_triton
+    from muse.ops.short_conv import triton as short_conv
     from muse.ops.short_conv.triton import short_conv_triton
 
     for n in lengths:
@@ -64,7 +65,9 @@ def exercise(after_each, lengths=LENGTHS) -> None:
         x = torch.randn(2, n, 130).bfloat16().requires_grad_()
         w = torch.randn(130, 1, 4, requires_grad=True)
         short_conv_triton(x, w).sum().backward()
+        short_conv.BACKWARD = "split"  # the backward in two launches, kept or not by timing
         short_conv_triton(x, w[..., :3], activation=False).sum().backward()
+        short_conv.BACKWARD = "fused"
         after_each(f"short conv {n}")
 
 

@@ -1,12 +1,13 @@
-"""The short causal depthwise conv (+ SiLU) in one Triton launch forward and one backward, on the
-unpadded (B, N, C) input: the K taps before the first token read as zeros in the kernel, so no
-padded copy exists. A program owns a (BT × BC) tile of tokens × channels and sums its K taps in
-float32 (float64 for float64 inputs).
+"""The short causal depthwise conv (+ SiLU) in one Triton launch forward and one (or two)
+backward, on the unpadded (B, N, C) input: the K taps before the first token read as zeros in
+the kernel, so no padded copy exists. A program owns a (BT × BC) tile of tokens × channels and
+sums its K taps in float32 (float64 for float64 inputs).
 
 Backward keeps only the input: a = Σ_j w_j x_{t−K+1+j} is formed again, g_t = dy_t · SiLU′(a_t),
 ∂x_τ = Σ_s w_{K−1−s} g_{τ+s} (the program forms g on its tile shifted by s = 0…K−1, K² tap
-reads served from cache) and ∂w_j = Σ_t g_t x_{t−K+1+j} as per-tile partial sums, added up
-after the launch in a fixed order (no atomics: the same gradient every run)."""
+reads served from cache; or, with BACKWARD "split", g kept from one launch and spread to ∂x
+by a second) and ∂w_j = Σ_t g_t x_{t−K+1+j} as per-tile partial sums, added up after the
+launch in a fixed order (no atomics: the same gradient every run)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import triton.language as tl
 
 BLOCK_T, BLOCK_C = 32, 128
 FORWARD_WARPS = BACKWARD_WARPS = 4  # each launch's config is read when it runs
+# the backward in one launch ("fused": each program forms g on its tile shifted K ways) or two
+# ("split": g formed once and kept in float32, then spread to ∂x): the faster form is kept
+BACKWARD = "fused"
 
 
 @triton.jit
@@ -70,6 +74,18 @@ def _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K: tl.conste
 
 
 @triton.jit
+def _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K: tl.constexpr,
+                     DTYPE: tl.constexpr):
+    # ∂w_j from this tile's own rows: a partial sum per tile, (tiles, C, K)
+    for j in tl.static_range(K):
+        src = rows - (K - 1) + j
+        mask = ((src >= 0) & (src < n))[:, None] & cmask[None, :]
+        xj = tl.load(x_ptr + base + src[:, None] * c + cols[None, :], mask=mask, other=0.0)
+        tl.store(dw_ptr + (pid_t.to(tl.int64) * c + cols) * K + j,
+                 tl.sum(g * xj.to(DTYPE), axis=0), mask=cmask)
+
+
+@triton.jit
 def _backward_conv(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n, c, K: tl.constexpr,
                    BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
                    WIDE: tl.constexpr):
@@ -78,17 +94,43 @@ def _backward_conv(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n, c, K: tl.constexpr,
     base, rows, cols, cmask = _tile(pid_t, tl.program_id(1), n, c, BT, BC)
     g = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K, BT, BC, ACTIVATION,
                    DTYPE)
-    # ∂w_j from this tile's own rows: a partial sum per tile, (tiles, C, K)
-    for j in tl.static_range(K):
-        src = rows - (K - 1) + j
-        mask = ((src >= 0) & (src < n))[:, None] & cmask[None, :]
-        xj = tl.load(x_ptr + base + src[:, None] * c + cols[None, :], mask=mask, other=0.0)
-        tl.store(dw_ptr + (pid_t.to(tl.int64) * c + cols) * K + j,
-                 tl.sum(g * xj.to(DTYPE), axis=0), mask=cmask)
+    _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K, DTYPE)
     dx = g * tl.load(w_ptr + cols * K + K - 1, mask=cmask, other=0.0).to(DTYPE)[None, :]
     for s in tl.static_range(1, K):  # token τ reaches a_{τ+s} through tap K−1−s
         gs = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows + s, cols, cmask, n, c, K, BT, BC,
                         ACTIVATION, DTYPE)
+        ws = tl.load(w_ptr + cols * K + K - 1 - s, mask=cmask, other=0.0).to(DTYPE)
+        dx += gs * ws[None, :]
+    mask = (rows < n)[:, None] & cmask[None, :]
+    tl.store(dx_ptr + base + rows[:, None] * c + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _gate_conv(x_ptr, w_ptr, dy_ptr, g_ptr, dw_ptr, n, c, K: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr, ACTIVATION: tl.constexpr, WIDE: tl.constexpr):
+    # the split backward's first launch: g on the tile's own rows, kept, and ∂w's partials
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    pid_t = tl.program_id(0)
+    base, rows, cols, cmask = _tile(pid_t, tl.program_id(1), n, c, BT, BC)
+    g = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K, BT, BC, ACTIVATION,
+                   DTYPE)
+    _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K, DTYPE)
+    mask = (rows < n)[:, None] & cmask[None, :]
+    tl.store(g_ptr + base + rows[:, None] * c + cols[None, :], g, mask=mask)
+
+
+@triton.jit
+def _spread_conv(g_ptr, w_ptr, dx_ptr, n, c, K: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr, WIDE: tl.constexpr):
+    # the second: ∂x_τ = Σ_s w_{K−1−s} g_{τ+s} from the kept g
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    base, rows, cols, cmask = _tile(tl.program_id(0), tl.program_id(1), n, c, BT, BC)
+    dx = tl.zeros((BT, BC), DTYPE)
+    for s in tl.static_range(K):
+        mask = (rows + s < n)[:, None] & cmask[None, :]
+        gs = tl.load(g_ptr + base + (rows + s)[:, None] * c + cols[None, :], mask=mask,
+                     other=0.0)
         ws = tl.load(w_ptr + cols * K + K - 1 - s, mask=cmask, other=0.0).to(DTYPE)
         dx += gs * ws[None, :]
     mask = (rows < n)[:, None] & cmask[None, :]
@@ -131,9 +173,16 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     dx = torch.empty_like(x)
     partial = x.new_empty(grid[0], x.shape[2], w.shape[1],
                           dtype=torch.float64 if wide else torch.float32)
-    _backward_conv[grid](x, w, dy, dx, partial, x.shape[1], x.shape[2], K=w.shape[1],
-                         BT=BLOCK_T, BC=BLOCK_C, ACTIVATION=activation, WIDE=wide,
-                         num_warps=BACKWARD_WARPS)
+    shape = dict(K=w.shape[1], BT=BLOCK_T, BC=BLOCK_C)
+    if BACKWARD == "fused":
+        _backward_conv[grid](x, w, dy, dx, partial, x.shape[1], x.shape[2], **shape,
+                             ACTIVATION=activation, WIDE=wide, num_warps=BACKWARD_WARPS)
+    else:
+        g = torch.empty_like(x, dtype=partial.dtype)
+        _gate_conv[grid](x, w, dy, g, partial, x.shape[1], x.shape[2], **shape,
+                         ACTIVATION=activation, WIDE=wide, num_warps=BACKWARD_WARPS)
+        _spread_conv[grid](g, w, dx, x.shape[1], x.shape[2], **shape, WIDE=wide,
+                           num_warps=BACKWARD_WARPS)
     return dx, partial.sum(0).to(w.dtype)
 
 

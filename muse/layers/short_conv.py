@@ -34,7 +34,7 @@ class ShortConv(nn.Module):
     next tail, so segments run one after another equal one run over them all. `backend`
     "triton" runs a whole sequence (no tail) as one Triton launch forward and one backward
     (muse.ops.short_conv.triton), "torch" as shifted multiply-adds; "auto" takes Triton on
-    CUDA."""
+    CUDA where a sequence's N × C fits the kernels' int32 offsets."""
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True,
                  backend: str = "auto"):
@@ -74,5 +74,11 @@ class ShortConv(nn.Module):
         return y, padded[:, padded.shape[1] - keep:]
 
     def _triton(self, x: torch.Tensor) -> bool:
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if self.backend != "auto":
+            return self.backend == "triton"
+        if not x.is_cuda:
+            return False
+        from muse.ops.short_conv.triton import fits
+
+        return fits(x)
 

@@ -87,6 +87,9 @@ def test_the_triton_form_names_a_weight_of_the_wrong_shape():
         short_conv_triton(torch.randn(1, 5, 8), torch.randn(6, 1, 4))
     with pytest.raises(ValueError, match=r"x \(B, N, C\), got shape \(5, 8\)"):
         short_conv_triton(torch.randn(5, 8), torch.randn(8, 1, 4))
+    huge = torch.empty(1, 2**20, 2**11, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"N × C = 1048576 × 2048 entries in int32"):
+        short_conv_triton(huge, torch.randn(2**11, 1, 4))
 
 
 @pytest.mark.gpu

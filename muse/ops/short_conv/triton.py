@@ -138,6 +138,11 @@ def _spread_conv(g_ptr, w_ptr, dx_ptr, n, c, K: tl.constexpr, BT: tl.constexpr,
              mask=mask)
 
 
+def fits(x: torch.Tensor) -> bool:
+    """Whether one sequence's offsets (row × C + column) stay in int32, as the kernels take them."""
+    return x.shape[1] * x.shape[2] < 2**31
+
+
 def _grid(x: torch.Tensor):
     bsz, n, c = x.shape
     return bsz * triton.cdiv(n, BLOCK_T), triton.cdiv(c, BLOCK_C)
@@ -214,6 +219,9 @@ def short_conv_triton(x: torch.Tensor, weight: torch.Tensor,
     (C, K); y in x's dtype, ∂weight in weight's. On CUDA or under TRITON_INTERPRET=1."""
     if x.dim() != 3:
         raise ValueError(f"short_conv_triton needs x (B, N, C), got shape {tuple(x.shape)}")
+    if not fits(x):
+        raise ValueError(f"short_conv_triton indexes a sequence's N × C = {x.shape[1]} × "
+                         f"{x.shape[2]} entries in int32: at most 2**31 − 1")
     w = weight.reshape(weight.shape[0], weight.shape[-1])
     if w.shape[0] != x.shape[2] or (weight.dim() == 3 and weight.shape[1] != 1):
         raise ValueError(f"a depthwise weight for {x.shape[2]} channels is ({x.shape[2]}, 1, K), "

@@ -86,15 +86,24 @@ def _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K: 
 
 
 @triton.jit
-def _backward_conv(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n, c, K: tl.constexpr,
-                   BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
-                   WIDE: tl.constexpr):
-    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+def _own_rows(x_ptr, w_ptr, dy_ptr, dw_ptr, n, c, K: tl.constexpr, BT: tl.constexpr,
+              BC: tl.constexpr, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr):
+    # g on the program's own tile and ∂w's partials from it; the tile's offsets for the rest
     pid_t = tl.program_id(0)
     base, rows, cols, cmask = _tile(pid_t, tl.program_id(1), n, c, BT, BC)
     g = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K, BT, BC, ACTIVATION,
                    DTYPE)
     _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K, DTYPE)
+    return g, base, rows, cols, cmask
+
+
+@triton.jit
+def _backward_conv(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n, c, K: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
+                   WIDE: tl.constexpr):
+    DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
+    g, base, rows, cols, cmask = _own_rows(x_ptr, w_ptr, dy_ptr, dw_ptr, n, c, K, BT, BC,
+                                           ACTIVATION, DTYPE)
     dx = g * tl.load(w_ptr + cols * K + K - 1, mask=cmask, other=0.0).to(DTYPE)[None, :]
     for s in tl.static_range(1, K):  # token τ reaches a_{τ+s} through tap K−1−s
         gs = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows + s, cols, cmask, n, c, K, BT, BC,
@@ -111,11 +120,8 @@ def _gate_conv(x_ptr, w_ptr, dy_ptr, g_ptr, dw_ptr, n, c, K: tl.constexpr, BT: t
                BC: tl.constexpr, ACTIVATION: tl.constexpr, WIDE: tl.constexpr):
     # the split backward's first launch: g on the tile's own rows, kept, and ∂w's partials
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
-    pid_t = tl.program_id(0)
-    base, rows, cols, cmask = _tile(pid_t, tl.program_id(1), n, c, BT, BC)
-    g = _gate_grad(x_ptr, w_ptr, dy_ptr, base, rows, cols, cmask, n, c, K, BT, BC, ACTIVATION,
-                   DTYPE)
-    _weight_partials(x_ptr, dw_ptr, g, pid_t, base, rows, cols, cmask, n, c, K, DTYPE)
+    g, base, rows, cols, cmask = _own_rows(x_ptr, w_ptr, dy_ptr, dw_ptr, n, c, K, BT, BC,
+                                           ACTIVATION, DTYPE)
     mask = (rows < n)[:, None] & cmask[None, :]
     tl.store(g_ptr + base + rows[:, None] * c + cols[None, :], g, mask=mask)
 

@@ -77,8 +77,8 @@ def _widened_chunked(q, k, v, log_decay, beta, state, chunk, states):
     # strides through `.to`, and every batched product then made (and autograd kept) a
     # contiguous copy of its own — k four times, q twice. v goes in as it is: only β·v reads
     # it, and that keeps v in its own dtype (a view of the projections, kept anyway). The
-    # Triton kernels could read q and k in bf16, but cast up inside them they ran slower on
-    # the H200 than from these float32 copies
+    # Triton kernels read these float32 copies too: dense float32 tiles load faster than bf16
+    # ones cast up in registers (reports/README.md)
     acc = torch.promote_types(q.dtype, torch.float32)
     return _chunked(*(t.to(acc, memory_format=torch.contiguous_format) for t in (q, k)), v,
                     *(t.to(acc) for t in (log_decay, beta)),

@@ -18,9 +18,10 @@ common=(--model "${models[@]}" --seq ${SEQS:-4096 16384 65536} --loss-chunk 4096
 case "${1:?eager or compiled}" in
   eager)
     # trust a timing only where the compiled step's gradients and the custom ops passed on CUDA
-    timeout -s INT 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/models/test_compiled.py tests/models/test_families_cuda.py tests/ops tests/layers \
-      -k "cuda or triton" > "$OUT/cuda-tests.txt" 2>&1
+    # EAGER_TESTS narrows them (the compiled part runs test_compiled.py's own cases)
+    read -ra tests <<< "${EAGER_TESTS:-tests/models/test_compiled.py tests/models/test_families_cuda.py tests/ops tests/layers}"
+    timeout -s INT "${TESTS_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+      "${tests[@]}" -k "cuda or triton" > "$OUT/cuda-tests.txt" 2>&1
     tail -1 "$OUT/cuda-tests.txt"
     MUSE_BENCH_LIMIT=${MUSE_BENCH_LIMIT:-300} bash "$here/device_bench.sh" \
       -k "fixed_tokens_per_step or decode" "${common[@]}" > /dev/null 2>&1 ;;

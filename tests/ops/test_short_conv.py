@@ -37,7 +37,7 @@ _SCRIPT = textwrap.dedent(
         f64 = dict(generator=g, dtype=torch.float64)
         x, w, up = torch.randn(bsz, n, c, **f64), torch.randn(c, 1, k, **f64), \\
             torch.randn(bsz, n, c, **f64)
-        runs = []
+        runs, default = [], kernels.BACKWARD
         for backward in (None, "fused", "split"):  # None: the PyTorch form
             kernels.BACKWARD = backward
             leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
@@ -47,7 +47,7 @@ _SCRIPT = textwrap.dedent(
         for i, backward in ((1, "fused"), (2, "split")):
             out[f"kernel {bsz}x{n}x{c} K{k} silu={act} {backward}"] = max(
                 nerr(a, b) for a, b in zip(runs[i], runs[0]))
-    kernels.BACKWARD = "fused"
+        kernels.BACKWARD = default
 
     torch.manual_seed(0)
     layer = ShortConv(12, kernel_size=4, backend="torch").double()

@@ -8,12 +8,14 @@
 #           16×4096, 4×16384, 1×65536), issue 13's eager acceptance run (device_issue13.sh
 #           eager: the kernels' CUDA tests, both protocols, decode) and BK-Core's bandwidth
 #           criterion (bench/test_bk_core.py), all results files in $OUT/results
-#   MUSE_GIT_SHA=<sha> bash scripts/device_seventeenth.sh probe|eager
+#   compiled: the CUDA tests of the delta kernels and the compiled step's gradients, then
+#           phase2:base against transformer:base compiled at 1×65536 and 4×16384
+#   MUSE_GIT_SHA=<sha> bash scripts/device_seventeenth.sh probe|eager|compiled
 set -uo pipefail
 here=$(dirname "$0")
 source "$here/device_facts.sh"
 log="$OUT/log.txt"
-case "${1:?probe or eager}" in
+case "${1:?probe, eager or compiled}" in
   probe)
     device_facts "bash scripts/device_seventeenth.sh probe"
     timeout -s INT 90 python3 -W ignore scripts/short_conv_timing.py 2>&1 | tee "$log"
@@ -45,6 +47,21 @@ runpy.run_path('$here/step_variants.py', run_name='__main__')
     tail -3 "$OUT/bk-core.txt"
     echo "bk-core: pytest bench/test_bk_core.py -m gpu" >> "$OUT/machine.txt"
     rm -f "$OUT/results/latest.json" ;;  # a copy of the last run's file: at most 8 come back
-  *) echo "device_seventeenth.sh: unknown part '$1' (probe or eager)" >&2; exit 2 ;;
+  compiled)
+    device_facts "bash scripts/device_seventeenth.sh compiled"
+    # trust a compiled timing only where the compiled step's gradients pass on CUDA
+    timeout -s INT 75 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_delta_rule_cuda.py \
+      tests/models/test_compiled.py -k "triton or phase2 or transformer" \
+      > "$OUT/cuda-tests.txt" 2>&1
+    status=$?
+    tail -1 "$OUT/cuda-tests.txt" | tee "$log"
+    # one seq a process: each pair's compiles take about three minutes
+    for seq in 65536 16384; do
+      timeout -s INT 230 python3 -W ignore scripts/step_variants.py phase2:base transformer:base \
+        --seq "$seq" --loss-chunk 4096 --tf32 --compile inductor \
+        --out "$OUT/variants-$seq-compiled" 2>&1 | tail -3 | tee -a "$log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done ;;
+  *) echo "device_seventeenth.sh: unknown part '$1' (probe, eager or compiled)" >&2; exit 2 ;;
 esac
 exit "$status"

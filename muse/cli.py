@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="results → tables, plots, REPORT.md and report.html")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS.json",
                    help="results files; a later file's record replaces an earlier one with the same"
-                   " key (default: every latest.json under reports/results/, shallowest first)")
+                   " key (default: every latest.json under reports/results/, in the order the runs"
+                   " started)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="default reports/")
     p.add_argument("--history", type=Path,
                    help="training history.json for the loss/PPL plot (default: the histories the"

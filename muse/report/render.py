@@ -226,15 +226,14 @@ def load(paths) -> tuple[list[Record], list[dict]]:
 
 def latest_results(root: Path = RESULTS) -> list[Path]:
     """Every latest.json under root (the current run of each kind: the bench, the perplexity
-    gate), shallowest first, then by the time each run started, then in path order: a deeper
-    file's record replaces a shallower's, and at one depth a later run's an earlier's (folder
-    names need not sort by date)."""
+    gate) in the order the runs started, then in path order: a later run's record replaces an
+    earlier's, whatever folder either sits in (folder names and depths need not follow dates)."""
     root = Path(root)
     if not root.is_dir():
         raise MuseError(f"no results file given and {str(root)!r} is not a folder; pass "
                         "RESULTS.json files")
     found = sorted(root.rglob("latest.json"),
-                   key=lambda p: (len(p.parts), _started_at(p), p.parts))
+                   key=lambda p: (_started_at(p), p.parts))
     if not found:
         raise MuseError(f"no results file given and no latest.json under {str(root)!r}; pass "
                         "RESULTS.json files")

@@ -41,22 +41,26 @@ def results(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def test_every_latest_json_shallowest_first(results):
+def test_every_latest_json_is_found(results):
+    """Runs that started together come in path order."""
     assert latest_results() == [Path("reports/results/latest.json"),
                                 Path("reports/results/perplexity/latest.json")]
 
 
-def test_at_one_depth_a_later_run_comes_after_an_earlier_one(results):
-    """Folder names that do not sort by date ("eleventh" before "tenth"): the later run's
-    records replace the earlier's."""
+@pytest.mark.parametrize("later, earlier", [
+    ("eleventh", "tenth"),  # folder names that do not sort by date
+    ("seventeenth", "eleventh/step-profiles/results"),  # the earlier run deeper
+    ("tenth/issue13/results", "eleventh"),  # the later run deeper
+])
+def test_a_later_run_comes_after_an_earlier_one_at_any_depth(results, later, earlier):
+    """The later run's records replace the earlier's, wherever either sits."""
     doc = json.loads(FIXTURE.read_text())
-    for folder, started in (("eleventh", "2026-12-03T17:00:00Z"),
-                            ("tenth", "2026-12-02T17:00:00Z")):
-        (results / folder).mkdir()
+    for folder, started in ((later, "2026-12-03T17:00:00Z"), (earlier, "2026-12-02T17:00:00Z")):
+        (results / folder).mkdir(parents=True)
         (results / folder / "latest.json").write_text(json.dumps({**doc, "started_at": started}))
     found = latest_results()
-    assert found.index(Path("reports/results/tenth/latest.json")) < found.index(
-        Path("reports/results/eleventh/latest.json"))
+    assert found.index(Path(f"reports/results/{earlier}/latest.json")) < found.index(
+        Path(f"reports/results/{later}/latest.json"))
 
 
 def test_the_default_renders_both_files_and_the_named_history(results, capsys):

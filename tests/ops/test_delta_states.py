@@ -259,3 +259,18 @@ def test_every_way_of_forming_the_inverse_gives_the_solve_in_float64():
     assert len(out) == 6
     for case, err in out.items():
         assert err < 1e-12, (case, err)  # float64 rounding (observed ≤ 1e-15)
+
+
+@pytest.mark.parametrize("seqs, dv, sms, block_v", [
+    (112, 64, 132, 32),  # 16 × 7 heads at 4096: 224 programs of 32 columns fill 132 SMs
+    (28, 64, 132, 16),  # 4 × 7 heads at 16384: 56 programs of 32 would leave SMs idle
+    (7, 64, 132, 16),  # one sequence of 65536
+    (7, 16, 132, 16),  # D_v 16: one block whatever the GPU
+    (7, 64, None, 32),  # off CUDA
+    (1000, 128, 132, 32),
+])
+def test_the_walk_narrows_its_column_blocks_only_where_sms_would_idle(seqs, dv, sms, block_v):
+    pytest.importorskip("triton")
+    from muse.ops.delta_states.triton import default_block_v
+
+    assert default_block_v(seqs, dv, sms) == block_v

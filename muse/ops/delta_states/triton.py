@@ -187,29 +187,29 @@ class _DeltaWalk(torch.autograd.Function):
         return g_p, g_fresh, g_k.to(k.dtype), g_b, g_w, None, None
 
 
-def _block_v(u0: torch.Tensor) -> int:
+def default_block_v(seqs: int, dv: int, sms: int | None) -> int:
+    """Value columns a program for `seqs` sequences of D_v columns on a GPU of `sms` streaming
+    multiprocessors (None off CUDA): 32, or 16 where blocks of 32 would leave SMs idle."""
     # each program walks every chunk of its sequence in turn: with fewer programs than SMs
     # (few long sequences) narrower blocks make each step of that serial path shorter; with
     # enough programs, wider blocks read P and K̃ fewer times
-    dv = u0.shape[-1]
-    if u0.is_cuda and dv >= 32:
-        sms = torch.cuda.get_device_properties(u0.device).multi_processor_count
-        if u0.shape[0] * (dv // 32) < sms:
-            return 16
+    if sms is not None and dv >= 32 and seqs * (dv // 32) < sms:
+        return 16
     return min(dv, 32)
 
 
 def delta_walk_triton(p, u0, k, b, w, block_v: int | None = None):
     """reference.delta_walk_reference's contract on CUDA (or under TRITON_INTERPRET=1), in
     float32 or float64 (k in any float dtype, cast up as it is read, its gradient in its own);
-    `block_v` value columns a program (default: 32, or 16 on CUDA where blocks of 32 would
-    leave streaming multiprocessors idle)."""
+    `block_v` value columns a program (default: `default_block_v`)."""
     check_shapes(p, u0, k, b, w)
     t, dk, dv = p.shape[2], p.shape[3], u0.shape[3]
     if not supported(t, dk, dv):
         raise ValueError(f"delta_walk_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
                          f"{t}, {dk}, {dv}")
-    block_v = block_v or _block_v(u0)
+    sms = (torch.cuda.get_device_properties(u0.device).multi_processor_count
+           if u0.is_cuda else None)
+    block_v = block_v or default_block_v(u0.shape[0], dv, sms)
     if block_v not in (16, 32, 64, 128) or dv % block_v:
         raise ValueError(f"block_v must be 16, 32, 64 or 128 and divide D_v = {dv}, got "
                          f"{block_v}")

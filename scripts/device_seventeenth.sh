@@ -50,14 +50,14 @@ runpy.run_path('$here/step_variants.py', run_name='__main__')
   compiled)
     device_facts "bash scripts/device_seventeenth.sh compiled"
     # trust a compiled timing only where the compiled step's gradients pass on CUDA
-    timeout -s INT 75 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_delta_rule_cuda.py \
+    timeout -s INT 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ops/test_delta_rule_cuda.py \
       tests/models/test_compiled.py -k "triton or phase2 or transformer" \
       > "$OUT/cuda-tests.txt" 2>&1
     status=$?
     tail -1 "$OUT/cuda-tests.txt" | tee "$log"
     # one seq a process: each pair's compiles take about three minutes
     for seq in 65536 16384; do
-      timeout -s INT 230 python3 -W ignore scripts/step_variants.py phase2:base transformer:base \
+      timeout -s INT 200 python3 -W ignore scripts/step_variants.py phase2:base transformer:base \
         --seq "$seq" --loss-chunk 4096 --tf32 --compile inductor \
         --out "$OUT/variants-$seq-compiled" 2>&1 | tail -3 | tee -a "$log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1

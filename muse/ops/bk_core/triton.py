@@ -1,14 +1,16 @@
 """BK-Core on the GPU: Triton kernels for the causal forward and its exact adjoint.
 
 The sequence is cut into sub-chunks of L positions, one thread per (sub-chunk, channel), with
-channels contiguous in memory so every load of a step is coalesced. Three launches:
+channels contiguous in memory so every load of a step is coalesced. Four launches:
 (1) each sub-chunk's product of its 2×2 step matrices, walked in order (forward
     M_p = [[0, 1], [−k_{p−1}, α_p]]; adjoint, from the right, the affine step
     λ_p = ḡ_p + c_p λ_{p+1}, c_p = conj(k_p g_{p+1}²), as [[c_p, ḡ_p], [0, 1]]), each product
     divided by its largest entry after every step (projective: the ratio P01/P11 is unchanged);
-(2) an in-order associative scan of those totals per channel;
-(3) each thread runs the recurrence itself from the value carried in at its boundary and writes
-    g (forward) or ∂α, ∂k (adjoint).
+(2a) the product of each group of GROUP consecutive totals, then (2b) an in-order scan of the
+    group products per channel;
+(3) each thread runs the recurrence itself from the value carried in at its boundary (every
+    earlier group's product, then the earlier totals of its own group) and writes g (forward)
+    or ∂α, ∂k (adjoint).
 Inputs are read twice (launches 1 and 3), the price of not serialising the sub-chunks.
 Everything accumulates in fp32.
 """

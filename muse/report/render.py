@@ -212,16 +212,20 @@ class Table:
 
 
 def load(paths) -> tuple[list[Record], list[dict]]:
-    """Records of every file in order (a later file's record replaces an earlier one with the same
-    key) and each file's facts without its records."""
-    records, docs = [], []
+    """Records of every file in order, a later file's record replacing an earlier one with the
+    same key (criterion, `row_label`, seq, metric), so that the verdicts, the tables and the plots
+    all show the current measurement; and each file's facts without its records."""
+    records, docs = {}, []
     for path in paths:
         doc = read_document(path)
         mine = doc.pop("records")
-        records.extend(mine)
+        for r in mine:
+            key = (r.criterion, row_label(r), r.seq, r.metric)
+            records.pop(key, None)  # the replacement takes the later file's place in the order
+            records[key] = r
         folders = {r.extra["history"] for r in mine if isinstance(r.extra.get("history"), str)}
         docs.append({**doc, "path": str(path), "history_folders": sorted(folders)})
-    return records, docs
+    return list(records.values()), docs
 
 
 def latest_results(root: Path = RESULTS) -> list[Path]:

@@ -137,6 +137,34 @@ def test_missing_and_failing_records_are_said_so(tmp_path):
     assert row["peak_vram_train_step_bytes:status"] == "not measured"
 
 
+def test_a_later_run_replaces_an_earlier_ones_verdicts_too(tmp_path):
+    """The same key measured again: the verdicts, their counts and the failure count show the
+    later run's record only, as the tables do."""
+    def remeasured(records):
+        later = [r for r in records if r["model"] == "transformer-eager"
+                 and r["metric"] == "peak_vram_forward_bytes" and r["seq"] == 16384]
+        for r in later:
+            r.update(value=7.5e9, status="PASS")
+        return later
+
+    earlier = FIXTURE
+    (tmp_path / "fixtures").mkdir()
+    later = write_variant(tmp_path, remeasured)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        render([earlier, Path("fixtures") / later.name], tmp_path / "out")
+    finally:
+        os.chdir(cwd)
+    report = (tmp_path / "out" / "REPORT.md").read_text(encoding="utf-8")
+    assert "**2 verdict(s) failed**" in report  # the two slopes; the 11.167 GB is superseded
+    rows = [line for line in report.splitlines()
+            if line.startswith("| memory | transformer-eager:small | 16384 | peak_vram_forward")]
+    assert len(rows) == 1 and "7.500 GB" in rows[0] and rows[0].endswith("| PASS |"), rows
+    memory = (tmp_path / "out" / "tables" / "memory.md").read_text(encoding="utf-8")
+    assert "11.167 GB" not in memory
+
+
 def test_graphed_scaling_columns_appear_only_where_the_results_hold_them(tmp_path, out):
     def edit(records):
         graphed = [{**r, "metric": f"graphed_{r['metric']}", "value": r["value"] / 2}

@@ -48,6 +48,7 @@ class MuseSession:
     cache: dict = field(default_factory=dict)  # per-session measurements shared by tests
     results_path: Path | None = None
     tests_finished: int = 0  # tests that ran to their end (passed, failed or skipped)
+    records_sent: int = 0  # an xdist worker's records already handed to the controller
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -378,7 +379,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = MuseSession(settings, datetime.now(timezone.utc))
-    config.pluginmanager.register(_FinishedTests(config.stash[SESSION_KEY]), "muse-finished")
+    config.pluginmanager.register(
+        _FinishedTests(config.stash[SESSION_KEY], hasattr(config, "workerinput")), "muse-finished")
 
 
 def check_gpu_workers(workers, device) -> None:
@@ -684,11 +686,25 @@ def _failed(records) -> list:
     return [r for r in records if r.status in ("FAIL", "OOM", "ERROR")]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """An xdist worker hands each test's records to the controller with the test's teardown
+    report (an attribute xdist carries over), so a run stopped early or interrupted keeps
+    what every finished test measured."""
+    outcome = yield
+    if call.when == "teardown" and hasattr(item.config, "workerinput"):
+        muse = muse_session_of(item.config)
+        outcome.get_result().muse_records = [r.to_dict()
+                                             for r in muse.records[muse.records_sent:]]
+        muse.records_sent = len(muse.records)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
     muse = muse_session_of(config)
-    if hasattr(config, "workerinput"):  # an xdist worker hands its records to the controller
-        config.workeroutput["muse_records"] = [r.to_dict() for r in muse.records]
+    if hasattr(config, "workerinput"):  # what no teardown report carried (made after the last)
+        config.workeroutput["muse_records"] = [r.to_dict()
+                                               for r in muse.records[muse.records_sent:]]
         return
     if muse.records and muse.settings.results_dir is not None:
         from muse.harness.results import build_document, write_document
@@ -711,14 +727,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 class _FinishedTests:
     """Counts the tests that ran to their teardown; xdist forwards its workers' reports to the
-    controller, so the count is the whole run's there too."""
+    controller, so the count is the whole run's there too, and so are the records they carry."""
 
-    def __init__(self, muse: MuseSession):
-        self.muse = muse
+    def __init__(self, muse: MuseSession, worker: bool):
+        self.muse, self.worker = muse, worker
 
     def pytest_runtest_logreport(self, report) -> None:
         if report.when == "teardown":
             self.muse.tests_finished += 1
+            # on the controller: the records a worker made in this test (pytest_runtest_makereport)
+            sent = getattr(report, "muse_records", None)
+            if sent and not self.worker:
+                from muse.harness.results import Record
+
+                self.muse.records.extend(Record.from_dict(d) for d in sent)
 
 
 def _completeness(session: pytest.Session, exitstatus, finished: int) -> tuple[bool, str]:

@@ -2,6 +2,7 @@
 the records of every worker in the one results file the controller writes."""
 
 import json
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -54,6 +55,62 @@ def test_two_workers_on_the_cpu_hand_all_records_to_one_results_file(pytester):
             worker = r["extra"]["worker"]
             assert r["extra"]["history"].endswith(f"-perplexity-{worker}")
             assert r["extra"]["train_dir"] == str(pytester.path / "runs" / worker)
+
+
+INTERRUPTED = """
+import time
+from pathlib import Path
+
+class _Worker:  # loadscope: each class on a worker of its own
+    def test_quick(self, case, record):
+        record(case, "m", 1.0, "1", extra={"who": type(self).__name__})
+        Path(f"quick-{type(self).__name__}").touch()
+
+    def test_slow(self, case, record):
+        Path(f"slow-{type(self).__name__}").touch()
+        time.sleep(120)
+        record(case, "m", 2.0, "1", extra={"who": type(self).__name__})
+
+class TestA(_Worker):
+    pass
+
+class TestB(_Worker):
+    pass
+"""
+
+
+@pytest.mark.slow  # two worker interpreters, interrupted
+def test_an_interrupted_run_on_two_workers_keeps_what_finished_tests_recorded(pytester):
+    """SIGINT to the process group (as `timeout -s INT` sends it) while both workers are
+    mid-test: the results file is written, marked incomplete, with the finished tests'
+    records."""
+    import os
+    import signal
+    import sys
+    import time
+
+    pytester.makepyfile(test_memory=INTERRUPTED)
+    proc = pytester.popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist",
+         "loadscope", "-p", "muse.harness.plugin", "--device", "cpu", "--model",
+         "transformer:tiny", "--seq", "64", "--dtype", "fp32", "--results",
+         str(pytester.path / "results")],
+        stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    markers = [pytester.path / f"{kind}-Test{w}" for kind in ("quick", "slow") for w in "AB"]
+    while not all(m.exists() for m in markers):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.2)
+    time.sleep(1.0)  # the quick tests' teardown reports reach the controller
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    files = list((pytester.path / "results").glob("*.json"))
+    assert [f.name for f in files if f.name == "latest.json"] == []  # never the latest
+    [path] = files
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is False and doc["missing"].startswith("interrupted")
+    assert sorted((r["extra"]["who"], r["value"]) for r in doc["records"]) == [
+        ("TestA", 1.0), ("TestB", 1.0)]
 
 
 def test_more_workers_than_gpus_is_a_usage_error(pytester, monkeypatch):

@@ -278,7 +278,8 @@ def row_label(record: Record) -> str:
 
 
 def record_frame(records: list[Record]) -> pd.DataFrame:
-    df = pd.DataFrame(
+    """One row a record; one record a key, as `load` gives them."""
+    return pd.DataFrame(
         {
             "criterion": [r.criterion for r in records],
             "model": [row_label(r) for r in records],
@@ -287,7 +288,6 @@ def record_frame(records: list[Record]) -> pd.DataFrame:
             "record": records,
         }
     )
-    return df.drop_duplicates(["criterion", "model", "seq", "metric"], keep="last")
 
 
 def build_table(spec: Spec, df: pd.DataFrame) -> Table:

@@ -39,8 +39,8 @@ def _ratio(b, rt):
 
 @triton.jit
 def _readout_forward(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr):
+                     DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+                     WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, kv, tb, rt = _chunk_tiles(T, DK, DV)
     q = tl.load(q_ptr + tk).to(DTYPE)
@@ -55,8 +55,8 @@ def _readout_forward(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, y_ptr, T: tl.
 
 @triton.jit
 def _readout_backward(q_ptr, k_ptr, fresh_ptr, entering_ptr, b_ptr, dy_ptr, dq_ptr, dk_ptr,
-                     dfresh_ptr, dentering_ptr, db_ptr, T: tl.constexpr, DK: tl.constexpr,
-                     DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                      dfresh_ptr, dentering_ptr, db_ptr, T: tl.constexpr, DK: tl.constexpr,
+                      DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, kv, tb, rt = _chunk_tiles(T, DK, DV)
     q = tl.load(q_ptr + tk).to(DTYPE)
@@ -104,7 +104,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: to
     grid, wide, warps = _launch(q, fresh)
     y = torch.empty_like(fresh)
     _readout_forward[grid](q, k, fresh, entering, b, y, T=t, DK=dk, DV=dv, PRECISION=precision,
-                          WIDE=wide, num_warps=warps)
+                           WIDE=wide, num_warps=warps)
     return y
 
 
@@ -124,7 +124,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor, entering: t
     grid, wide, warps = _launch(q, fresh)
     dq, dk_, dfresh, dentering, db = (torch.empty_like(x) for x in (q, k, fresh, entering, b))
     _readout_backward[grid](q, k, fresh, entering, b, dy, dq, dk_, dfresh, dentering, db, T=t,
-                           DK=dk, DV=dv, PRECISION=precision, WIDE=wide, num_warps=warps)
+                            DK=dk, DV=dv, PRECISION=precision, WIDE=wide, num_warps=warps)
     return dq, dk_, dfresh, dentering, db
 
 

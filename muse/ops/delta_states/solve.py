@@ -131,8 +131,8 @@ def _chunk_system(k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T: tl.constexpr, D
 
 @triton.jit
 def _solve_forward(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr, INVERSE: tl.constexpr):
+                   DK: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr, INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, _, k, v, beta, b, _, _, inverse = _chunk_system(
         k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK, DV, PRECISION, DTYPE, INVERSE)
@@ -144,9 +144,9 @@ def _solve_forward(k_ptr, v_ptr, beta_ptr, b_ptr, u0_ptr, p_ptr, scratch_ptr, T:
 
 @triton.jit
 def _solve_backward(k_ptr, v_ptr, beta_ptr, b_ptr, du0_ptr, dp_ptr, dk_ptr, dv_ptr, dbeta_ptr,
-                     db_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                     INVERSE: tl.constexpr):
+                    db_ptr, scratch_ptr, T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    PRECISION: tl.constexpr, WIDE: tl.constexpr,
+                    INVERSE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     tk, tv, tb, k, v, beta, b, ratio, kk, inverse = _chunk_system(
         k_ptr, v_ptr, beta_ptr, b_ptr, scratch_ptr, T, DK, DV, PRECISION, DTYPE, INVERSE)
@@ -205,7 +205,7 @@ def _forward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tens
     u0 = v.new_empty(v.shape, dtype=b.dtype)
     p = k.new_empty(k.shape, dtype=b.dtype)
     _solve_forward[grid](k, v, beta, b, u0, p, _scratch(k, b, INVERSE[0]), T=t, DK=dk, DV=dv,
-                          PRECISION=precision, WIDE=wide, INVERSE=INVERSE[0], num_warps=warps)
+                         PRECISION=precision, WIDE=wide, INVERSE=INVERSE[0], num_warps=warps)
     return u0, p
 
 
@@ -224,8 +224,8 @@ def _backward(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Ten
     grid, wide, warps = _launch(k, b)
     dk_, dv_, dbeta, db = (torch.empty_like(x) for x in (k, v, beta, b))
     _solve_backward[grid](k, v, beta, b, du0, dp, dk_, dv_, dbeta, db,
-                           _scratch(k, b, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
-                           WIDE=wide, INVERSE=INVERSE[1], num_warps=warps)
+                          _scratch(k, b, INVERSE[1]), T=t, DK=dk, DV=dv, PRECISION=precision,
+                          WIDE=wide, INVERSE=INVERSE[1], num_warps=warps)
     return dk_, dv_, dbeta, db
 
 

@@ -52,8 +52,8 @@ def _tail(k_ptr, b_ptr, tk, chunk, T: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _walk_forward(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr, last_ptr, m,
-                    T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                  T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                  PRECISION: tl.constexpr, WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
@@ -72,9 +72,9 @@ def _walk_forward(p_ptr, u0_ptr, k_ptr, b_ptr, w_ptr, entering_ptr, fresh_ptr, l
 
 @triton.jit
 def _walk_backward(p_ptr, k_ptr, b_ptr, d_entering_ptr, d_fresh_ptr, d_last_ptr, g_fresh_ptr,
-                     g_leaving_ptr, g_w_ptr, m, T: tl.constexpr, DK: tl.constexpr,
-                     DV: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                     WIDE: tl.constexpr):
+                   g_leaving_ptr, g_w_ptr, m, T: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr):
     DTYPE: tl.constexpr = tl.float64 if WIDE else tl.float32
     s = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
@@ -124,7 +124,7 @@ def _forward(p: torch.Tensor, u0: torch.Tensor, k: torch.Tensor, b: torch.Tensor
     fresh = torch.empty_like(u0)
     last = torch.empty_like(w)
     _walk_forward[grid](p, u0, k, b, w, entering, fresh, last, m, T=t, DK=dk, DV=dv,
-                          BV=block_v, PRECISION=precision, WIDE=wide)
+                        BV=block_v, PRECISION=precision, WIDE=wide)
     return entering, fresh, last
 
 
@@ -147,7 +147,7 @@ def _backward(p: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
     g_leaving = torch.empty_like(d_entering)
     g_w = torch.empty_like(d_last)
     _walk_backward[grid](p, k, b, d_entering, d_fresh, d_last, g_fresh, g_leaving, g_w,
-                           m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, WIDE=wide)
+                         m, T=t, DK=dk, DV=dv, BV=block_v, PRECISION=precision, WIDE=wide)
     return g_fresh, g_leaving, g_w
 
 
@@ -207,9 +207,10 @@ def delta_walk_triton(p, u0, k, b, w, block_v: int | None = None):
     if not supported(t, dk, dv):
         raise ValueError(f"delta_walk_triton needs T, D_k, D_v in (16, 32, 64, 128), got "
                          f"{t}, {dk}, {dv}")
-    sms = (torch.cuda.get_device_properties(u0.device).multi_processor_count
-           if u0.is_cuda else None)
-    block_v = block_v or default_block_v(u0.shape[0], dv, sms)
+    if block_v is None:
+        sms = (torch.cuda.get_device_properties(u0.device).multi_processor_count
+               if u0.is_cuda else None)
+        block_v = default_block_v(u0.shape[0], dv, sms)
     if block_v not in (16, 32, 64, 128) or dv % block_v:
         raise ValueError(f"block_v must be 16, 32, 64 or 128 and divide D_v = {dv}, got "
                          f"{block_v}")

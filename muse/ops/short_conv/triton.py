@@ -17,9 +17,9 @@ import triton.language as tl
 
 BLOCK_T, BLOCK_C = 32, 128
 FORWARD_WARPS = BACKWARD_WARPS = 4  # each launch's config is read when it runs
-# the backward in one launch ("fused": each program forms g on its tile shifted K ways) or two
-# ("split": g formed once and kept in float32, then spread to ∂x): split, the faster on the H200
-# (reports/README.md)
+# the backward in one launch ("fused": each program forms g on its tile shifted K ways, K² tap
+# reads and K exponentials an element) or two ("split": g formed once and kept in float32, then
+# spread to ∂x): split trades that recompute for one float32 write and read of g
 BACKWARD = "split"
 
 

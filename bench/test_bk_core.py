@@ -5,10 +5,11 @@ written once) against this GPU's measured copy bandwidth. Targets: the Triton pa
 log-log slope ≤ 1.05 from 16k to 1M.
 
 The bandwidth and the slope are the kernels' own: the call is captured once in a CUDA graph and
-replayed, so the host's launches (a few per call, the autograd node) are not in the time.
-Timed call by call the Triton path's time is flat up to 256k (the host's launches, not the
-kernels), which hid any growth from the slope; those times and their bandwidth are recorded
-beside, ungated, and the speedup over the scan is call against call, as a user's code sees it."""
+replayed, so the host's launches (a few per call, the autograd node) are not in the time: up
+to a few hundred thousand positions they outlast the kernels, and a curve flattened by them
+would hide the kernels' growth from the slope. The per-call times and their bandwidth are
+recorded beside, ungated, and the speedup over the scan is call against call, as a user's code
+sees it."""
 
 import numpy as np
 import pytest
